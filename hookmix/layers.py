@@ -1,0 +1,192 @@
+"""Layer selection by name: resolve user specs to module names, and list a model's layers.
+
+A *layer spec* is a dotted module name (``"layer4"``, ``"blocks.11"``), a glob (``"layer*"``,
+``"blocks.*"``; ``*`` and ``?`` stay inside one dotted component, ``**`` crosses dots), one of the
+pseudo-layers ``"input"`` (the model's input: input mixup) and ``"output"`` (the model's output: logit
+mixup), or a list of those.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from hookmix._tree import first_tensor
+
+INPUT = "input"
+OUTPUT = "output"
+PSEUDO_LAYERS = (INPUT, OUTPUT)
+
+__all__ = ["LayerInfo", "list_layers", "format_layers", "resolve_layers", "module_names", "unknown_layer_error"]
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """All named submodules of ``model`` (the root itself, named ``""``, excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _close_hint(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    if close:
+        return f"closest names: {', '.join(close)}"
+    top = [c for c in candidates if "." not in c][:8]
+    return f"top-level layers are: {', '.join(top)}" if top else "the model has no submodules"
+
+
+def unknown_layer_error(argument: str, name: str, candidates: Sequence[str]) -> ValueError:
+    """A ``ValueError`` for a layer name that is not in ``candidates``, listing the closest ones."""
+    return ValueError(
+        f"{argument}={name!r} is not a layer of this model; {_close_hint(name, candidates)}. "
+        "Use hookmix.list_layers(model, example_input) or `hookmix layers MODEL` to see every name."
+    )
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        ch = pattern[i]
+        out.append({"*": r"[^.]*", "?": r"[^.]"}.get(ch, re.escape(ch)))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?")
+
+
+def resolve_layers(model: nn.Module, spec: str | Sequence[str], argument: str = "layers") -> list[str]:
+    """Expand a layer spec into an ordered, duplicate-free list of names.
+
+    Each returned name is a submodule name of ``model`` or a pseudo-layer (``"input"``, ``"output"``).
+    Raises ``ValueError`` for unknown names (listing close matches) or globs that match nothing, and
+    ``TypeError`` for specs that are not strings.
+    """
+    if isinstance(spec, str):
+        items: list[Any] = [spec]
+    elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
+        items = list(spec)
+        if not items:
+            raise ValueError(f"{argument}=[] is empty; name at least one layer, e.g. {argument}='layer4'.")
+    else:
+        raise TypeError(
+            f"{argument} must be a layer name, a glob or a list of them, got {type(spec).__name__} {spec!r}."
+        )
+    names = module_names(model)
+    known = set(names)
+    resolved: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{argument} entries must be strings, got {type(item).__name__} {item!r}.")
+        if item in PSEUDO_LAYERS or item in known:
+            matches = [item]
+        elif _is_glob(item):
+            regex = _glob_regex(item)
+            matches = [n for n in names if regex.match(n)]
+            if not matches:
+                stem = item.replace("*", "").replace("?", "")
+                raise ValueError(
+                    f"{argument}={item!r} matches no layer of this model ('*' stays inside one dotted "
+                    f"part, '**' crosses dots); {_close_hint(stem, names)}."
+                )
+        else:
+            raise unknown_layer_error(argument, item, [*PSEUDO_LAYERS, *names])
+        resolved.extend(m for m in matches if m not in resolved)
+    return resolved
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of :func:`list_layers`: a module, its type, the shape of its output and its size.
+
+    ``output_shape`` is the shape of the first tensor in the module's output (``None`` when the
+    forward did not reach the module); ``params`` counts the module's parameters, its children's
+    included; ``calls`` is how many times the forward called it.
+    """
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    params: int
+    depth: int
+    calls: int
+
+
+def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
+    """Run one forward of ``model`` on ``example_input`` and describe every module it contains.
+
+    The forward runs in eval mode under ``torch.no_grad()`` (the model's mode is restored afterwards),
+    so it neither mixes nor changes BatchNorm statistics. ``example_input`` is a tensor (e.g. ``(1, 3,
+    224, 224)``), or a tuple / dict of positional / keyword arguments.
+    """
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    calls: dict[str, int] = {}
+    handles = []
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if name not in shapes:
+                tensor = first_tensor(output)
+                shapes[name] = tuple(tensor.shape) if tensor is not None else None
+
+        return hook
+
+    modules = list(model.named_modules())
+    was_training = model.training
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(recorder(name)))
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, dict):
+                model(**example_input)
+            elif isinstance(example_input, tuple):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    rows = []
+    for name, module in modules:
+        rows.append(
+            LayerInfo(
+                name=name or OUTPUT,
+                type=type(module).__name__,
+                output_shape=shapes.get(name),
+                params=sum(p.numel() for p in module.parameters()),
+                depth=0 if not name else name.count(".") + 1,
+                calls=calls.get(name, 0),
+            )
+        )
+    return rows
+
+
+def format_layers(rows: Sequence[LayerInfo], max_depth: int | None = None) -> str:
+    """Render :func:`list_layers` rows as an aligned text table (names indented by depth)."""
+    shown = [r for r in rows if max_depth is None or r.depth <= max_depth]
+    table = [("name", "type", "output shape", "params")]
+    for r in shown:
+        shape = "x".join(str(s) for s in r.output_shape) if r.output_shape is not None else "-"
+        label = "  " * max(r.depth - 1, 0) + r.name
+        table.append((label, r.type, shape if r.calls else "(not called)", f"{r.params:,}"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = []
+    for i, row in enumerate(table):
+        lines.append(
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}"
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,321 @@
+"""HookMixer: mixup at any named layer of an unmodified ``nn.Module`` through forward hooks.
+
+Each training step draws one :class:`~hookmix.plan.MixPlan` (``mixer.plan(y)``) that *arms* the hooks
+for exactly one forward of the model. A root-level pre-hook takes the armed plan when the model's
+forward starts — only in training mode with grad enabled — the layer hooks mix their outputs with it,
+and a root-level post-hook (always called, exceptions included) retires it. Everything else passes
+through untouched: forwards in ``eval()``, under ``torch.no_grad()`` / ``torch.inference_mode()``,
+and forwards that were not armed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hookmix._tree import tensor_leaves
+from hookmix.layers import INPUT, OUTPUT, resolve_layers
+from hookmix.mixing import mix_structure
+from hookmix.plan import MixPlan, PlanSampler, check_alpha, identity_plan
+from hookmix.targets import KINDS, MixStep, check_classes, excluded_rows, infer_kind, validate_targets
+
+
+def _describe(obj: Any) -> str:
+    leaves = tensor_leaves(obj)
+    if not leaves:
+        return f"a {type(obj).__name__} holding no tensor"
+    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in leaves[:4])
+    return f"{type(obj).__name__} with tensors {shapes}{' ...' if len(leaves) > 4 else ''}"
+
+
+class HookMixer:
+    """Mix the activations of named layers, and the targets, with one plan per training step.
+
+    Args:
+        model: the ``nn.Module`` whose forward you call; it is not modified, only hooked.
+        layers: where to mix — a module name (``"layer4"``, ``"blocks.11"``), a glob (``"layer*"``,
+            ``"blocks.*"``), ``"input"`` (input mixup), ``"output"`` (logit mixup) or a list of those.
+            A list is manifold mixup: one layer drawn per step (``weights`` to bias the draw), or every
+            listed layer with the same plan in one forward when ``mode="all"``.
+        alpha: λ ~ Beta(alpha, alpha); 0.4 keeps one sample dominant most of the time.
+        mode: ``"one"`` or ``"all"`` (see ``layers``).
+        weights: relative probability of each resolved layer for ``mode="one"``.
+        prob: probability that a step mixes at all.
+        lam_mode: ``"batch"`` (one λ per batch) or ``"sample"`` (one λ per row).
+        dominant: use ``max(λ, 1-λ)`` so each row's own sample dominates (fastai's choice).
+        num_classes: number of classes; needed for soft targets from class indices, label smoothing and
+            checks on the targets' range.
+        targets: target kind — ``"auto"`` (inferred from dtype and shape), ``"index"``, ``"label"`` or
+            ``"regression"``; see :mod:`hookmix.targets`.
+        label_smoothing: smoothing of class targets, applied before mixing.
+        exclude_classes: rows whose class (or whose partner's class) is listed are not mixed (λ = 1).
+        batch_dim: the batch dimension of the hooked outputs (1 for sequence-first modules).
+        validate: check the targets at every ``plan()`` (one host synchronisation per step).
+        seed: seed of the mixer's private ``torch.Generator``.
+
+    Use it as a context manager (or call :meth:`close`) so the hooks are always removed::
+
+        with HookMixer(model, "layer4", alpha=0.4, seed=0) as mixer:
+            for x, y in loader:
+                step = mixer.plan(y)                   # arms the next forward
+                loss = step.loss(criterion, model(x))  # layer4's output was mixed
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str],
+        *,
+        alpha: float = 0.4,
+        mode: str = "one",
+        weights: Sequence[float] | None = None,
+        prob: float = 1.0,
+        lam_mode: str = "batch",
+        dominant: bool = False,
+        num_classes: int | None = None,
+        targets: str = "auto",
+        label_smoothing: float = 0.0,
+        exclude_classes: Sequence[int] | None = None,
+        batch_dim: int = 0,
+        validate: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 2):
+            raise ValueError(f"num_classes={num_classes!r} must be an int >= 2 (or None).")
+        if targets not in KINDS:
+            raise ValueError(f"targets={targets!r} is not one of {KINDS}.")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1).")
+        if label_smoothing and num_classes is None:
+            raise ValueError("label_smoothing needs num_classes=C to know the uniform share s / C.")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ValueError(f"batch_dim={batch_dim!r} must be an int >= 0 (0 for batch-first, 1 for sequence-first).")
+        self._model = model
+        self._sampler = PlanSampler(
+            resolve_layers(model, layers),
+            alpha=alpha,
+            lam_mode=lam_mode,
+            prob=prob,
+            dominant=dominant,
+            mode=mode,
+            weights=weights,
+            seed=seed,
+        )
+        self.num_classes = num_classes
+        self.target_kind = targets
+        self.label_smoothing = float(label_smoothing)
+        self._excluded = check_classes("exclude_classes", exclude_classes, num_classes)
+        self.batch_dim = batch_dim
+        self.validate = bool(validate)
+        self._armed: MixPlan | None = None
+        self._active: MixPlan | None = None
+        self._applied: set[str] = set()
+        self._problem: str | None = None
+        self._handles: list[RemovableHandle] = []
+        self._register()
+
+    # ----------------------------------------------------------------------------------- hooks
+    def _register(self) -> None:
+        modules = dict(self._model.named_modules())
+        self._handles.append(self._model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        self._handles.append(self._model.register_forward_hook(self._on_model_end, always_call=True))
+        for name in self.layers:
+            if name not in (INPUT, OUTPUT):
+                self._handles.append(modules[name].register_forward_hook(self._layer_hook(name)))
+
+    def _mixing(self) -> bool:
+        return self._model.training and torch.is_grad_enabled()
+
+    def _mix(self, name: str, obj: Any, plan: MixPlan) -> Any:
+        self._applied.add(name)
+        if not plan.mixed:
+            return obj
+        mixed, count = mix_structure(obj, plan.lam, plan.perm, self.batch_dim)
+        if count == 0:
+            raise ValueError(
+                f"layer {name!r} produced {_describe(obj)}: no floating tensor has the plan's batch size "
+                f"{plan.batch_size} on batch_dim={self.batch_dim}. The plan's batch size comes from the "
+                "targets given to plan(); pass this batch's targets, or set batch_dim for sequence-first "
+                "layers."
+            )
+        return mixed
+
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        plan = self._armed
+        if plan is None or not self._mixing():
+            return None
+        self._armed, self._active, self._applied = None, plan, set()
+        if INPUT in plan.layers:
+            return self._mix(INPUT, (args, kwargs), plan)
+        return None
+
+    def _on_model_end(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        plan = self._active
+        if plan is None:
+            return None
+        self._active = None
+        if output is None:  # the forward raised (this hook is always called): nothing to check
+            return None
+        result = self._mix(OUTPUT, output, plan) if OUTPUT in plan.layers else None
+        missing = [name for name in plan.layers if name not in self._applied]
+        if missing:
+            self._problem = (
+                f"the plan of step {plan.step} mixes {missing} but the model's forward never called "
+                f"{'that layer' if len(missing) == 1 else 'those layers'}; choose layers the forward uses "
+                "(list_layers marks unused ones '(not called)')."
+            )
+        return result
+
+    def _layer_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            plan = self._active
+            if plan is None or name not in plan.layers or name in self._applied:
+                return None
+            return self._mix(name, output, plan)
+
+        return hook
+
+    # ------------------------------------------------------------------------------ public API
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The resolved layer names this mixer can mix."""
+        return self._sampler.layers
+
+    @property
+    def alpha(self) -> float:
+        """λ ~ Beta(alpha, alpha); may be changed between steps (e.g. per epoch)."""
+        return self._sampler.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._sampler.alpha = check_alpha(value)
+
+    @property
+    def steps(self) -> int:
+        """Plans drawn so far (training steps)."""
+        return self._sampler.steps
+
+    @property
+    def mixed_steps(self) -> int:
+        """Plans drawn so far that mixed."""
+        return self._sampler.mixed_steps
+
+    @property
+    def closed(self) -> bool:
+        return not self._handles
+
+    def _check_previous(self) -> None:
+        armed, problem = self._armed, self._problem
+        self._armed = self._problem = None
+        if armed is not None:
+            raise ValueError(
+                f"the plan of step {armed.step} was never used: no training forward of the "
+                f"{type(self._model).__name__} given to HookMixer ran since the last plan(). Call the model "
+                "exactly once after each mixer.plan(y), in train mode with grad enabled; a forward of "
+                "another module (a wrapper, a submodule) does not count."
+            )
+        if problem is not None:
+            raise ValueError(problem)
+
+    def plan(
+        self,
+        targets: torch.Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> MixStep:
+        """Draw this step's plan and arm the hooks for the next forward of the model.
+
+        Args:
+            targets: this batch's targets (their first dim is the batch size); ``None`` to mix only
+                the activations (then give ``batch_size``).
+            batch_size: the batch size when no targets are given.
+            device: where the plan's λ and partners live (default: the targets' device, else the
+                model's first parameter's device).
+
+        In eval mode or without grad the step mixes nothing and nothing is armed (so validation loops
+        may call it too). Raises ``ValueError`` if the previous plan was never used by a forward or
+        never reached its layer.
+        """
+        if self.closed:
+            raise ValueError("this HookMixer is closed (its hooks were removed); create a new one.")
+        self._check_previous()
+        kind = self._target_kind(targets)
+        if targets is not None:
+            if batch_size is not None and batch_size != targets.shape[0]:
+                raise ValueError(
+                    f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them."
+                )
+            batch_size = targets.shape[0]
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
+        if device is None:
+            device = targets.device if targets is not None else self._model_device()
+        if not self._mixing():
+            return self._step(identity_plan(batch_size, self._sampler.steps, device), targets, kind)
+        plan = self._sampler.draw(batch_size).to(device)
+        if self._excluded is not None and plan.mixed:
+            if targets is None or kind == "regression":
+                raise ValueError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
+            excluded = excluded_rows(targets, kind, self._excluded).to(device)
+            plan = plan.with_unmixed_rows(excluded | excluded[plan.perm])
+        self._armed = plan
+        return self._step(plan, targets, kind)
+
+    def _target_kind(self, targets: torch.Tensor | None) -> str | None:
+        if targets is None:
+            return None
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}.")
+        kind = infer_kind(targets, self.num_classes) if self.target_kind == "auto" else self.target_kind
+        if self.validate:
+            validate_targets(targets, kind, self.num_classes)
+        return kind
+
+    def _step(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None) -> MixStep:
+        return MixStep(
+            plan=plan,
+            y=targets,
+            kind=kind,
+            num_classes=self.num_classes,
+            label_smoothing=self.label_smoothing if kind in ("index", "label") else 0.0,
+            uniform_lam=self._sampler.lam_mode == "batch" and self._excluded is None,
+        )
+
+    def _model_device(self) -> torch.device:
+        param = next(iter(self._model.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mixer's generator state, counters and settings (save it with your checkpoint)."""
+        return self._sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` so a resumed run draws the same plans as an uninterrupted one."""
+        self._sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        """Remove every hook this mixer registered (safe to call more than once)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._armed = self._active = None
+
+    def __enter__(self) -> "HookMixer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"HookMixer(layers={list(self.layers)}, alpha={self.alpha}, mode={self._sampler.mode!r}, "
+            f"steps={self.steps}, closed={self.closed})"
+        )

@@ -1,0 +1,210 @@
+"""The mix plan: one draw per training step that the hook, the targets and the report all read.
+
+A :class:`MixPlan` holds, for a batch of ``B`` rows: ``lam`` (B,) — the weight of each row's own sample
+(1.0 for rows that do not mix) — ``perm`` (B,) — the partner of each row — and the layer(s) to mix. The
+:class:`PlanSampler` draws plans from its own seedable ``torch.Generator`` (never the global RNG), always
+in the same order (mix-probability coin, layer, λ, partners) so the stream of plans depends only on the
+seed and the batch sizes, and carries its generator and counters in ``state_dict()`` so a resumed run
+draws exactly the plans the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+LAM_MODES = ("batch", "sample")
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """What one training step mixes.
+
+    Attributes:
+        lam: (B,) float32 weight of each row's own sample; rows that do not mix have exactly 1.0.
+        perm: (B,) int64 partner index of each row: the mixed row is ``lam*a + (1-lam)*a[perm]``;
+            no row is its own partner.
+        layers: the layer name(s) this step mixes (one name, or every listed name with ``mode="all"``).
+        mixed: False when the step does not mix at all (mix-probability coin, batch of 1, eval).
+        step: index of this plan in the sampler's stream (0-based).
+    """
+
+    lam: torch.Tensor
+    perm: torch.Tensor
+    layers: tuple[str, ...]
+    mixed: bool
+    step: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.lam.shape[0]
+
+    def to(self, device: torch.device | str) -> "MixPlan":
+        """The same plan with ``lam`` and ``perm`` on ``device`` (a no-op when already there)."""
+        return MixPlan(
+            self.lam.to(device, non_blocking=True),
+            self.perm.to(device, non_blocking=True),
+            self.layers,
+            self.mixed,
+            self.step,
+        )
+
+    def with_unmixed_rows(self, keep: torch.Tensor) -> "MixPlan":
+        """The same plan with ``lam`` forced to 1 where ``keep`` (B,) bool is True."""
+        return MixPlan(self.lam.masked_fill(keep, 1.0), self.perm, self.layers, self.mixed, self.step)
+
+
+def identity_plan(batch_size: int, step: int, device: torch.device | str = "cpu") -> MixPlan:
+    """A plan that mixes nothing: λ = 1 and each row its own partner."""
+    return MixPlan(
+        torch.ones(batch_size, device=device),
+        torch.arange(batch_size, device=device),
+        (),
+        False,
+        step,
+    )
+
+
+def _random_cycle(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random permutation made of one cycle through all rows: no row is its own partner
+    (a plain ``randperm`` leaves about one fixed point per batch, which silently does not mix)."""
+    order = torch.randperm(batch_size, generator=generator)
+    perm = torch.empty_like(order)
+    perm[order] = order.roll(-1)
+    return perm
+
+
+def _check_probability(argument: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be a number in [0, 1], got {type(value).__name__} {value!r}.")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{argument}={value!r} is outside [0, 1]; use e.g. {argument}=1.0 to mix every step.")
+    return float(value)
+
+
+def check_alpha(alpha: Any) -> float:
+    """Validate a Beta(α, α) concentration: a finite number > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a positive number, got {type(alpha).__name__} {alpha!r}.")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(
+            f"alpha={alpha!r} must be a finite number > 0 (λ ~ Beta(alpha, alpha)); "
+            "alpha=0.4 is a good default, lower values keep one sample dominant."
+        )
+    return float(alpha)
+
+
+class PlanSampler:
+    """Draws :class:`MixPlan` s from a private ``torch.Generator``.
+
+    Args:
+        layers: candidate layer names; one is drawn per step (manifold mixup), or all are used together
+            when ``mode="all"``.
+        alpha: λ ~ Beta(alpha, alpha).
+        lam_mode: ``"batch"`` — one λ for the whole batch (as in the mixup paper, timm's default) — or
+            ``"sample"`` — one λ per row (vectorised, no Python loop).
+        prob: probability that a step mixes at all.
+        dominant: draw ``max(λ, 1-λ)`` so each row's own sample dominates (fastai's choice).
+        mode: ``"one"`` (one layer per step) or ``"all"`` (every layer, same plan, one forward).
+        weights: relative probability of each layer for ``mode="one"`` (uniform by default).
+        seed: seed of the generator; ``None`` draws a seed from the OS once.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        *,
+        alpha: float = 0.4,
+        lam_mode: str = "batch",
+        prob: float = 1.0,
+        dominant: bool = False,
+        mode: str = "one",
+        weights: Sequence[float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.alpha = check_alpha(alpha)
+        if lam_mode not in LAM_MODES:
+            raise ValueError(f"lam_mode={lam_mode!r} is not one of {LAM_MODES}; use 'batch' or 'sample'.")
+        if mode not in ("one", "all"):
+            raise ValueError(
+                f"mode={mode!r} is not 'one' (one layer drawn per step) or 'all' (every layer each step)."
+            )
+        self.layers = tuple(layers)
+        self.lam_mode = lam_mode
+        self.prob = _check_probability("prob", prob)
+        self.dominant = bool(dominant)
+        self.mode = mode
+        self._weights = self._check_weights(weights)
+        self.generator = torch.Generator()
+        self.seed = int(seed) if seed is not None else int(torch.seed())
+        self.generator.manual_seed(self.seed)
+        self.steps = 0
+        self.mixed_steps = 0
+
+    def _check_weights(self, weights: Sequence[float] | None) -> torch.Tensor:
+        if weights is None:
+            return torch.ones(len(self.layers), dtype=torch.float64)
+        if self.mode == "all":
+            raise ValueError("weights= only applies to mode='one' (one layer drawn per step); drop it for 'all'.")
+        w = torch.as_tensor(list(weights), dtype=torch.float64)
+        if w.shape != (len(self.layers),):
+            raise ValueError(
+                f"weights has {w.numel()} entries but layers resolved to {len(self.layers)} names "
+                f"{list(self.layers)}; give one weight per layer."
+            )
+        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights={list(weights)!r} must be finite, >= 0 and not all zero.")
+        return w
+
+    def draw(self, batch_size: int) -> MixPlan:
+        """Draw the plan of the next step for a batch of ``batch_size`` rows (on the CPU)."""
+        step = self.steps
+        self.steps += 1
+        g = self.generator
+        coin = torch.rand((), generator=g, dtype=torch.float64)
+        layer_index = torch.multinomial(self._weights, 1, generator=g)
+        n_lam = batch_size if self.lam_mode == "sample" else 1
+        concentration = torch.full((n_lam, 2), self.alpha, dtype=torch.float64)
+        lam = torch._sample_dirichlet(concentration, generator=g)[:, 0].float()
+        perm = _random_cycle(batch_size, g)
+        if batch_size < 2 or coin >= self.prob:
+            return identity_plan(batch_size, step)
+        if self.dominant:
+            lam = torch.maximum(lam, 1.0 - lam)
+        layers = self.layers if self.mode == "all" else (self.layers[int(layer_index)],)
+        self.mixed_steps += 1
+        return MixPlan(lam.expand(batch_size).contiguous(), perm, layers, True, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state, counters and settings: enough to continue the exact stream of plans."""
+        return {
+            "generator": self.generator.get_state(),
+            "seed": self.seed,
+            "steps": self.steps,
+            "mixed_steps": self.mixed_steps,
+            "alpha": self.alpha,
+            "prob": self.prob,
+            "layers": list(self.layers),
+            "mode": self.mode,
+            "lam_mode": self.lam_mode,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuses a state saved for other layers or another mode."""
+        for key in ("layers", "mode", "lam_mode"):
+            stored = tuple(state[key]) if key == "layers" else state[key]
+            mine = self.layers if key == "layers" else getattr(self, key)
+            if stored != mine:
+                raise ValueError(
+                    f"state_dict was saved with {key}={stored!r} but this mixer has {key}={mine!r}; "
+                    "create the mixer with the same settings before loading."
+                )
+        self.generator.set_state(state["generator"])
+        self.seed = int(state["seed"])
+        self.steps = int(state["steps"])
+        self.mixed_steps = int(state["mixed_steps"])
+        self.alpha = check_alpha(state["alpha"])
+        self.prob = _check_probability("prob", state["prob"])

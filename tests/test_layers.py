@@ -1,0 +1,52 @@
+import pytest
+import torch
+import torchvision
+
+from hookmix.layers import format_layers, list_layers, resolve_layers
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return torchvision.models.resnet18(num_classes=3)
+
+
+def test_exact_names_and_pseudo_layers(resnet):
+    assert resolve_layers(resnet, "layer4") == ["layer4"]
+    assert resolve_layers(resnet, ["input", "layer3.1", "output"]) == ["input", "layer3.1", "output"]
+
+
+def test_globs_stay_inside_one_dotted_part(resnet):
+    assert resolve_layers(resnet, "layer*") == ["layer1", "layer2", "layer3", "layer4"]
+    assert resolve_layers(resnet, "layer4.*") == ["layer4.0", "layer4.1"]
+    assert "layer4.0.conv1" in resolve_layers(resnet, "layer4.**")
+
+
+def test_duplicates_removed_keeping_order(resnet):
+    assert resolve_layers(resnet, ["layer2", "layer*", "layer2"]) == ["layer2", "layer1", "layer3", "layer4"]
+
+
+def test_unknown_name_lists_close_matches(resnet):
+    with pytest.raises(ValueError, match=r"layers='layr4'.*closest names: layer4"):
+        resolve_layers(resnet, "layr4")
+
+
+def test_empty_glob_and_empty_list(resnet):
+    with pytest.raises(ValueError, match="matches no layer"):
+        resolve_layers(resnet, "block*")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_layers(resnet, [])
+    with pytest.raises(TypeError, match="layers"):
+        resolve_layers(resnet, 4)
+
+
+def test_list_layers_shapes_params_and_mode_restored(resnet):
+    resnet.train()
+    bn_mean = resnet.bn1.running_mean.clone()
+    rows = {r.name: r for r in list_layers(resnet, torch.randn(2, 3, 64, 64))}
+    assert resnet.training and torch.equal(resnet.bn1.running_mean, bn_mean)
+    assert rows["layer4"].output_shape == (2, 512, 2, 2)
+    assert rows["layer4"].params == sum(p.numel() for p in resnet.layer4.parameters())
+    assert rows["output"].output_shape == (2, 3) and rows["output"].type == "ResNet"
+    assert rows["layer4.0.conv1"].depth == 3 and rows["fc"].calls == 1
+    table = format_layers(list(rows.values()), max_depth=1)
+    assert "layer4" in table and "2x512x2x2" in table and "layer4.0" not in table
