@@ -1,0 +1,188 @@
+"""PNG figures for experiments: learning curves, reliability diagrams and the drawn mixup λ values.
+
+matplotlib is optional (``pip install hookmix[plots]``) and imported only when a plot is drawn.
+Figures are built as ``matplotlib.figure.Figure`` objects rendered by the Agg canvas, never through
+``pyplot``: no GUI backend is selected, the caller's backend is left alone and no figure stays
+registered (nothing leaks in long sweeps). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hookmix.metrics import Reliability
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_history", "plot_reliability", "plot_lambda_hist"]
+
+History = Sequence[Mapping[str, float]]
+HISTORY_PANELS = (
+    ("train_loss", "train loss"),
+    ("val_nll", "validation NLL"),
+    ("val_accuracy", "validation accuracy"),
+    ("val_ece", "validation ECE"),
+)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("hookmix plots need matplotlib: pip install hookmix[plots]") from error
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png_path(path: str | os.PathLike[str]) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}.")
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"path={str(path)!r} must end in .png (the plots are written as PNG).")
+    return target
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` as a PNG to ``path`` atomically (temporary file in the same folder + rename)."""
+    target = _png_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            figure.savefig(stream, format="png", dpi=120)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return target
+
+
+def _runs(history: History | Mapping[str, History]) -> dict[str, History]:
+    """Normalise one history or ``{label: history}`` into labelled runs, validating every record."""
+    runs = dict(history) if isinstance(history, Mapping) else {"": history}
+    if not runs:
+        raise ValueError("history={} holds no runs; pass a list of per-epoch dicts or {label: list}.")
+    required = ("epoch", *(key for key, _ in HISTORY_PANELS))
+    for label, records in runs.items():
+        if isinstance(records, (str, bytes)) or not isinstance(records, Sequence) or not records:
+            raise ValueError(
+                f"history{f'[{label!r}]' if label else ''} must be a non-empty list of per-epoch dicts, "
+                f"got {records!r}."
+            )
+        for record in records:
+            missing = [key for key in required if not isinstance(record, Mapping) or key not in record]
+            if missing:
+                raise ValueError(
+                    f"history{f'[{label!r}]' if label else ''} has a record {record!r} without "
+                    f"{', '.join(missing)}; every epoch needs {', '.join(required)}."
+                )
+    return runs
+
+
+def plot_history(history: History | Mapping[str, History], path: str | os.PathLike[str]) -> Path:
+    """Learning curves per epoch: train loss, validation NLL, accuracy and ECE, one panel each.
+
+    ``history`` is a list of per-epoch dicts with keys ``epoch``, ``train_loss``, ``val_nll``,
+    ``val_accuracy`` and ``val_ece`` (extra keys are ignored), or ``{label: history}`` to overlay
+    several runs. Writes a PNG to ``path`` and returns it.
+    """
+    runs = _runs(history)
+    figure = _new_figure(9.0, 6.5)
+    axes = figure.subplots(2, 2, sharex=True).ravel()
+    for ax, (key, title) in zip(axes, HISTORY_PANELS):
+        for label, records in runs.items():
+            epochs = [record["epoch"] for record in records]
+            ax.plot(epochs, [record[key] for record in records], marker="o", markersize=3, label=label or None)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[2:]:
+        ax.set_xlabel("epoch")
+    if any(runs):
+        axes[0].legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_reliability(curves: Mapping[str, Reliability], path: str | os.PathLike[str]) -> Path:
+    """Reliability diagram: per-bin accuracy against mean confidence for each model, plus the diagonal.
+
+    ``curves`` maps a model label to its :func:`hookmix.metrics.reliability`; empty bins are skipped
+    and each legend entry shows the model's ECE. Writes a PNG to ``path`` and returns it.
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError(
+            f"curves must be a non-empty dict {{label: Reliability}}, got {curves!r}; "
+            "build each value with hookmix.metrics.reliability(logits, y)."
+        )
+    for label, curve in curves.items():
+        if not isinstance(curve, Reliability):
+            raise TypeError(
+                f"curves[{label!r}] must be a hookmix.metrics.Reliability, got {type(curve).__name__}; "
+                "build it with hookmix.metrics.reliability(logits, y)."
+            )
+    figure = _new_figure(5.5, 5.0)
+    ax = figure.subplots()
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="grey", label="perfect calibration")
+    for label, curve in curves.items():
+        filled = curve.count > 0
+        ax.plot(
+            curve.confidence[filled].numpy(),
+            curve.accuracy[filled].numpy(),
+            marker="o",
+            label=f"{label} (ECE {curve.ece:.3f})",
+        )
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), xlabel="confidence", ylabel="accuracy", title="reliability")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    return _save(figure, path)
+
+
+def _beta_density(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Density of Beta(α, α) at ``x`` in ``(0, 1)``."""
+    log_norm = math.lgamma(2.0 * alpha) - 2.0 * math.lgamma(alpha)
+    return np.exp(log_norm + (alpha - 1.0) * (np.log(x) + np.log1p(-x)))
+
+
+def plot_lambda_hist(
+    lams: torch.Tensor | np.ndarray, path: str | os.PathLike[str], alpha: float | None = None
+) -> Path:
+    """Histogram (as a density) of drawn mixing coefficients λ, optionally with the Beta(α, α) density.
+
+    ``lams`` holds values in ``[0, 1]`` of any shape (e.g. ``(B,)`` per batch, concatenated over steps).
+    Writes a PNG to ``path`` and returns it.
+    """
+    if not isinstance(lams, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"lams must be a torch.Tensor or numpy array, got {type(lams).__name__}.")
+    values = np.asarray(lams.detach().cpu() if isinstance(lams, torch.Tensor) else lams, dtype=float).ravel()
+    if values.size == 0:
+        raise ValueError("lams is empty; pass the λ values drawn during training (at least one).")
+    if not np.all((values >= 0.0) & (values <= 1.0)):
+        raise ValueError(
+            f"lams must hold mixing coefficients in [0, 1], got values in [{values.min()}, {values.max()}]."
+        )
+    bad_alpha = isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf
+    if alpha is not None and bad_alpha:
+        raise ValueError(f"alpha must be a positive finite number (of Beta(α, α)) or None, got {alpha!r}.")
+    figure = _new_figure(6.0, 4.0)
+    ax = figure.subplots()
+    bins = np.linspace(0.0, 1.0, 31)
+    heights, _, _ = ax.hist(values, bins=bins, density=True, alpha=0.6, label=f"{values.size} draws")
+    if alpha is not None:
+        grid = np.linspace(1e-3, 1.0 - 1e-3, 400)
+        ax.plot(grid, _beta_density(grid, alpha), color="black", label=f"Beta({alpha:g}, {alpha:g})")
+        # Beta(α < 1) is unbounded at 0 and 1: keep the histogram readable instead of the density's spikes
+        ax.set_ylim(0.0, 1.2 * max(float(np.max(heights)), float(_beta_density(np.array([0.5]), alpha)[0])))
+    ax.set(xlim=(0.0, 1.0), xlabel="λ", ylabel="density", title="mixing coefficients")
+    ax.legend(fontsize="small")
+    return _save(figure, path)
