@@ -1,0 +1,114 @@
+"""Step overhead of mixing at ``layer4`` through a hook, measured side by side in one run.
+
+Three ResNet50 train steps (forward, backward, SGD update) on the same batch, interleaved round by
+round so machine noise hits all of them alike:
+
+* plain  — no mixing;
+* hooked — ``HookMixer(model, "layer4")``: plan, forward (layer4 mixed), mixed loss;
+* timm   — ``timm.data.Mixup`` at the input with ``SoftTargetCrossEntropy`` (the usual input mixup).
+
+Prints the median step times, the ratios hooked/plain and hooked/timm, the extra memory autograd
+keeps for backward (bytes of unique saved tensors, the dominant term of a train step's peak memory,
+which a CPU has no allocator counter for) against the size of one layer4 activation, and the graph
+breaks ``torch._dynamo.explain`` finds in the hooked forward.
+
+    python benchmarks/step_overhead.py [--batch 32] [--size 224] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import timm.data
+import timm.loss
+import torch
+import torchvision
+from torch import nn
+
+from hookmix import HookMixer
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` builds its loss."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    loss.backward()
+    return sum(storages.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    criterion = nn.CrossEntropyLoss()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.batch,))
+    timm_mix = timm.data.Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, num_classes=1000)
+    soft_ce = timm.loss.SoftTargetCrossEntropy()
+
+    def plain_loss() -> torch.Tensor:
+        return criterion(model(x), y)
+
+    def hooked_loss() -> torch.Tensor:
+        step = hooked.plan(y)
+        return step.loss(criterion, model(x))
+
+    def timm_loss() -> torch.Tensor:
+        xm, ym = timm_mix(x.clone(), y)
+        return soft_ce(model(xm), ym)
+
+    def timed(loss_fn: Callable[[], torch.Tensor]) -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    model.train()
+    with HookMixer(model, "layer4", alpha=0.4, num_classes=1000, seed=0) as hooked:
+        variants = {"plain": plain_loss, "hooked": hooked_loss, "timm-input": timm_loss}
+        for fn in variants.values():  # warm-up
+            timed(fn)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for r in range(args.rounds):
+            for name, fn in variants.items():
+                times[name].append(timed(fn))
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+        memory = {name: saved_bytes(fn) for name, fn in variants.items()}
+        hooked.plan(y[:2])
+        explanation = torch._dynamo.explain(model)(x[:2, :, :64, :64])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    layer4_bytes = args.batch * 2048 * (args.size // 32) ** 2 * 4
+    extra = memory["hooked"] - memory["plain"]
+    print()
+    print(f"ResNet50 train step, B={args.batch}, {args.size}px, CPU threads={torch.get_num_threads()}, "
+          f"median of {args.rounds}:")
+    for name, t in med.items():
+        print(f"  {name:<11} {t * 1000:8.1f} ms")
+    print(f"  hooked / plain      = {med['hooked'] / med['plain']:.3f}   (goal <= 1.02)")
+    print(f"  hooked / timm-input = {med['hooked'] / med['timm-input']:.3f}   (goal <= 1.02)")
+    print(f"  saved-for-backward: plain {memory['plain'] / 2**20:.1f} MiB, hooked {memory['hooked'] / 2**20:.1f} MiB, "
+          f"extra {extra / 2**20:.1f} MiB = {extra / layer4_bytes:.2f} x one layer4 activation "
+          f"({layer4_bytes / 2**20:.1f} MiB; goal <= 1)")
+    print(f"  torch._dynamo.explain, hook armed: {explanation.graph_break_count} graph breaks, "
+          f"{explanation.graph_count} graphs (goal 0 breaks)")
+    for reason in explanation.break_reasons[:3]:
+        print(f"    break: {reason.reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Train the trainable part of a model on mixed activations: the head on cached features, or a model
+whose frozen backbone runs every step (the slow reference the cache path must match).
+
+One loop serves both, because with a frozen backbone they are the same computation:
+
+* cache path — ``fit(head, "input", features, ...)``: the head's input (a cached layer-L feature batch)
+  is mixed;
+* hooked path — ``fit(model, "L", images, ...)`` with the backbone's parameters frozen: layer L's output
+  is mixed inside the full forward.
+
+Both draw the data order and the view of each example from one generator and the mix plans from the
+mixer's own generator, both seeded by ``FitConfig.seed``, so equal seeds give equal steps. Modules whose
+parameters are all frozen run in eval mode (BatchNorm uses its running statistics, as the cache's
+extraction did) while the rest trains. ``mix=False`` is the baseline: the same draws, nothing mixed.
+
+Checkpoints are ``checkpoint.safetensors`` (weights, optimizer tensors, generator states) and
+``checkpoint.json`` (epoch, history, scheduler and optimizer scalars), both written atomically and
+loaded without unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from tqdm.auto import tqdm
+
+from hookmix._io import atomic_write
+from hookmix.metrics import evaluate
+from hookmix.mixer import HookMixer
+
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of :func:`fit`: AdamW with a per-step cosine schedule, mixup at the given layer."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    alpha: float = 0.4
+    mix: bool = True
+    lam_mode: str = "batch"
+    exclude_classes: tuple[int, ...] | None = None
+    label_smoothing: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1.")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+                name == "lr" and value == 0
+            ):
+                raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}.")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the per-epoch history, the λ drawn on mixed steps, and the last
+    validation logits (for the reliability diagram)."""
+
+    history: list[dict[str, float]]
+    lams: list[float] = field(default_factory=list)
+    val_logits: torch.Tensor | None = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1]
+
+
+def _freeze_mode(model: nn.Module) -> None:
+    """Train mode for the model, eval mode for every module whose own parameters are all frozen."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train. "
+            "Unfreeze the head (head.requires_grad_(True))."
+        )
+    return params
+
+
+def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor:
+    """Return ``inputs`` as (V, N, ...) and check it against ``labels`` (N,)."""
+    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} inputs and labels must be tensors.")
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(f"{name} labels must be (N,) class indices, got {labels.dtype} {tuple(labels.shape)}.")
+    if inputs.shape[0] == labels.shape[0]:
+        return inputs.unsqueeze(0)
+    if inputs.dim() > 1 and inputs.shape[1] == labels.shape[0]:
+        return inputs
+    raise ValueError(
+        f"{name} inputs {tuple(inputs.shape)} do not match {labels.shape[0]} labels: give (N, ...) or "
+        "(V, N, ...) with V cached views."
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on ``inputs`` (N, ...) in eval mode, batch by batch; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(inputs[i : i + batch_size].float()) for i in range(0, len(inputs), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def fit(
+    model: nn.Module,
+    layer: str | Sequence[str],
+    train_inputs: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_inputs: torch.Tensor,
+    val_labels: torch.Tensor,
+    config: FitConfig,
+    *,
+    num_classes: int,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train the parameters of ``model`` that require grad, mixing at ``layer``; validate each epoch.
+
+    Args:
+        model: the head (cache path) or a model with a frozen backbone (hooked path).
+        layer: where to mix (``"input"`` for cached features).
+        train_inputs: (N, ...) or (V, N, ...) — V cached augmented views, one drawn per example per epoch.
+        train_labels: (N,) int64 class indices.
+        val_inputs / val_labels: (M, ...) / (M,) validation data (never mixed: eval mode).
+        config: optimisation and mixing settings.
+        num_classes: number of classes (checks labels, exclusion).
+        checkpoint_dir: where to write a checkpoint after every epoch; with ``resume=True`` training
+            continues from the checkpoint found there.
+    Returns:
+        :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
+        ``val_accuracy``, ``val_ece``, ``lr``.
+    """
+    views = _check_data(train_inputs, train_labels, "train")
+    _check_data(val_inputs, val_labels, "val")
+    n = train_labels.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    criterion = nn.CrossEntropyLoss()
+    data_gen = torch.Generator().manual_seed(config.seed)
+    result = FitResult(history=[])
+    with HookMixer(
+        model,
+        layer,
+        alpha=config.alpha,
+        prob=1.0 if config.mix else 0.0,
+        lam_mode=config.lam_mode,
+        num_classes=num_classes,
+        exclude_classes=list(config.exclude_classes) if config.exclude_classes else None,
+        label_smoothing=config.label_smoothing,
+        seed=config.seed,
+    ) as mixer:
+        if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).exists():
+            _load_checkpoint(Path(checkpoint_dir), config, model, optimizer, scheduler, mixer, data_gen, result)
+        bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
+        for epoch in bar:
+            _freeze_mode(model)
+            order = torch.randperm(n, generator=data_gen)
+            view = torch.randint(views.shape[0], (n,), generator=data_gen)
+            total = torch.zeros(())
+            for start in range(0, n, config.batch_size):
+                idx = order[start : start + config.batch_size]
+                y = train_labels[idx]
+                step = mixer.plan(y)
+                loss = step.loss(criterion, model(views[view[idx], idx].float()))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.detach() * len(idx)
+                if step.mixed:
+                    result.lams.append(float(step.lam[0]))
+            logits = predict(model, val_inputs, config.eval_batch_size)
+            metrics = evaluate(logits, val_labels)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": float(total) / n,
+                "val_nll": metrics["nll"],
+                "val_accuracy": metrics["accuracy"],
+                "val_ece": metrics["ece"],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            result.history.append(row)
+            result.val_logits = logits
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['val_accuracy']:.3f}")
+            if checkpoint_dir is not None:
+                _save_checkpoint(Path(checkpoint_dir), config, model, optimizer, scheduler, mixer, data_gen, result)
+    if result.val_logits is None:
+        result.val_logits = predict(model, val_inputs, config.eval_batch_size)
+    return result
+
+
+def _save_checkpoint(
+    directory: Path,
+    config: FitConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    mixer: HookMixer,
+    data_gen: torch.Generator,
+    result: FitResult,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    optim_state = optimizer.state_dict()
+    for index, state in optim_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = value.detach().contiguous()
+    mixer_state = mixer.state_dict()
+    tensors["rng.data"] = data_gen.get_state()
+    tensors["rng.mixer"] = mixer_state.pop("generator")
+    tensors["result.lams"] = torch.tensor(result.lams, dtype=torch.float32)
+    state = {
+        "format": 1,
+        "config": asdict(config),
+        "epoch": len(result.history),
+        "history": result.history,
+        "scheduler": scheduler.state_dict(),
+        "optimizer_groups": optim_state["param_groups"],
+        "mixer": mixer_state,
+    }
+    atomic_write(directory / CHECKPOINT_WEIGHTS, save(tensors))
+    atomic_write(directory / CHECKPOINT_STATE, json.dumps(state, indent=1).encode())
+
+
+def _load_checkpoint(
+    directory: Path,
+    config: FitConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    mixer: HookMixer,
+    data_gen: torch.Generator,
+    result: FitResult,
+) -> None:
+    try:
+        state = json.loads((directory / CHECKPOINT_STATE).read_text())
+        tensors = load_file(directory / CHECKPOINT_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from exc
+    stored = state["config"]
+    wanted = json.loads(json.dumps(asdict(config)))
+    if stored != wanted:
+        diff = {k: (stored.get(k), wanted[k]) for k in wanted if stored.get(k) != wanted[k]}
+        raise ValueError(
+            f"the checkpoint in {directory} was trained with other settings {diff} (stored, requested); "
+            "resume with the same settings or use another --out directory."
+        )
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the checkpoint in {directory} does not fit this model (another head shape?): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    optim_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optim_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(optim_state)
+    scheduler.load_state_dict(state["scheduler"])
+    data_gen.set_state(tensors["rng.data"])
+    mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer"]})
+    result.history.extend(state["history"])
+    result.lams.extend(tensors["result.lams"].tolist())

@@ -1,0 +1,148 @@
+"""The ``hookmix finetune`` job: model -> split at a layer -> feature cache -> head training -> report.
+
+The backbone runs once over the data (train and validation features are cached, on disk with
+``cache_dir``, and reused by later runs with the same model, layer, input size and transform); the head
+then trains for many epochs on the cached features with mixup (or without, ``mix=False``). The report
+is ``metrics.json`` (settings, history, final metrics, cache facts) and PNG plots in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from hookmix._io import atomic_write
+from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
+from hookmix.data import digits_transfer, pretrain_source
+from hookmix.finetune import FitConfig, fit
+from hookmix.imagefolder import load_image_folder
+from hookmix.metrics import reliability
+from hookmix.models import create_model, default_input_size, resolve_model, set_num_classes
+from hookmix.split import split
+
+DIGITS = "digits"
+DIGITS_MODEL = "digits-cnn"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What ``hookmix finetune`` was asked to do (validated CLI arguments)."""
+
+    data: str
+    layer: str | None
+    out_dir: Path
+    model: str | None = None
+    pretrained: bool = False
+    weights: Path | None = None
+    cache_dir: Path | None = None
+    input_size: tuple[int, int, int] | None = None
+    fp32: bool = False
+    shots: int = 20
+    val_fraction: float = 0.2
+    batch_size: int = 64
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    model: torch.nn.Module
+    model_id: str
+    layer: str
+    train: Dataset
+    val: Dataset
+    classes: tuple[str, ...]
+    input_size: tuple[int, ...]
+    transform: str
+
+
+def _weights_id(path: Path) -> str:
+    return "weights-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _prepare(spec: JobSpec, seed: int) -> _Prepared:
+    if spec.data == DIGITS:
+        if spec.model not in (None, DIGITS_MODEL):
+            raise ValueError(f"--data digits uses the embedded {DIGITS_MODEL!r}; drop --model {spec.model}.")
+        task = digits_transfer(spec.shots, seed)
+        return _Prepared(
+            pretrain_source(seed=0), "hookmix:digits-cnn(seed0)", spec.layer or "stage2",
+            TensorDataset(task.train_x, task.train_y), TensorDataset(task.val_x, task.val_y),
+            task.class_names, tuple(task.train_x.shape[1:]), f"digits:k{spec.shots}:seed{seed}",
+        )
+    if spec.model is None:
+        raise ValueError("--model is required with an image folder, e.g. --model resnet50.")
+    if spec.layer is None:
+        raise ValueError("--layer is required with an image folder, e.g. --layer layer4 (see `hookmix layers MODEL`).")
+    model_spec = resolve_model(spec.model)
+    model = create_model(spec.model, pretrained=spec.pretrained, weights=spec.weights, seed=seed)
+    input_size = spec.input_size or default_input_size(model)
+    folder = load_image_folder(spec.data, input_size, val_fraction=spec.val_fraction, seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        set_num_classes(model, len(folder.classes))
+    if spec.pretrained:
+        model_id = f"{model_spec.id}:pretrained"
+    elif spec.weights is not None:
+        model_id = f"{model_spec.id}:{_weights_id(spec.weights)}"
+    else:
+        model_id = f"{model_spec.id}:random-init-seed{seed}"
+    return _Prepared(
+        model, model_id, spec.layer, folder.train, folder.val, folder.classes, input_size,
+        transform_fingerprint(folder.transform),
+    )
+
+
+def _extract(
+    prepared: _Prepared, backbone: torch.nn.Module, spec: JobSpec, part: str, dataset: Dataset
+) -> FeatureCache:
+    key = CacheKey(prepared.model_id, prepared.layer, prepared.input_size, prepared.transform, f"{spec.data}:{part}")
+    path = spec.cache_dir / part if spec.cache_dir is not None else None
+    return FeatureCache.extract(
+        backbone, dataset, key, path=path, dtype=torch.float32 if spec.fp32 else torch.float16,
+        batch_size=spec.batch_size, progress=spec.progress,
+    )
+
+
+def run_finetune(spec: JobSpec, config: FitConfig, resume: bool = False) -> dict[str, Any]:
+    """Run the job and write its report; returns the ``metrics.json`` payload."""
+    from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
+
+    prepared = _prepare(spec, config.seed)
+    backbone, head = split(prepared.model, prepared.layer)
+    head.requires_grad_(True)
+    start = time.perf_counter()
+    train = _extract(prepared, backbone, spec, "train", prepared.train)
+    val = _extract(prepared, backbone, spec, "val", prepared.val)
+    extract_s = time.perf_counter() - start
+    result = fit(
+        head, "input", train.features, train.labels, val.features[0], val.labels, config,
+        num_classes=len(prepared.classes), checkpoint_dir=spec.out_dir, resume=resume, progress=spec.progress,
+    )
+    out = spec.out_dir
+    label = "mixup" if config.mix else "no mixup"
+    plot_history({label: result.history}, out / "curves.png")
+    plot_reliability({label: reliability(result.val_logits, val.labels)}, out / "reliability.png")
+    if result.lams:
+        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=config.alpha)
+    payload = {
+        "model": prepared.model_id,
+        "layer": prepared.layer,
+        "classes": list(prepared.classes),
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "feature_shape": list(train.feature_shape),
+        "cache_bytes_per_example": train.bytes_per_example,
+        "extract_seconds": round(extract_s, 3),
+        "config": asdict(config),
+        "final": result.final,
+        "history": result.history,
+    }
+    atomic_write(out / "metrics.json", json.dumps(payload, indent=1).encode())
+    return payload

@@ -1,0 +1,120 @@
+"""The `hookmix` command end to end: layers, finetune on a generated image folder and on digits, demo,
+and usage errors (exit code 2, one line, no traceback)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hookmix.cli import main
+
+
+def write_folder(root, classes=("cat", "dog", "eel"), per_class=4, size=24):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / c / f"{i}.png")
+    return root
+
+
+def run_cli(*args):
+    """Run the real console entry point in a subprocess (exit code, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hookmix.cli", *args], capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_layers_table(capsys):
+    assert main(["layers", "resnet18", "--input-size", "3", "64", "64", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4" in out and "1x512x2x2" in out and "11,689,512" in out and "layer4.0" not in out
+
+
+def test_layers_timm_vit_tokens(capsys):
+    main(["layers", "timm:vit_tiny_patch16_224", "--depth", "2"])
+    out = capsys.readouterr().out
+    assert "blocks.11" in out and "1x197x192" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["layers", "resnet5"], "closest names: resnet50"),
+        (["layers", "resnet18", "--input-size", "3", "0", "64"], "must be >= 1"),
+        (["finetune", "--data", "digits", "--out", "x", "--epochs", "0"], "must be >= 1"),
+        (["finetune", "--out", "x"], "required: --data"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, message):
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_finetune_on_image_folder_writes_report_and_reuses_cache(tmp_path, capsys):
+    data = write_folder(tmp_path / "imgs")
+    args = ["finetune", "--data", str(data), "--model", "resnet18", "--layer", "layer4", "--input-size", "3", "32",
+            "32", "--epochs", "2", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["classes"] == ["cat", "dog", "eel"] and report["train_examples"] == 9
+    assert report["val_examples"] == 3 and report["feature_shape"] == [512, 1, 1]
+    assert report["cache_bytes_per_example"] == 512 * 2  # float16
+    assert len(report["history"]) == 2
+    for name in ("curves.png", "reliability.png", "lambda_hist.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "checkpoint.safetensors").stat().st_size > 0
+    manifest = tmp_path / "cache" / "train" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert main([*args[:-3], "--out", str(tmp_path / "out2"), "--no-mix", "--quiet"]) == 0
+    assert manifest.stat().st_mtime_ns == stamp  # the second run read the cache, it did not extract again
+    assert not (tmp_path / "out2" / "lambda_hist.png").exists()
+    assert "no mixup" in capsys.readouterr().out
+
+
+def test_finetune_digits(tmp_path, capsys):
+    args = ["finetune", "--data", "digits", "--shots", "5", "--epochs", "3", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["layer"] == "stage2" and report["train_examples"] == 25 and report["feature_shape"] == [64, 2, 2]
+    assert "val accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["empty", "single", "unreadable", "missing"])
+def test_bad_image_folders(tmp_path, case):
+    root = tmp_path / "imgs"
+    if case == "empty":
+        root.mkdir()
+        message = "holds no images"
+    elif case == "single":
+        write_folder(root, classes=("only",))
+        message = "single class"
+    elif case == "unreadable":
+        write_folder(root)
+        (root / "dog" / "9.png").write_bytes(b"not a png")
+        message = "unreadable image"
+    else:
+        message = "is not a directory"
+    code, _, err = run_cli("finetune", "--data", str(root), "--model", "resnet18", "--layer", "layer4",
+                           "--input-size", "3", "32", "32", "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_demo_small(tmp_path, capsys):
+    from hookmix.demo import run_demo
+
+    rows = run_demo(tmp_path, seeds=2, ks=(5,), epochs=(5,), progress=False)
+    assert len(rows) == 2 and {r["mix"] for r in rows} == {True, False}
+    assert all(0 <= r["val_accuracy"] <= 1 and r["seeds"] == 2 for r in rows)
+    out = capsys.readouterr().out
+    assert "| 5 | 5 | yes |" in out and "±" in out
+    for name in ("metrics.json", "curves_k5.png", "reliability_k5.png", "lambda_hist.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -1,0 +1,134 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hookmix.data import digits_transfer, pretrain_source
+from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, fit
+from hookmix.split import split
+
+
+@pytest.fixture(scope="module")
+def task():
+    source = pretrain_source(seed=0)
+    data = digits_transfer(10, 0)
+    backbone, _ = split(source, "stage2")
+    with torch.no_grad():
+        feats, val = backbone.eval()(data.train_x), backbone(data.val_x)
+    return source, data, feats, val
+
+
+def fresh_head(source):
+    model = copy.deepcopy(source)
+    torch.nn.init.zeros_(model.head[-1].weight)
+    return model, split(model, "stage2")[1]
+
+
+def test_cached_path_equals_hooked_full_forward(task):
+    source, data, feats, val = task
+    config = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=3, lam_mode="sample")
+    _, head = fresh_head(source)
+    cached = fit(head, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
+    model, _ = fresh_head(source)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    bn_before = model.stage2[1].running_mean.clone()
+    hooked = fit(model, "stage2", data.train_x, data.train_y, data.val_x, data.val_y, config, num_classes=5,
+                 progress=False)
+    for a, b in zip(cached.history, hooked.history):
+        for key in ("train_loss", "val_nll", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(head.get_submodule("head.2").weight, model.head[2].weight)
+    assert cached.lams == pytest.approx(hooked.lams)
+    assert torch.equal(model.stage2[1].running_mean, bn_before)  # frozen BN stayed in eval mode
+
+
+def test_no_mix_baseline_draws_the_same_order_and_mixes_nothing(task):
+    source, data, feats, val = task
+    runs = {}
+    for mix in (True, False):
+        _, head = fresh_head(source)
+        runs[mix] = fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=2, mix=mix),
+                        num_classes=5, progress=False)
+    assert runs[False].lams == [] and len(runs[True].lams) == 2 * 2  # 50 examples / 32 per batch
+    assert runs[False].history[0]["train_loss"] != runs[True].history[0]["train_loss"]
+    assert set(runs[True].final) == {"epoch", "train_loss", "val_nll", "val_accuracy", "val_ece", "lr"}
+
+
+def test_training_improves_over_the_initial_head(task):
+    source, data, feats, val = task
+    _, head = fresh_head(source)
+    result = fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=30, lr=3e-2),
+                 num_classes=5, progress=False)
+    assert result.final["val_accuracy"] > 0.6  # chance is 0.2
+    assert result.history[-1]["val_nll"] < result.history[0]["val_nll"]
+    assert result.final["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine schedule ran to its end
+
+
+def test_resume_continues_bitwise(task, tmp_path):
+    source, data, feats, val = task
+    config = FitConfig(epochs=4, batch_size=16, seed=1)
+    _, head_a = fresh_head(source)
+    full = fit(head_a, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
+    _, head_b = fresh_head(source)
+    calls = []
+
+    def crash_in_epoch_3(module, args):
+        calls.append(1)
+        if len(calls) == 2 * 5 + 1:  # 4 train steps + 1 validation forward per epoch
+            raise KeyboardInterrupt
+
+    head_b.register_forward_pre_hook(crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(head_b, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, checkpoint_dir=tmp_path,
+            progress=False)
+    assert json.loads((tmp_path / CHECKPOINT_STATE).read_text())["epoch"] == 2
+    _, head_c = fresh_head(source)
+    resumed = fit(head_c, "input", feats, data.train_y, val, data.val_y, config, num_classes=5,
+                  checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.history == full.history
+    assert resumed.lams == full.lams
+    for p, q in zip(head_a.parameters(), head_c.parameters()):
+        assert torch.equal(p, q)
+    state = json.loads((tmp_path / CHECKPOINT_STATE).read_text())
+    assert state["epoch"] == 4 and (tmp_path / CHECKPOINT_WEIGHTS).stat().st_size > 0
+
+
+def test_resume_refuses_other_settings_and_other_head(task, tmp_path):
+    source, data, feats, val = task
+    _, head = fresh_head(source)
+    fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
+        checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        fit(fresh_head(source)[1], "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=2, alpha=1.0),
+            num_classes=5, checkpoint_dir=tmp_path, resume=True, progress=False)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(256, 5))
+    with pytest.raises(ValueError, match="another head shape"):
+        fit(other, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
+            checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_cached_views_are_drawn_per_example(task):
+    source, data, feats, val = task
+    views = torch.stack([feats, feats + 0.01])
+    _, head = fresh_head(source)
+    result = fit(head, "input", views, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
+                 progress=False)
+    assert len(result.history) == 1
+
+
+def test_bad_inputs(task):
+    source, data, feats, val = task
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        fit(frozen, "input", torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3), torch.tensor([0, 1]),
+            FitConfig(epochs=1), num_classes=2, progress=False)
+    with pytest.raises(ValueError, match="do not match"):
+        fit(nn.Linear(3, 2), "input", torch.randn(5, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3),
+            torch.tensor([0, 1]), FitConfig(epochs=1), num_classes=2, progress=False)
+    with pytest.raises(ValueError, match="epochs=0"):
+        FitConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        FitConfig(lr=-1.0)
