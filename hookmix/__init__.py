@@ -1,24 +1,40 @@
 """hookmix: feature-level mixup through forward hooks.
 
 Mix the activations of any named layer of an unmodified ``nn.Module`` (manifold mixup, input mixup,
-logit mixup), with the targets mixed by the same plan.
+logit mixup) with the targets mixed by the same plan, and fine-tune heads on cached, mixed features of
+a frozen backbone.
 """
 
+from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
+from hookmix.finetune import FitConfig, FitResult, fit
 from hookmix.layers import LayerInfo, format_layers, list_layers, resolve_layers
+from hookmix.metrics import Reliability, evaluate, mean_ci, reliability
 from hookmix.mixer import HookMixer
 from hookmix.plan import MixPlan, PlanSampler
+from hookmix.split import split
 from hookmix.targets import MixStep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheKey",
+    "FeatureCache",
+    "FitConfig",
+    "FitResult",
     "HookMixer",
     "LayerInfo",
     "MixPlan",
     "MixStep",
     "PlanSampler",
+    "Reliability",
+    "evaluate",
+    "fit",
     "format_layers",
     "list_layers",
+    "mean_ci",
+    "reliability",
     "resolve_layers",
+    "split",
+    "transform_fingerprint",
     "__version__",
 ]
