@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/head_only.py
+	$(PY) benchmarks/cutmix_overhead.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

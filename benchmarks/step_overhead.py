@@ -18,8 +18,7 @@ breaks ``torch._dynamo.explain`` finds in the hooked forward.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 from typing import Callable
 
 import timm.data
@@ -28,6 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
+from _timing import interleaved_medians, train_step
 from hookmix import HookMixer
 
 
@@ -71,27 +71,15 @@ def main() -> None:
         xm, ym = timm_mix(x.clone(), y)
         return soft_ce(model(xm), ym)
 
-    def timed(loss_fn: Callable[[], torch.Tensor]) -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
     model.train()
     with HookMixer(model, "layer4", alpha=0.4, num_classes=1000, seed=0) as hooked:
         variants = {"plain": plain_loss, "hooked": hooked_loss, "timm-input": timm_loss}
-        for fn in variants.values():  # warm-up
-            timed(fn)
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for r in range(args.rounds):
-            for name, fn in variants.items():
-                times[name].append(timed(fn))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+        med = interleaved_medians(
+            {name: functools.partial(train_step, optimizer, fn) for name, fn in variants.items()}, args.rounds
+        )
         memory = {name: saved_bytes(fn) for name, fn in variants.items()}
         hooked.plan(y[:2])
         explanation = torch._dynamo.explain(model)(x[:2, :, :64, :64])
-    med = {k: statistics.median(v) for k, v in times.items()}
     layer4_bytes = args.batch * 2048 * (args.size // 32) ** 2 * 4
     extra = memory["hooked"] - memory["plain"]
     print()

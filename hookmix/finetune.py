@@ -41,13 +41,17 @@ CHECKPOINT_STATE = "checkpoint.json"
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Settings of :func:`fit`: AdamW with a per-step cosine schedule, mixup at the given layer."""
+    """Settings of :func:`fit`: AdamW with a per-step cosine schedule, mixup / cutmix at the given layer
+    (``cutmix_alpha > 0``; ``alpha=0`` for cutmix only), no mixing from epoch ``stop_epoch`` on."""
 
     epochs: int = 20
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
     alpha: float = 0.4
+    cutmix_alpha: float = 0.0
+    switch_prob: float = 0.5
+    stop_epoch: int | None = None
     mix: bool = True
     lam_mode: str = "batch"
     exclude_classes: tuple[int, ...] | None = None
@@ -171,6 +175,9 @@ def fit(
         model,
         layer,
         alpha=config.alpha,
+        cutmix_alpha=config.cutmix_alpha,
+        switch_prob=config.switch_prob,
+        stop_epoch=config.stop_epoch,
         prob=1.0 if config.mix else 0.0,
         lam_mode=config.lam_mode,
         num_classes=num_classes,
@@ -182,6 +189,7 @@ def fit(
             _load_checkpoint(Path(checkpoint_dir), config, model, optimizer, scheduler, mixer, data_gen, result)
         bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
         for epoch in bar:
+            mixer.set_epoch(epoch)
             _freeze_mode(model)
             order = torch.randperm(n, generator=data_gen)
             view = torch.randint(views.shape[0], (n,), generator=data_gen)

@@ -40,7 +40,15 @@ class HookMixer:
             ``"blocks.*"``), ``"input"`` (input mixup), ``"output"`` (logit mixup) or a list of those.
             A list is manifold mixup: one layer drawn per step (``weights`` to bias the draw), or every
             listed layer with the same plan in one forward when ``mode="all"``.
-        alpha: λ ~ Beta(alpha, alpha); 0.4 keeps one sample dominant most of the time.
+        alpha: mixup λ ~ Beta(alpha, alpha); 0.4 keeps one sample dominant most of the time; 0 turns
+            mixup off (cutmix only).
+        cutmix_alpha: > 0 turns on CutMix at the layer: a box of the partner's (B, C, H, W) map, or a random
+            subset of its (B, N, D) tokens (the first ``prefix_tokens`` never swapped), replaces the row's
+            own; λ is corrected to the area really kept.
+        switch_prob: with both methods on, the probability that a step uses cutmix (as timm's ``Mixup``).
+        prefix_tokens: class / register tokens at the start of token sequences (default: the model's
+            ``num_prefix_tokens`` as in timm ViTs, else 0).
+        stop_step / stop_epoch: plain training from this step / epoch on (see :meth:`set_epoch`).
         mode: ``"one"`` or ``"all"`` (see ``layers``).
         weights: relative probability of each resolved layer for ``mode="one"``.
         prob: probability that a step mixes at all.
@@ -70,6 +78,9 @@ class HookMixer:
         layers: str | Sequence[str],
         *,
         alpha: float = 0.4,
+        cutmix_alpha: float = 0.0,
+        switch_prob: float = 0.5,
+        prefix_tokens: int | None = None,
         mode: str = "one",
         weights: Sequence[float] | None = None,
         prob: float = 1.0,
@@ -80,6 +91,8 @@ class HookMixer:
         label_smoothing: float = 0.0,
         exclude_classes: Sequence[int] | None = None,
         batch_dim: int = 0,
+        stop_step: int | None = None,
+        stop_epoch: int | None = None,
         validate: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -97,10 +110,19 @@ class HookMixer:
             raise ValueError("label_smoothing needs num_classes=C to know the uniform share s / C.")
         if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
             raise ValueError(f"batch_dim={batch_dim!r} must be an int >= 0 (0 for batch-first, 1 for sequence-first).")
+        if prefix_tokens is None:
+            prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
+            raise ValueError(f"prefix_tokens={prefix_tokens!r} must be an int >= 0 (class/register tokens).")
+        self.prefix_tokens = prefix_tokens
         self._model = model
         self._sampler = PlanSampler(
             resolve_layers(model, layers),
             alpha=alpha,
+            cutmix_alpha=cutmix_alpha,
+            switch_prob=switch_prob,
+            stop_step=stop_step,
+            stop_epoch=stop_epoch,
             lam_mode=lam_mode,
             prob=prob,
             dominant=dominant,
@@ -117,6 +139,7 @@ class HookMixer:
         self._armed: MixPlan | None = None
         self._active: MixPlan | None = None
         self._applied: set[str] = set()
+        self._lam_corrected = False
         self._problem: str | None = None
         self._handles: list[RemovableHandle] = []
         self._register()
@@ -137,7 +160,10 @@ class HookMixer:
         self._applied.add(name)
         if not plan.mixed:
             return obj
-        mixed, count = mix_structure(obj, plan.lam, plan.perm, self.batch_dim)
+        mixed, count, kept = mix_structure(obj, plan, self.batch_dim, self.prefix_tokens)
+        if kept is not None and not self._lam_corrected:
+            plan.lam.copy_(kept)  # targets follow the area this forward really pasted
+            self._lam_corrected = True
         if count == 0:
             raise ValueError(
                 f"layer {name!r} produced {_describe(obj)}: no floating tensor has the plan's batch size "
@@ -151,7 +177,7 @@ class HookMixer:
         plan = self._armed
         if plan is None or not self._mixing():
             return None
-        self._armed, self._active, self._applied = None, plan, set()
+        self._armed, self._active, self._applied, self._lam_corrected = None, plan, set(), False
         if INPUT in plan.layers:
             return self._mix(INPUT, (args, kwargs), plan)
         return None
@@ -195,7 +221,16 @@ class HookMixer:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        self._sampler.alpha = check_alpha(value)
+        self._sampler.alpha = check_alpha(value, allow_zero=self._sampler.cutmix_alpha > 0)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch last given to :meth:`set_epoch` (for ``stop_epoch``)."""
+        return self._sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the mixer the current epoch; with ``stop_epoch=E`` no step mixes from epoch E on."""
+        self._sampler.set_epoch(epoch)
 
     @property
     def steps(self) -> int:

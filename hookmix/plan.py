@@ -11,12 +11,14 @@ draws exactly the plans the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
 LAM_MODES = ("batch", "sample")
+TOKEN_SLOTS = 1024
+"""Virtual token slots R drawn per cutmix plan: token cutmix works on layers with up to R swappable tokens."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,15 @@ class MixPlan:
         perm: (B,) int64 partner index of each row: the mixed row is ``lam*a + (1-lam)*a[perm]``;
             no row is its own partner.
         layers: the layer name(s) this step mixes (one name, or every listed name with ``mode="all"``).
-        mixed: False when the step does not mix at all (mix-probability coin, batch of 1, eval).
+        mixed: False when the step does not mix at all (mix-probability coin, schedule, batch of 1, eval).
         step: index of this plan in the sampler's stream (0-based).
+        method: ``"mixup"`` (interpolate) or ``"cutmix"`` (paste a box / a subset of tokens from the
+            partner). For cutmix, the hook overwrites ``lam`` in place with the fraction each row really
+            keeps (the box clipped at the borders and rounded to whole pixels / tokens), so targets read
+            after the forward follow the real area.
+        centers: cutmix only — (B, 2) box centres as fractions of (H, W), in [0, 1).
+        token_scores: cutmix only — (B, R) uniform scores of R virtual token slots; a layer with F
+            swappable tokens ranks its tokens by the scores of slots ``floor(i * R / F)``.
     """
 
     lam: torch.Tensor
@@ -37,24 +46,29 @@ class MixPlan:
     layers: tuple[str, ...]
     mixed: bool
     step: int
+    method: str = "mixup"
+    centers: torch.Tensor | None = None
+    token_scores: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.lam.shape[0]
 
     def to(self, device: torch.device | str) -> "MixPlan":
-        """The same plan with ``lam`` and ``perm`` on ``device`` (a no-op when already there)."""
-        return MixPlan(
-            self.lam.to(device, non_blocking=True),
-            self.perm.to(device, non_blocking=True),
-            self.layers,
-            self.mixed,
-            self.step,
+        """The same plan with its tensors on ``device`` (a no-op for tensors already there)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(
+            self, lam=move(self.lam), perm=move(self.perm), centers=move(self.centers),
+            token_scores=move(self.token_scores),
         )
 
     def with_unmixed_rows(self, keep: torch.Tensor) -> "MixPlan":
-        """The same plan with ``lam`` forced to 1 where ``keep`` (B,) bool is True."""
-        return MixPlan(self.lam.masked_fill(keep, 1.0), self.perm, self.layers, self.mixed, self.step)
+        """The same plan with ``lam`` forced to 1 where ``keep`` (B,) bool is True (a cutmix box of
+        area 0 for those rows)."""
+        return replace(self, lam=self.lam.masked_fill(keep, 1.0))
 
 
 def identity_plan(batch_size: int, step: int, device: torch.device | str = "cpu") -> MixPlan:
@@ -85,16 +99,24 @@ def _check_probability(argument: str, value: Any) -> float:
     return float(value)
 
 
-def check_alpha(alpha: Any) -> float:
-    """Validate a Beta(α, α) concentration: a finite number > 0."""
+def check_alpha(alpha: Any, argument: str = "alpha", allow_zero: bool = False) -> float:
+    """Validate a Beta(α, α) concentration: a finite number > 0 (or exactly 0 = off, when allowed)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a positive number, got {type(alpha).__name__} {alpha!r}.")
-    if not math.isfinite(alpha) or alpha <= 0:
+        raise TypeError(f"{argument} must be a positive number, got {type(alpha).__name__} {alpha!r}.")
+    if not math.isfinite(alpha) or alpha < 0 or (alpha == 0 and not allow_zero):
         raise ValueError(
-            f"alpha={alpha!r} must be a finite number > 0 (λ ~ Beta(alpha, alpha)); "
+            f"{argument}={alpha!r} must be a finite number > 0 (λ ~ Beta({argument}, {argument})); "
             "alpha=0.4 is a good default, lower values keep one sample dominant."
         )
     return float(alpha)
+
+
+def _check_stop(argument: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{argument}={value!r} must be an int >= 0 (mixing stops from that index on) or None.")
+    return value
 
 
 class PlanSampler:
@@ -103,14 +125,22 @@ class PlanSampler:
     Args:
         layers: candidate layer names; one is drawn per step (manifold mixup), or all are used together
             when ``mode="all"``.
-        alpha: λ ~ Beta(alpha, alpha).
-        lam_mode: ``"batch"`` — one λ for the whole batch (as in the mixup paper, timm's default) — or
-            ``"sample"`` — one λ per row (vectorised, no Python loop).
+        alpha: mixup λ ~ Beta(alpha, alpha); 0 turns mixup off (then ``cutmix_alpha`` must be > 0).
+        cutmix_alpha: cutmix λ ~ Beta(cutmix_alpha, cutmix_alpha); 0 (default) turns cutmix off.
+        switch_prob: with both on, the probability that a step uses cutmix rather than mixup (timm's
+            ``switch_prob``).
+        lam_mode: ``"batch"`` — one λ (and one cutmix box / token subset) for the whole batch, as in the
+            mixup paper and timm — or ``"sample"`` — one per row (vectorised, no Python loop).
         prob: probability that a step mixes at all.
         dominant: draw ``max(λ, 1-λ)`` so each row's own sample dominates (fastai's choice).
         mode: ``"one"`` (one layer per step) or ``"all"`` (every layer, same plan, one forward).
         weights: relative probability of each layer for ``mode="one"`` (uniform by default).
+        stop_step / stop_epoch: no mixing from this step / epoch on (e.g. plain training for the last
+            epochs); the epoch is what :meth:`set_epoch` was last told.
         seed: seed of the generator; ``None`` draws a seed from the OS once.
+
+    Every step draws the same things in the same order whether or not it ends up mixing, so a
+    schedule change never shifts the plans of later steps.
     """
 
     def __init__(
@@ -118,14 +148,23 @@ class PlanSampler:
         layers: Sequence[str],
         *,
         alpha: float = 0.4,
+        cutmix_alpha: float = 0.0,
+        switch_prob: float = 0.5,
         lam_mode: str = "batch",
         prob: float = 1.0,
         dominant: bool = False,
         mode: str = "one",
         weights: Sequence[float] | None = None,
+        stop_step: int | None = None,
+        stop_epoch: int | None = None,
         seed: int | None = None,
     ) -> None:
-        self.alpha = check_alpha(alpha)
+        self.alpha = check_alpha(alpha, allow_zero=True)
+        self.cutmix_alpha = check_alpha(cutmix_alpha, "cutmix_alpha", allow_zero=True)
+        if self.alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
+                             "cutmix_alpha=1.0 (cutmix), or both.")
+        self.switch_prob = _check_probability("switch_prob", switch_prob)
         if lam_mode not in LAM_MODES:
             raise ValueError(f"lam_mode={lam_mode!r} is not one of {LAM_MODES}; use 'batch' or 'sample'.")
         if mode not in ("one", "all"):
@@ -138,6 +177,9 @@ class PlanSampler:
         self.dominant = bool(dominant)
         self.mode = mode
         self._weights = self._check_weights(weights)
+        self.stop_step = _check_stop("stop_step", stop_step)
+        self.stop_epoch = _check_stop("stop_epoch", stop_epoch)
+        self.epoch = 0
         self.generator = torch.Generator()
         self.seed = int(seed) if seed is not None else int(torch.seed())
         self.generator.manual_seed(self.seed)
@@ -159,37 +201,63 @@ class PlanSampler:
             raise ValueError(f"weights={list(weights)!r} must be finite, >= 0 and not all zero.")
         return w
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the sampler the current epoch (for ``stop_epoch``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be an int >= 0.")
+        self.epoch = epoch
+
+    def _scheduled(self, step: int) -> bool:
+        return (self.stop_step is None or step < self.stop_step) and (
+            self.stop_epoch is None or self.epoch < self.stop_epoch
+        )
+
+    def _use_cutmix(self, coin: torch.Tensor) -> bool:
+        if self.cutmix_alpha == 0:
+            return False
+        return self.alpha == 0 or bool(coin < self.switch_prob)
+
     def draw(self, batch_size: int) -> MixPlan:
         """Draw the plan of the next step for a batch of ``batch_size`` rows (on the CPU)."""
         step = self.steps
         self.steps += 1
         g = self.generator
-        coin = torch.rand((), generator=g, dtype=torch.float64)
+        coin, switch = torch.rand(2, generator=g, dtype=torch.float64)
         layer_index = torch.multinomial(self._weights, 1, generator=g)
+        cutmix = self._use_cutmix(switch)
         n_lam = batch_size if self.lam_mode == "sample" else 1
-        concentration = torch.full((n_lam, 2), self.alpha, dtype=torch.float64)
+        alpha = self.cutmix_alpha if cutmix else self.alpha
+        concentration = torch.full((n_lam, 2), alpha, dtype=torch.float64)
         lam = torch._sample_dirichlet(concentration, generator=g)[:, 0].float()
         perm = _random_cycle(batch_size, g)
-        if batch_size < 2 or coin >= self.prob:
+        centers = token_scores = None
+        if cutmix:
+            centers = torch.rand(n_lam, 2, generator=g).expand(batch_size, 2).contiguous()
+            token_scores = torch.rand(n_lam, TOKEN_SLOTS, generator=g).expand(batch_size, TOKEN_SLOTS).contiguous()
+        if batch_size < 2 or coin >= self.prob or not self._scheduled(step):
             return identity_plan(batch_size, step)
         if self.dominant:
             lam = torch.maximum(lam, 1.0 - lam)
         layers = self.layers if self.mode == "all" else (self.layers[int(layer_index)],)
         self.mixed_steps += 1
-        return MixPlan(lam.expand(batch_size).contiguous(), perm, layers, True, step)
+        return MixPlan(
+            lam.expand(batch_size).contiguous(), perm, layers, True, step,
+            "cutmix" if cutmix else "mixup", centers, token_scores,
+        )
+
+    _SETTINGS = ("alpha", "cutmix_alpha", "switch_prob", "prob", "stop_step", "stop_epoch", "epoch")
 
     def state_dict(self) -> dict[str, Any]:
-        """Generator state, counters and settings: enough to continue the exact stream of plans."""
+        """Generator state, counters, schedule and settings: enough to continue the exact stream."""
         return {
             "generator": self.generator.get_state(),
             "seed": self.seed,
             "steps": self.steps,
             "mixed_steps": self.mixed_steps,
-            "alpha": self.alpha,
-            "prob": self.prob,
             "layers": list(self.layers),
             "mode": self.mode,
             "lam_mode": self.lam_mode,
+            **{name: getattr(self, name) for name in self._SETTINGS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -206,5 +274,10 @@ class PlanSampler:
         self.seed = int(state["seed"])
         self.steps = int(state["steps"])
         self.mixed_steps = int(state["mixed_steps"])
-        self.alpha = check_alpha(state["alpha"])
+        self.alpha = check_alpha(state["alpha"], allow_zero=True)
+        self.cutmix_alpha = check_alpha(state["cutmix_alpha"], "cutmix_alpha", allow_zero=True)
+        self.switch_prob = _check_probability("switch_prob", state["switch_prob"])
         self.prob = _check_probability("prob", state["prob"])
+        self.stop_step = _check_stop("stop_step", state["stop_step"])
+        self.stop_epoch = _check_stop("stop_epoch", state["stop_epoch"])
+        self.set_epoch(int(state["epoch"]))

@@ -132,3 +132,13 @@ def test_bad_inputs(task):
         FitConfig(epochs=0)
     with pytest.raises(ValueError, match="lr"):
         FitConfig(lr=-1.0)
+
+
+def test_stop_epoch_and_cutmix_on_cached_maps(task):
+    source, data, feats, val = task
+    _, head = fresh_head(source)
+    config = FitConfig(epochs=3, batch_size=16, alpha=0.0, cutmix_alpha=1.0, stop_epoch=2)
+    result = fit(head, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
+    assert len(result.lams) == 2 * 4  # 50 examples / 16 per batch, mixing in epochs 0 and 1 only
+    # (64, 2, 2) maps: a cutmix box keeps 1, 3/4, 1/2 or 0 of the four positions... or all of it
+    assert set(result.lams) <= {0.0, 0.25, 0.5, 0.75, 1.0}

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from hookmix.mixing import mix_structure, mix_tensor
+from hookmix.plan import MixPlan
 from tests.conftest import expected_mix
 
 
@@ -49,8 +50,9 @@ def test_nested_outputs_mix_only_batch_float_leaves():
     mask = torch.ones(4, 3, dtype=torch.bool)
     other = torch.randn(5)  # no batch dim of size 4
     lam, perm = torch.full((4,), 0.7), torch.tensor([1, 2, 3, 0])
-    out, count = mix_structure(({"a": a, "idx": torch.arange(4)}, [b, other], Pair(a, mask)), lam, perm)
-    assert count == 3
+    plan = MixPlan(lam, perm, ("x",), True, 0)
+    out, count, kept = mix_structure(({"a": a, "idx": torch.arange(4)}, [b, other], Pair(a, mask)), plan)
+    assert count == 3 and kept is None
     torch.testing.assert_close(out[0]["a"], expected_mix(a, lam, perm))
     torch.testing.assert_close(out[1][0], expected_mix(b, lam, perm))
     assert torch.equal(out[0]["idx"], torch.arange(4)) and out[1][1] is other
