@@ -6,6 +6,7 @@ a frozen backbone.
 """
 
 from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
+from hookmix.cutpoints import CutPointWarning, check_mix_points, cut_points, stage_names
 from hookmix.finetune import FitConfig, FitResult, fit
 from hookmix.layers import LayerInfo, format_layers, list_layers, resolve_layers
 from hookmix.metrics import Reliability, evaluate, mean_ci, reliability
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheKey",
+    "CutPointWarning",
     "FeatureCache",
     "FitConfig",
     "FitResult",
@@ -27,6 +29,8 @@ __all__ = [
     "MixStep",
     "PlanSampler",
     "Reliability",
+    "check_mix_points",
+    "cut_points",
     "evaluate",
     "fit",
     "format_layers",
@@ -35,6 +39,7 @@ __all__ = [
     "reliability",
     "resolve_layers",
     "split",
+    "stage_names",
     "transform_fingerprint",
     "__version__",
 ]

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["DigitsCNN", "TransferSplit", "source_split", "pretrain_source", "digits_transfer", "MAX_SHOTS"]
+__all__ = [
+    "DigitsCNN", "TransferSplit", "source_split", "pretrain_source", "digits_transfer", "digits_few_shot", "MAX_SHOTS",
+]
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -198,6 +200,22 @@ def pretrain_source(seed: int = 0, epochs: int = 10, progress: bool = False) -> 
     return model.eval()
 
 
+def _check_shots(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SHOTS:
+        raise ValueError(
+            f"k must be an int in [1, {MAX_SHOTS}] (labelled examples per class), got {k!r}; "
+            f"the smallest class has 174 examples and the rest are kept for validation."
+        )
+
+
+def digits_few_shot(k: int, seed: int) -> TransferSplit:
+    """All ten digits with ``k`` training examples per class and every other example for validation:
+    the from-scratch task of the layer-sweep notebook."""
+    _check_seed(seed)
+    _check_shots(k)
+    return _split(tuple(range(10)), k, seed)
+
+
 def digits_transfer(k: int, seed: int) -> TransferSplit:
     """The few-shot target task: ``k`` training examples per class of digits 5-9, relabelled 0..4.
 
@@ -205,9 +223,5 @@ def digits_transfer(k: int, seed: int) -> TransferSplit:
     seeded by ``seed``; ``val_x`` holds every other 5-9 example (disjoint from training).
     """
     _check_seed(seed)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SHOTS:
-        raise ValueError(
-            f"k must be an int in [1, {MAX_SHOTS}] (labelled examples per class), got {k!r}; "
-            f"the smallest class has 174 examples and the rest are kept for validation."
-        )
+    _check_shots(k)
     return _split(TARGET_CLASSES, k, seed)

@@ -3,7 +3,9 @@
 A *layer spec* is a dotted module name (``"layer4"``, ``"blocks.11"``), a glob (``"layer*"``,
 ``"blocks.*"``; ``*`` and ``?`` stay inside one dotted component, ``**`` crosses dots), one of the
 pseudo-layers ``"input"`` (the model's input: input mixup) and ``"output"`` (the model's output: logit
-mixup), or a list of those.
+mixup), ``"stages"`` (the model's stage outputs, see :func:`hookmix.cutpoints.stage_names`), or a list
+of those. ``"stages"`` always means the stage list, also for timm ConvNeXt, whose ``stages`` module has
+the output of its last stage.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import torch
 from torch import nn
 
 from hookmix._tree import first_tensor
+from hookmix.cutpoints import UntraceableError, cut_points, stage_names
 
 INPUT = "input"
 OUTPUT = "output"
 PSEUDO_LAYERS = (INPUT, OUTPUT)
+STAGES = "stages"
 
-__all__ = ["LayerInfo", "list_layers", "format_layers", "resolve_layers", "module_names", "unknown_layer_error"]
+__all__ = [
+    "LayerInfo", "list_layers", "format_layers", "resolve_layers", "module_names", "unknown_layer_error", "STAGES"
+]
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -67,9 +73,10 @@ def _is_glob(spec: str) -> bool:
 def resolve_layers(model: nn.Module, spec: str | Sequence[str], argument: str = "layers") -> list[str]:
     """Expand a layer spec into an ordered, duplicate-free list of names.
 
-    Each returned name is a submodule name of ``model`` or a pseudo-layer (``"input"``, ``"output"``).
-    Raises ``ValueError`` for unknown names (listing close matches) or globs that match nothing, and
-    ``TypeError`` for specs that are not strings.
+    Each returned name is a submodule name of ``model`` or a pseudo-layer (``"input"``, ``"output"``);
+    ``"stages"`` expands to the model's stage outputs in forward order. Raises ``ValueError`` for unknown
+    names (listing close matches), globs that match nothing and models without stages, and ``TypeError``
+    for specs that are not strings.
     """
     if isinstance(spec, str):
         items: list[Any] = [spec]
@@ -87,7 +94,9 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], argument: str = 
     for item in items:
         if not isinstance(item, str):
             raise TypeError(f"{argument} entries must be strings, got {type(item).__name__} {item!r}.")
-        if item in PSEUDO_LAYERS or item in known:
+        if item == STAGES:
+            matches = stage_names(model)
+        elif item in PSEUDO_LAYERS or item in known:
             matches = [item]
         elif _is_glob(item):
             regex = _glob_regex(item)
@@ -110,7 +119,9 @@ class LayerInfo:
 
     ``output_shape`` is the shape of the first tensor in the module's output (``None`` when the
     forward did not reach the module); ``params`` counts the module's parameters, its children's
-    included; ``calls`` is how many times the forward called it.
+    included; ``calls`` is how many times the forward called it. ``cut_point`` says whether the
+    module's output is a cut point (every path from the input to the output passes through it: a sound
+    place to mix or split; see :mod:`hookmix.cutpoints`), ``None`` when torch.fx cannot trace the model.
     """
 
     name: str
@@ -119,6 +130,7 @@ class LayerInfo:
     params: int
     depth: int
     calls: int
+    cut_point: bool | None = None
 
 
 def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
@@ -126,7 +138,8 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
 
     The forward runs in eval mode under ``torch.no_grad()`` (the model's mode is restored afterwards),
     so it neither mixes nor changes BatchNorm statistics. ``example_input`` is a tensor (e.g. ``(1, 3,
-    224, 224)``), or a tuple / dict of positional / keyword arguments.
+    224, 224)``), or a tuple / dict of positional / keyword arguments. Cut points are those of the train
+    graph (where mixing happens); the row of the model itself (``"output"``) always is one.
     """
     shapes: dict[str, tuple[int, ...] | None] = {}
     calls: dict[str, int] = {}
@@ -158,6 +171,10 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    try:
+        cuts: set[str] | None = {"", *cut_points(model, training=True).names}
+    except UntraceableError:
+        cuts = None
     rows = []
     for name, module in modules:
         rows.append(
@@ -168,24 +185,30 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
                 params=sum(p.numel() for p in module.parameters()),
                 depth=0 if not name else name.count(".") + 1,
                 calls=calls.get(name, 0),
+                cut_point=None if cuts is None else name in cuts,
             )
         )
     return rows
 
 
 def format_layers(rows: Sequence[LayerInfo], max_depth: int | None = None) -> str:
-    """Render :func:`list_layers` rows as an aligned text table (names indented by depth)."""
+    """Render :func:`list_layers` rows as an aligned text table (names indented by depth).
+
+    The ``cut`` column reads ``yes`` for cut points, ``no`` for other modules and ``?`` when the model
+    could not be analysed.
+    """
     shown = [r for r in rows if max_depth is None or r.depth <= max_depth]
-    table = [("name", "type", "output shape", "params")]
+    table = [("name", "type", "output shape", "params", "cut")]
     for r in shown:
         shape = "x".join(str(s) for s in r.output_shape) if r.output_shape is not None else "-"
         label = "  " * max(r.depth - 1, 0) + r.name
-        table.append((label, r.type, shape if r.calls else "(not called)", f"{r.params:,}"))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+        cut = {True: "yes", False: "no", None: "?"}[r.cut_point]
+        table.append((label, r.type, shape if r.calls else "(not called)", f"{r.params:,}", cut))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = []
     for i, row in enumerate(table):
         lines.append(
-            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}"
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hookmix._tree import tensor_leaves
+from hookmix.cutpoints import check_mix_points
 from hookmix.layers import INPUT, OUTPUT, resolve_layers
 from hookmix.mixing import mix_structure
 from hookmix.plan import MixPlan, PlanSampler, check_alpha, identity_plan
@@ -61,6 +62,8 @@ class HookMixer:
         label_smoothing: smoothing of class targets, applied before mixing.
         exclude_classes: rows whose class (or whose partner's class) is listed are not mixed (λ = 1).
         batch_dim: the batch dimension of the hooked outputs (1 for sequence-first modules).
+        strict: refuse layers that are not cut points — layers a skip connection bypasses, where mixing
+            spoils manifold mixup (default: one ``CutPointWarning`` each, see :mod:`hookmix.cutpoints`).
         validate: check the targets at every ``plan()`` (one host synchronisation per step).
         seed: seed of the mixer's private ``torch.Generator``.
 
@@ -93,6 +96,7 @@ class HookMixer:
         batch_dim: int = 0,
         stop_step: int | None = None,
         stop_epoch: int | None = None,
+        strict: bool = False,
         validate: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -115,9 +119,11 @@ class HookMixer:
         if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
             raise ValueError(f"prefix_tokens={prefix_tokens!r} must be an int >= 0 (class/register tokens).")
         self.prefix_tokens = prefix_tokens
+        resolved = resolve_layers(model, layers)
+        check_mix_points(model, resolved, strict, mode=mode, stacklevel=3)
         self._model = model
         self._sampler = PlanSampler(
-            resolve_layers(model, layers),
+            resolved,
             alpha=alpha,
             cutmix_alpha=cutmix_alpha,
             switch_prob=switch_prob,

@@ -50,3 +50,16 @@ def test_list_layers_shapes_params_and_mode_restored(resnet):
     assert rows["layer4.0.conv1"].depth == 3 and rows["fc"].calls == 1
     table = format_layers(list(rows.values()), max_depth=1)
     assert "layer4" in table and "2x512x2x2" in table and "layer4.0" not in table
+
+
+def test_stages_resolve_to_the_stage_outputs(resnet):
+    assert resolve_layers(resnet, "stages") == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_rows_mark_cut_points(resnet):
+    rows = {r.name: r for r in list_layers(resnet, torch.randn(1, 3, 32, 32))}
+    assert rows["output"].cut_point and rows["layer4"].cut_point and rows["layer4.0"].cut_point
+    assert rows["layer4.0.conv2"].cut_point is False and rows["layer4.0.relu"].cut_point is False
+    lines = format_layers([rows["layer4.0"], rows["layer4.0.conv2"]]).splitlines()
+    assert lines[0].split() == ["name", "type", "output", "shape", "params", "cut"]
+    assert lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "no"

@@ -275,7 +275,9 @@ def test_plan_twice_without_forward_is_an_error():
 def test_layer_never_reached_is_an_error_at_next_plan():
     model = torchvision.models.resnet18(num_classes=3)
     model.unused = nn.Linear(2, 2)
-    with HookMixer(model, "unused", seed=0) as mixer:
+    with pytest.warns(UserWarning, match="not reached by the traced forward"):
+        mixer = HookMixer(model, "unused", seed=0)
+    with mixer:
         mixer.plan(batch_size=2)
         model(torch.randn(2, 3, 32, 32))
         with pytest.raises(ValueError, match=r"never called.*unused|unused.*never called"):

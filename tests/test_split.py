@@ -161,17 +161,69 @@ def test_split_keeps_mode_dtype_and_mixed_submodule_modes() -> None:
     torch.testing.assert_close(head(features), model(x))
 
 
-def test_mid_residual_layer_is_refused_with_enclosing_cut() -> None:
+def test_mid_residual_layer_is_refused_naming_the_skip_and_nearest_cuts() -> None:
     model = _shared_eval_model("tv_resnet18")
-    with pytest.raises(ValueError, match=r"skip connection bypasses it") as info:
+    with pytest.raises(ValueError) as info:
         split(model, "layer4.0.conv2")
-    assert "'layer4.0.conv2'" in str(info.value) and "nearby: layer4.0, layer4" in str(info.value)
+    assert str(info.value) == (
+        "layer='layer4.0.conv2' cannot split ResNet: it is bypassed by a skip connection or parallel branch: "
+        "the output of layer4.0.downsample reaches the add in layer4.0 without passing through it; "
+        "nearest cut points: layer3 (before it), layer4.0 (after it)."
+    )
+
+
+def test_vit_attention_is_refused_with_its_blocks_as_suggestions() -> None:
+    with pytest.raises(ValueError, match=r"'blocks.3.attn'.*the output of blocks.2 reaches the add in blocks.3.*"
+                       r"nearest cut points: blocks.2 \(before it\), blocks.3 \(after it\)"):
+        split(_shared_eval_model("timm_vit_tiny"), "blocks.3.attn")
 
 
 def test_module_called_twice_is_refused() -> None:
     # torchvision's BasicBlock applies its one `relu` module twice.
-    with pytest.raises(ValueError, match=r"'layer4.0.relu'.*called 2 times.*nearby: layer4.0, layer4"):
+    with pytest.raises(ValueError, match=r"'layer4.0.relu'.*called 2 times.*layer3 \(before it\), layer4.0 \(after"):
         split(_shared_eval_model("tv_resnet18"), "layer4.0.relu")
+
+
+class _SkipWhenTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.mid = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        y = self.mid(h)
+        return self.out(y + h if self.training else y)
+
+
+def test_layer_bypassed_only_in_train_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"layer='mid' cannot split _SkipWhenTraining in train mode: it is bypassed.*"
+                       r"the output of stem reaches the add in the model's forward.*stem \(before it\), out \(after"):
+        split(_SkipWhenTraining().eval(), "mid")
+
+
+class _ChecksInputLate(nn.Module):
+    """Asserts on the input's shape after ``stem``: a dead branch that reads the input past the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        torch._assert(x.shape[1] == 4, "expected 4 features")
+        return self.out(h)
+
+
+def test_dead_reads_of_the_input_after_the_cut_do_not_block_it() -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _ChecksInputLate()
+    backbone, head = split(model, "stem")
+    x = _toy_input()
+    torch.testing.assert_close(head(backbone(x)), model(x))
+    assert not any(node.target is torch._assert for node in head.graph.nodes)
 
 
 def test_unknown_layer_names_close_match() -> None:
