@@ -31,6 +31,7 @@ def _positive_int(text: str) -> int:
 def _cmd_layers(args: argparse.Namespace) -> None:
     import torch
 
+    from hookmix.cutpoints import UntraceableError, cut_points
     from hookmix.layers import format_layers, list_layers
     from hookmix.models import create_model, default_input_size
 
@@ -38,9 +39,17 @@ def _cmd_layers(args: argparse.Namespace) -> None:
     size = tuple(args.input_size) if args.input_size else default_input_size(model)
     if len(size) != 3:
         raise ValueError(f"--input-size takes C H W (3 numbers), got {len(size)}: {' '.join(map(str, size))}.")
+    try:
+        cut_points(model)
+        note = "cut: yes = every path from the input to the output passes through it (sound to mix or split at)"
+    except UntraceableError as err:
+        if args.mixable:
+            raise ValueError(f"--mixable needs the cut-point analysis, which is not possible: {err}") from None
+        note = f"cut: ? = not analysed: {err}"
     rows = list_layers(model, torch.zeros(1, *size))
     print(f"{args.model}: input 1x{'x'.join(map(str, size))}, {rows[0].params:,} parameters")
-    print(format_layers(rows, max_depth=args.depth))
+    print(format_layers([r for r in rows if r.cut_point or not args.mixable], max_depth=args.depth))
+    print(note)
 
 
 def _fit_config(args: argparse.Namespace) -> "FitConfig":
@@ -62,6 +71,9 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     config = _fit_config(args)
+    for flag, path in (("--out", spec.out_dir), ("--cache", spec.cache_dir)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file; give a directory (it is created when missing).")
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     payload = run_finetune(spec, config, resume=args.resume)
     final = payload["final"]
@@ -92,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     layers = sub.add_parser(
         "layers",
         help="print every layer of a torchvision/timm model with its output shape",
-        description="Print each module's name, type, output shape and parameter count (random init, "
-        "no download): the names you can pass as layers=.",
+        description="Print each module's name, type, output shape, parameter count and whether it is a cut "
+        "point (random init, no download): the names you can pass as layers=.",
     )
     layers.add_argument("model", help="model name, e.g. resnet50, timm:vit_small_patch16_224")
     layers.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                         help="input size (default: the model's own, else 3 224 224)")
     layers.add_argument("--depth", type=int, default=None, help="show names up to this many dotted parts")
+    layers.add_argument("--mixable", action="store_true",
+                        help="only cut points: layers every path to the output passes through (sound to mix at)")
     layers.set_defaults(run=_cmd_layers)
 
     ft = sub.add_parser(

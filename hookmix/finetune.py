@@ -13,9 +13,10 @@ mixer's own generator, both seeded by ``FitConfig.seed``, so equal seeds give eq
 parameters are all frozen run in eval mode (BatchNorm uses its running statistics, as the cache's
 extraction did) while the rest trains. ``mix=False`` is the baseline: the same draws, nothing mixed.
 
-Checkpoints are ``checkpoint.safetensors`` (weights, optimizer tensors, generator states) and
-``checkpoint.json`` (epoch, history, scheduler and optimizer scalars), both written atomically and
-loaded without unpickling.
+Checkpoints are ``checkpoint.safetensors`` — weights, optimizer tensors, generator states, and in its
+metadata the JSON state (epoch, history, scheduler and optimizer scalars) — written atomically as one file,
+so tensors and state always belong to the same epoch; ``checkpoint.json`` is a readable copy of the state.
+Loading reads only safetensors and JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
 from hookmix._io import atomic_write
 from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
+from hookmix.models import load_state
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -99,26 +102,48 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
-            f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train. "
-            "Unfreeze the head (head.requires_grad_(True))."
+            f"model ({type(model).__name__}) has no parameter with requires_grad=True: nothing to train; "
+            "unfreeze the head (head.requires_grad_(True))."
         )
     return params
 
 
-def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor:
-    """Return ``inputs`` as (V, N, ...) and check it against ``labels`` (N,)."""
+def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str, num_classes: int) -> torch.Tensor:
+    """Return ``inputs`` as (V, N, ...) and check it against ``labels`` (N,) in [0, num_classes)."""
     if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} inputs and labels must be tensors.")
-    if labels.dim() != 1 or labels.is_floating_point():
-        raise ValueError(f"{name} labels must be (N,) class indices, got {labels.dtype} {tuple(labels.shape)}.")
+        raise TypeError(
+            f"{name}_inputs and {name}_labels must be tensors, got {type(inputs).__name__} and "
+            f"{type(labels).__name__}; convert with torch.as_tensor(...)."
+        )
+    if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"{name}_labels must be (N,) integer class indices with N >= 1, got {labels.dtype} "
+            f"{tuple(labels.shape)}; use labels.long()."
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"{name}_labels hold classes in [{low}, {high}] but num_classes={num_classes}; labels must be in "
+            f"[0, {num_classes - 1}]: relabel them or pass the right num_classes."
+        )
     if inputs.shape[0] == labels.shape[0]:
         return inputs.unsqueeze(0)
     if inputs.dim() > 1 and inputs.shape[1] == labels.shape[0]:
         return inputs
     raise ValueError(
-        f"{name} inputs {tuple(inputs.shape)} do not match {labels.shape[0]} labels: give (N, ...) or "
+        f"{name}_inputs {tuple(inputs.shape)} do not match {labels.shape[0]} {name}_labels: give (N, ...) or "
         "(V, N, ...) with V cached views."
     )
+
+
+def _check_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``output`` when it is (B, num_classes) logits; a ``ValueError`` naming both shapes otherwise."""
+    if output.dim() != 2 or output.shape[1] != num_classes:
+        raise ValueError(
+            f"model returns {tuple(output.shape)} for a batch of {output.shape[0]} but num_classes={num_classes}; "
+            f"give a head with {num_classes} outputs (B, {num_classes}), or the right num_classes."
+        )
+    return output
 
 
 @torch.no_grad()
@@ -155,15 +180,19 @@ def fit(
         train_labels: (N,) int64 class indices.
         val_inputs / val_labels: (M, ...) / (M,) validation data (never mixed: eval mode).
         config: optimisation and mixing settings.
-        num_classes: number of classes (checks labels, exclusion).
+        num_classes: number of classes (checks the labels, the exclusion and the model's output width).
         checkpoint_dir: where to write a checkpoint after every epoch; with ``resume=True`` training
             continues from the checkpoint found there.
     Returns:
         :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
         ``val_accuracy``, ``val_ece``, ``lr``.
     """
-    views = _check_data(train_inputs, train_labels, "train")
-    _check_data(val_inputs, val_labels, "val")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} must be an int >= 2 (the head's number of outputs).")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir=DIR, the directory the checkpoint was written to.")
+    views = _check_data(train_inputs, train_labels, "train", num_classes)
+    _check_data(val_inputs, val_labels, "val", num_classes)
     n = train_labels.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
@@ -185,7 +214,7 @@ def fit(
         label_smoothing=config.label_smoothing,
         seed=config.seed,
     ) as mixer:
-        if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).exists():
+        if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
             _load_checkpoint(Path(checkpoint_dir), config, model, optimizer, scheduler, mixer, data_gen, result)
         bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
         for epoch in bar:
@@ -198,7 +227,7 @@ def fit(
                 idx = order[start : start + config.batch_size]
                 y = train_labels[idx]
                 step = mixer.plan(y)
-                loss = step.loss(criterion, model(views[view[idx], idx].float()))
+                loss = step.loss(criterion, _check_logits(model(views[view[idx], idx].float()), num_classes))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -255,8 +284,9 @@ def _save_checkpoint(
         "optimizer_groups": optim_state["param_groups"],
         "mixer": mixer_state,
     }
-    atomic_write(directory / CHECKPOINT_WEIGHTS, save(tensors))
-    atomic_write(directory / CHECKPOINT_STATE, json.dumps(state, indent=1).encode())
+    text = json.dumps(state, indent=1)
+    atomic_write(directory / CHECKPOINT_WEIGHTS, save(tensors, metadata={"state": text}))
+    atomic_write(directory / CHECKPOINT_STATE, text.encode())
 
 
 def _load_checkpoint(
@@ -270,10 +300,13 @@ def _load_checkpoint(
     result: FitResult,
 ) -> None:
     try:
-        state = json.loads((directory / CHECKPOINT_STATE).read_text())
-        tensors = load_file(directory / CHECKPOINT_WEIGHTS)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from exc
+        with safe_open(directory / CHECKPOINT_WEIGHTS, framework="pt") as file:
+            state = json.loads((file.metadata() or {}).get("state", "null"))
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError(f"{CHECKPOINT_WEIGHTS} carries no format-1 hookmix checkpoint state")
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: not safetensors (e.g. a pickle)
+        raise ValueError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from None
     stored = state["config"]
     wanted = json.loads(json.dumps(asdict(config)))
     if stored != wanted:
@@ -283,13 +316,10 @@ def _load_checkpoint(
             "resume with the same settings or use another --out directory."
         )
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"the checkpoint in {directory} does not fit this model (another head shape?): "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+    load_state(
+        model, weights, f"the checkpoint in {directory} (another head shape?)",
+        "resume with the same model and layer, or use another --out directory",
+    )
     optim_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_groups"]}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -26,6 +26,7 @@ from hookmix.imagefolder import load_image_folder
 from hookmix.metrics import reliability
 from hookmix.models import create_model, default_input_size, resolve_model, set_num_classes
 from hookmix.split import split
+from hookmix.targets import check_classes
 
 DIGITS = "digits"
 DIGITS_MODEL = "digits-cnn"
@@ -66,6 +67,22 @@ def _weights_id(path: Path) -> str:
     return "weights-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], name: str) -> None:
+    """Run ``model`` (in eval mode, no grad) on one zero image (1, C, H, W), so that an input size the model
+    cannot take fails here with a message instead of as a torch error in the middle of the extraction."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size))
+    except (RuntimeError, AssertionError) as exc:  # torch shape errors; timm asserts the image size
+        raise ValueError(
+            f"--input-size {' '.join(map(str, input_size))} does not fit --model {name} "
+            f"({str(exc).splitlines()[0]}); give the C H W it expects (`hookmix layers {name}` uses its default)."
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def _prepare(spec: JobSpec, seed: int) -> _Prepared:
     if spec.data == DIGITS:
         if spec.model not in (None, DIGITS_MODEL):
@@ -87,6 +104,7 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         set_num_classes(model, len(folder.classes))
+    _check_input_size(model, input_size, spec.model)
     if spec.pretrained:
         model_id = f"{model_spec.id}:pretrained"
     elif spec.weights is not None:
@@ -115,6 +133,7 @@ def run_finetune(spec: JobSpec, config: FitConfig, resume: bool = False) -> dict
     from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
 
     prepared = _prepare(spec, config.seed)
+    check_classes("exclude_classes", config.exclude_classes, len(prepared.classes))  # before the extraction
     backbone, head = split(prepared.model, prepared.layer)
     head.requires_grad_(True)
     start = time.perf_counter()

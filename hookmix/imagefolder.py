@@ -58,7 +58,12 @@ def load_image_folder(
     if not root.is_dir():
         raise ValueError(f"--data {root} is not a directory; give a folder with one sub-folder per class.")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1).")
+        raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
+    if input_size[0] not in (1, 3):
+        raise ValueError(
+            f"--input-size {' '.join(map(str, input_size))} asks for {input_size[0]} channels, but images are read "
+            "as RGB: use C=3 (or 1 for grayscale)."
+        )
     transform = eval_transform(input_size)
     try:
         folder = datasets.ImageFolder(root, transform=transform, loader=_load_rgb)

@@ -174,8 +174,8 @@ class HookMixer:
             raise ValueError(
                 f"layer {name!r} produced {_describe(obj)}: no floating tensor has the plan's batch size "
                 f"{plan.batch_size} on batch_dim={self.batch_dim}. The plan's batch size comes from the "
-                "targets given to plan(); pass this batch's targets, or set batch_dim for sequence-first "
-                "layers."
+                "targets given to plan(); pass this batch's targets, set batch_dim for sequence-first "
+                "layers, or choose a layer whose output holds a floating (B, ...) tensor."
             )
         return mixed
 

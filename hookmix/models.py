@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 SOURCES = ("torchvision", "timm")
+_WEIGHTS_FIX = (
+    "give a .safetensors file or a torch.save(model.state_dict()) file: only tensors are read, pickled code never."
+)
 
 
 @lru_cache(maxsize=1)
@@ -87,7 +90,7 @@ def create_model(
         else:
             model = torchvision.models.get_model(spec.name, weights="DEFAULT" if pretrained else None)
         if weights is not None:
-            model.load_state_dict(load_weights(weights))
+            load_state(model, load_weights(weights), f"weights file {weights}", f"give weights saved from {name}")
         if num_classes is not None:
             set_num_classes(model, num_classes)
     return model
@@ -103,12 +106,25 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch raise several types for a bad file
-        raise ValueError(f"cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).split(". ")[0].splitlines()[0]  # torch goes on to suggest weights_only=False: never
+        raise ValueError(f"cannot load weights from {path} ({reason}); {_WEIGHTS_FIX}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors.")
+        raise ValueError(f"weights file {path} does not hold a state dict of tensors; {_WEIGHTS_FIX}")
     return state
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line ``ValueError`` naming ``source``, the first
+    mismatch (missing / unexpected key, or shape) and ``fix`` when the state does not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # torch lists every mismatch on its own line, after a title line
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        first = (details[0] if details else str(exc)).rstrip(".")
+        first = first if len(first) <= 300 else first[:300] + " ..."
+        raise ValueError(f"{source} does not fit this {type(model).__name__}: {first}; {fix}.") from None
 
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:

@@ -29,12 +29,27 @@ KINDS = ("auto", "index", "label", "regression")
 
 def infer_kind(y: torch.Tensor, num_classes: int | None) -> str:
     """The target kind of ``y``: integer (B,) -> index, integer/bool (B, C) -> label, float (B, C) with
-    ``C == num_classes`` -> label, other float -> regression."""
+    ``C == num_classes`` -> label, other float -> regression.
+
+    With ``num_classes`` given the targets are class targets, so float (B,) or float (B, C') with
+    ``C' != num_classes`` raise instead of silently training as regression targets (force
+    ``targets="regression"`` for those).
+    """
     integral = not y.is_floating_point() and not y.is_complex()
-    if y.dim() == 1:
-        return "index" if integral and y.dtype != torch.bool else "regression"
-    if integral or (num_classes is not None and y.shape[1] == num_classes):
+    if y.dim() == 1 and integral and y.dtype != torch.bool:
+        return "index"
+    if y.dim() == 2 and (integral or y.shape[1] == num_classes):
         return "label"
+    if num_classes is not None and y.is_floating_point() and y.dim() == 1:
+        raise TypeError(
+            f"targets are {y.dtype} of shape {tuple(y.shape)} but num_classes={num_classes} makes them class "
+            "indices, which must be integers; pass y.long(), or targets='regression' for real-valued targets."
+        )
+    if num_classes is not None and y.is_floating_point() and y.dim() == 2:
+        raise ValueError(
+            f"targets have shape {tuple(y.shape)} but num_classes={num_classes}: one-hot / soft labels need "
+            f"(B, {num_classes}); fix num_classes, or pass targets='regression' for real-valued vectors."
+        )
     return "regression"
 
 
@@ -62,7 +77,10 @@ def validate_targets(y: Any, kind: str, num_classes: int | None, argument: str =
             )
         low, high, _ = _range(y)
         if low < 0:
-            raise ValueError(f"class-index {argument} contains {int(low)}; class indices must be >= 0.")
+            raise ValueError(
+                f"class-index {argument} contains {int(low)}; class indices must be >= 0 — relabel them, and "
+                "drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot be mixed."
+            )
         if num_classes is not None and high >= num_classes:
             raise ValueError(
                 f"class-index {argument} contains {int(high)} but num_classes={num_classes}; "
@@ -79,7 +97,10 @@ def validate_targets(y: Any, kind: str, num_classes: int | None, argument: str =
                 "class indices (B,) need an integer dtype."
             )
         if num_classes is not None and y.shape[1] != num_classes:
-            raise ValueError(f"label {argument} have {y.shape[1]} columns but num_classes={num_classes}.")
+            raise ValueError(
+                f"label {argument} have {y.shape[1]} columns but num_classes={num_classes}; give (B, "
+                f"{num_classes}) labels or num_classes={y.shape[1]}."
+            )
         if low < 0 or high > 1:
             raise ValueError(
                 f"label {argument} hold values in [{low:g}, {high:g}] but one-hot / multi-label / soft "
@@ -105,8 +126,11 @@ def check_classes(argument: str, classes: Sequence[int] | None, num_classes: int
         raise TypeError(f"{argument} must hold int class indices, got {bad!r}.")
     out_of_range = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
     if out_of_range:
-        limit = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
-        raise ValueError(f"{argument}={list(classes)!r} has {out_of_range} outside {limit}.")
+        limit = f"in [0, {num_classes - 1}]" if num_classes is not None else ">= 0"
+        raise ValueError(
+            f"{argument}={list(classes)!r} has {out_of_range}, but class indices must be {limit}; list only "
+            "existing classes (or fix num_classes)."
+        )
     return torch.tensor(sorted(set(classes)), dtype=torch.long)
 
 

@@ -43,6 +43,17 @@ def test_layers_timm_vit_tokens(capsys):
     assert "blocks.11" in out and "1x197x192" in out
 
 
+def test_layers_marks_cut_points_and_mixable_lists_only_them(capsys):
+    assert main(["layers", "resnet18", "--input-size", "3", "32", "32"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:-1]}
+    assert rows["layer4.0"][-1] == "yes" and rows["layer4.0.conv2"][-1] == "no" and rows["output"][-1] == "yes"
+    assert main(["layers", "resnet18", "--input-size", "3", "32", "32", "--mixable"]) == 0
+    out = capsys.readouterr().out
+    mixable = {line.split()[0]: line.split() for line in out.splitlines()[3:-1]}
+    assert {name for name, row in rows.items() if row[-1] == "yes"} == set(mixable) and "layer4.0.conv2" not in mixable
+    assert mixable["layer4"][2] == "1x512x1x1" and out.splitlines()[-1].startswith("cut: yes = every path")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
