@@ -25,6 +25,7 @@ bench: setup
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/head_only.py
 	$(PY) benchmarks/cutmix_overhead.py
+	$(PY) benchmarks/compile_ddp.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

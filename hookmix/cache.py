@@ -682,6 +682,28 @@ class FeatureCache:
             )
         return cls(features, labels, manifest.key, path=directory)
 
+    def save(self, path: str | Path, *, shard_size: int = 1024) -> FeatureCache:
+        """Write this cache to the directory ``path`` in the on-disk format and return it with ``path`` set.
+
+        The shards and manifest are those :meth:`extract` writes, so :meth:`load` and ``hookmix finetune
+        --cache`` read the result; it serves to store caches built in parts (e.g. one per rank, see
+        :func:`hookmix.distributed.extract_sharded`). Refuses a directory that already holds a cache.
+        """
+        if not _is_positive_int(shard_size):
+            raise ValueError(f"shard_size={shard_size!r} must be a positive int.")
+        if self.dtype not in FEATURE_DTYPES:
+            names = ", ".join(f"torch.{_dtype_name(d)}" for d in FEATURE_DTYPES)
+            raise ValueError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
+        directory = Path(path)
+        if (directory / MANIFEST_NAME).exists():
+            raise ValueError(f"{directory} already holds a feature cache; delete it or save to another path.")
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = _ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
+        for start in range(0, len(self), shard_size):
+            stop = min(start + shard_size, len(self))
+            writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
+        return FeatureCache(self.features, self.labels, self.key, path=directory)
+
 
 def _describe(value: object) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

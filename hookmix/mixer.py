@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hookmix._tree import tensor_leaves
+from hookmix._wrappers import unwrap
 from hookmix.cutpoints import check_mix_points
 from hookmix.layers import INPUT, OUTPUT, resolve_layers
 from hookmix.mixing import mix_structure
@@ -102,6 +103,7 @@ class HookMixer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model = unwrap(model)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
             raise ValueError(f"num_classes={num_classes!r} must be an int >= 2 (or None).")
@@ -309,6 +311,13 @@ class HookMixer:
             plan = plan.with_unmixed_rows(excluded | excluded[plan.perm])
         self._armed = plan
         return self._step(plan, targets, kind)
+
+    def discard(self) -> None:
+        """Drop the armed plan without a forward (a skipped batch); the next :meth:`plan` then draws afresh.
+
+        The discarded plan still counts in :attr:`steps`, so a resumed run stays in step with this one.
+        """
+        self._armed = self._problem = None
 
     def _target_kind(self, targets: torch.Tensor | None) -> str | None:
         if targets is None:

@@ -272,6 +272,24 @@ def test_plan_twice_without_forward_is_an_error():
         mixer.plan(batch_size=2)  # the error is reported once
 
 
+def test_discard_drops_the_armed_plan_and_keeps_the_step_count():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    with HookMixer(model, "0", seed=0) as mixer:
+        mixer.plan(batch_size=4)
+        mixer.discard()
+        torch.testing.assert_close(model(x), model[0](x))  # nothing armed: the forward is plain
+        step = mixer.plan(batch_size=4)  # no "never used" error
+        assert mixer.steps == 2 and step.plan.step == 1
+        model(x)
+
+
+def test_wrapped_models_are_hooked_inside_their_wrapper():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with HookMixer(nn.DataParallel(model), "0", seed=0) as mixer:
+        assert mixer.layers == ("0",) and len(model[0]._forward_hooks) == 1
+
+
 def test_layer_never_reached_is_an_error_at_next_plan():
     model = torchvision.models.resnet18(num_classes=3)
     model.unused = nn.Linear(2, 2)
