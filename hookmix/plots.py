@@ -8,15 +8,16 @@ registered (nothing leaks in long sweeps). Every file is written atomically.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from hookmix._io import atomic_write
 from hookmix.metrics import Reliability
 
 if TYPE_CHECKING:
@@ -57,14 +58,9 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``figure`` as a PNG to ``path`` atomically (temporary file in the same folder + rename)."""
     target = _png_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=120)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    atomic_write(target, buffer.getvalue())
     return target
 
 

@@ -257,3 +257,12 @@ def test_a_write_killed_or_failing_midway_leaves_the_old_file_intact(tmp_path: P
         assert proc.stdout.split() == ["OSError", "27"] and temps == []  # EFBIG; the temp file was removed
     else:  # killed: a torn temp file (safe to delete) proves the kill landed in the middle of the write
         assert len(temps) == 1 and (1 << 20) <= temps[0].stat().st_size < 256 << 20
+
+
+def test_written_files_get_the_usual_permissions_not_the_temp_files_0600(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
