@@ -19,7 +19,9 @@ def train_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Ten
     return time.perf_counter() - start
 
 
-def interleaved_medians(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+def interleaved_medians(
+    variants: dict[str, Callable[[], float]], rounds: int, verbose: bool = True
+) -> dict[str, float]:
     """Run each timed variant once (warm-up), then ``rounds`` interleaved rounds; median seconds each."""
     for fn in variants.values():
         fn()
@@ -27,5 +29,7 @@ def interleaved_medians(variants: dict[str, Callable[[], float]], rounds: int) -
     for r in range(rounds):
         for name, fn in variants.items():
             times[name].append(fn())
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+        if verbose:
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()),
+                  flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
