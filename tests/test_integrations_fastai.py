@@ -130,8 +130,6 @@ def test_a_cancelled_batch_leaves_no_stale_plan() -> None:
 @pytest.mark.slow
 def test_example_runs(tmp_path: Path) -> None:
     script = ROOT / "examples" / "fastai_train.py"
-    assert "--layer" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
-                                       check=True).stdout
     result = subprocess.run([sys.executable, script, "--epochs", "1", "--samples", "64"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -148,8 +148,6 @@ def test_rows_of_x_and_target_must_agree() -> None:
 @pytest.mark.slow
 def test_example_runs(tmp_path: Path) -> None:
     script = ROOT / "examples" / "timm_train_loop.py"
-    assert "--layer" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
-                                       check=True).stdout
     result = subprocess.run(
         [sys.executable, script, "--epochs", "1", "--samples", "64", "--batch-size", "16"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -1,0 +1,101 @@
+"""Write docs/api.md: the public API of hookmix, from its signatures and docstrings.
+
+    python docs/gen_api.py          # rewrite docs/api.md
+    python docs/gen_api.py --check  # exit 1 if docs/api.md is out of date (tests/test_docs.py runs this)
+
+Public means: the names in ``hookmix.__all__`` and in the ``__all__`` of the public submodules below; for
+classes, their public methods and properties defined in hookmix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+API_MD = Path(__file__).with_name("api.md")
+MODULES = (
+    "hookmix",
+    "hookmix.distributed",
+    "hookmix.integrations.timm",
+    "hookmix.integrations.lightning",
+    "hookmix.integrations.fastai",
+)
+ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+
+
+def signature(obj: object) -> str:
+    try:
+        text = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return ""
+    return ADDRESS.sub("", text)
+
+
+def doc(obj: object) -> str:
+    return inspect.cleandoc(obj.__doc__) if obj.__doc__ else "*(no docstring)*"
+
+
+def members(cls: type) -> list[tuple[str, object]]:
+    """Public methods and properties defined by ``cls`` itself (or its hookmix bases), in source order."""
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if not klass.__module__.startswith("hookmix"):
+            continue
+        for name, value in vars(klass).items():
+            if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, (property, classmethod,
+                                                                                              staticmethod))):
+                found[name] = value
+    return list(found.items())
+
+
+def render_object(module: str, name: str, obj: object) -> list[str]:
+    if isinstance(obj, str):  # __version__
+        return []
+    kind = "class" if inspect.isclass(obj) else "function" if callable(obj) else "constant"
+    lines = [f"### `{module}.{name}`", ""]
+    if kind == "constant":
+        return lines + [f"`{obj!r}`", ""]
+    lines += ["```python", f"{name}{signature(obj)}", "```", "", doc(obj), ""]
+    if kind == "class":
+        for member, value in members(obj):
+            if isinstance(value, property):
+                lines += [f"- **`{member}`** (property) — {doc(value).splitlines()[0]}"]
+            else:
+                function = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
+                lines += ["", f"#### `{name}.{member}{signature(function)}`", "", doc(function)]
+        lines.append("")
+    return lines
+
+
+def render() -> str:
+    lines = ["# hookmix API reference", "", "Generated from the docstrings by `python docs/gen_api.py`; "
+             "`make test` fails when it is out of date.", ""]
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        lines += [f"## `{module_name}`", "", doc(module).split("\n\n")[0], ""]
+        for name in module.__all__:
+            lines += render_object(module_name, name, getattr(module, name))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if docs/api.md differs from the docstrings")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not API_MD.exists() or API_MD.read_text() != text:
+            print(f"{API_MD} is out of date: run `python docs/gen_api.py` and commit it.", file=sys.stderr)
+            return 1
+        return 0
+    API_MD.write_text(text)
+    print(f"wrote {API_MD} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
