@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hookmix import HookMixer
-from hookmix.distributed import rank_seed, unwrap
+from hookmix.distributed import rank_seed
 
 Step = Callable[[], None]
 
@@ -85,7 +85,7 @@ def plain_and_hooked(model: nn.Module, run: Callable[[nn.Module], nn.Module], la
     """Train steps of two copies of ``model`` (each wrapped by ``run``): one plain, one hooked at ``layer``."""
     plain, hooked = model, copy.deepcopy(model)
     wrapped_hooked = run(hooked)
-    mixer = HookMixer(unwrap(wrapped_hooked), layer, alpha=0.4, seed=seed)
+    mixer = HookMixer(wrapped_hooked, layer, alpha=0.4, seed=seed)
     return {
         "plain": train_step(plain, run(plain), None, x, y),
         "hooked": train_step(hooked, wrapped_hooked, mixer, x, y),

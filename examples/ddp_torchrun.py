@@ -59,7 +59,7 @@ def main() -> None:
         model = DistributedDataParallel(DigitsCNN(num_classes=data.num_classes).to(device))
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         seed = rank_seed(args.seed, shared=args.shared_seed)
-        with HookMixer(unwrap(model), args.layer, alpha=args.alpha, seed=seed) as mixer:
+        with HookMixer(model, args.layer, alpha=args.alpha, seed=seed) as mixer:
             for epoch in range(args.epochs):
                 sampler.set_epoch(epoch)
                 model.train()

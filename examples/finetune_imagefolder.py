@@ -30,24 +30,9 @@ from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
 from hookmix import CacheKey, FeatureCache, FitConfig, fit, mean_ci, split, transform_fingerprint
+from hookmix.imagefolder import stratified_split
 
 METRICS = ("val_accuracy", "val_nll", "val_ece")
-
-
-def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of the training and validation images: each class keeps at least one image on each side."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(targets)
-    train, val = [], []
-    for label in labels.unique():
-        rows = torch.nonzero(labels == label).flatten()
-        if len(rows) < 2:
-            raise SystemExit(f"error: class {int(label)} has {len(rows)} image; every class needs two or more.")
-        rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
-        n_val = min(max(1, round(val_fraction * len(rows))), len(rows) - 1)
-        val += rows[:n_val]
-        train += rows[n_val:]
-    return train, val
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     folder = ImageFolder(args.data, transform=transform)
     if len(folder.classes) < 2:
         parser.error(f"--data {args.data} has {len(folder.classes)} class folder; give two or more")
-    train_rows, val_rows = stratified_split(folder.targets, args.val_fraction, seed=0)
+    try:
+        train_rows, val_rows = stratified_split(folder, args.val_fraction, seed=0)
+    except ValueError as exc:
+        parser.error(str(exc))
     model.reset_classifier(len(folder.classes))
     backbone, head = split(model.eval(), args.layer)
     classifier = model.pretrained_cfg["classifier"]  # e.g. "fc", "head.fc": the layer trained from scratch

@@ -1,7 +1,7 @@
 """hookmix under ``torch.distributed``: one plan stream per rank, and feature extraction shared by the ranks.
 
 Under ``DistributedDataParallel`` each of the W ranks runs its own :class:`~hookmix.HookMixer` on its own
-B rows of the global batch, hooked on the module *inside* the wrapper (``ddp.module``, or see
+B rows of the global batch. ``HookMixer(ddp_model, ...)`` hooks the module *inside* the wrapper (see
 :func:`unwrap`): DDP's forward calls that module, so its hooks fire as in a single process.
 
 Seeding (:func:`rank_seed`): by default rank r draws from ``seed + r``, so the ranks draw independent

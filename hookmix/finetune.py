@@ -38,6 +38,7 @@ from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
 from hookmix.models import load_state
 from hookmix.plan import PlanSampler
+from hookmix.targets import check_label_smoothing
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -74,9 +75,7 @@ class FitConfig:
                 name == "lr" and value == 0
             ):
                 raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}.")
-        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
-                or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be a number in [0, 1).")
+        check_label_smoothing(self.label_smoothing)
         # The sampler checks the mixing settings with the messages HookMixer gives; doing it here makes a
         # bad setting fail when the config is built, not after a long feature extraction.
         PlanSampler(("input",), alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, switch_prob=self.switch_prob,

@@ -76,6 +76,13 @@ def load_image_folder(
             f"--data {root} has a single class {folder.classes}; classification needs at least two "
             "sub-folders of images."
         )
+    train_idx, val_idx = stratified_split(folder, val_fraction, seed)
+    return FolderSplit(Subset(folder, train_idx), Subset(folder, val_idx), tuple(folder.classes), transform)
+
+
+def stratified_split(folder: datasets.ImageFolder, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sorted training and validation indices of ``folder``: each class split by ``val_fraction`` at random
+    (seeded), keeping at least one image on each side, so a class needs two images or more."""
     targets = torch.tensor(folder.targets)
     generator = torch.Generator().manual_seed(seed)
     train_idx: list[int] = []
@@ -84,13 +91,11 @@ def load_image_folder(
         members = torch.nonzero(targets == label).flatten()
         if len(members) < 2:
             raise ValueError(
-                f"class {name!r} in {root} has {len(members)} image; each class needs at least 2 "
+                f"class {name!r} in {folder.root} has {len(members)} image; each class needs at least 2 "
                 "(one for training, one for validation)."
             )
         members = members[torch.randperm(len(members), generator=generator)]
         n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
         val_idx += members[:n_val].tolist()
         train_idx += members[n_val:].tolist()
-    return FolderSplit(
-        Subset(folder, sorted(train_idx)), Subset(folder, sorted(val_idx)), tuple(folder.classes), transform
-    )
+    return sorted(train_idx), sorted(val_idx)

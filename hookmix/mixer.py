@@ -22,7 +22,15 @@ from hookmix.cutpoints import check_mix_points
 from hookmix.layers import INPUT, OUTPUT, resolve_layers
 from hookmix.mixing import mix_structure
 from hookmix.plan import MixPlan, PlanSampler, check_alpha, identity_plan
-from hookmix.targets import KINDS, MixStep, check_classes, excluded_rows, infer_kind, validate_targets
+from hookmix.targets import (
+    KINDS,
+    MixStep,
+    check_classes,
+    check_label_smoothing,
+    excluded_rows,
+    infer_kind,
+    validate_targets,
+)
 
 
 def _describe(obj: Any) -> str:
@@ -37,7 +45,8 @@ class HookMixer:
     """Mix the activations of named layers, and the targets, with one plan per training step.
 
     Args:
-        model: the ``nn.Module`` whose forward you call; it is not modified, only hooked.
+        model: the ``nn.Module`` whose forward you call; it is not modified, only hooked. DDP,
+            ``DataParallel`` and ``torch.compile`` wrappers are looked through: the module they run is hooked.
         layers: where to mix — a module name (``"layer4"``, ``"blocks.11"``), a glob (``"layer*"``,
             ``"blocks.*"``), ``"input"`` (input mixup), ``"output"`` (logit mixup) or a list of those.
             A list is manifold mixup: one layer drawn per step (``weights`` to bias the draw), or every
@@ -109,9 +118,7 @@ class HookMixer:
             raise ValueError(f"num_classes={num_classes!r} must be an int >= 2 (or None).")
         if targets not in KINDS:
             raise ValueError(f"targets={targets!r} is not one of {KINDS}.")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-                or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1).")
+        check_label_smoothing(label_smoothing)
         if label_smoothing and num_classes is None:
             raise ValueError("label_smoothing needs num_classes=C to know the uniform share s / C.")
         if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:

@@ -115,6 +115,13 @@ def excluded_rows(y: torch.Tensor, kind: str, classes: torch.Tensor) -> torch.Te
     return (y[:, classes.to(y.device)] > 0).any(dim=1)
 
 
+def check_label_smoothing(value: Any) -> float:
+    """Validate a label-smoothing share: a number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"label_smoothing={value!r} must be a number in [0, 1).")
+    return float(value)
+
+
 def check_classes(argument: str, classes: Sequence[int] | None, num_classes: int | None) -> torch.Tensor | None:
     """Validate ``exclude_classes`` against ``num_classes``; returns them as an int64 tensor."""
     if classes is None:

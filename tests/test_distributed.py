@@ -67,7 +67,7 @@ def _join_group(rank: int, worker: Callable[[int, str], None], tmp: str) -> None
 def _ddp_train(rank: int, tmp: str) -> None:
     model = mlp()
     ddp = DistributedDataParallel(model)
-    mixer = HookMixer(unwrap(ddp), "1", alpha=0.4, seed=rank_seed(0))
+    mixer = HookMixer(ddp, "1", alpha=0.4, seed=rank_seed(0))
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     steps = []
     for index in range(STEPS):

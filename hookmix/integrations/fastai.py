@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import torch
 from fastai.callback.core import Callback
 
-from hookmix._wrappers import unwrap
 from hookmix.distributed import rank_seed
 from hookmix.mixer import HookMixer
 from hookmix.targets import MixStep
@@ -55,7 +54,7 @@ class HookMixUp(Callback):
     def before_fit(self) -> None:
         self._close()
         seed = None if self.seed is None else rank_seed(self.seed)
-        self.mixer = HookMixer(unwrap(self.learn.model), self.layer, alpha=self.alpha, seed=seed, **self.mixer_options)
+        self.mixer = HookMixer(self.learn.model, self.layer, alpha=self.alpha, seed=seed, **self.mixer_options)
         if self._saved is not None:
             self.mixer.load_state_dict(self._saved)
 

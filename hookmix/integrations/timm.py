@@ -109,7 +109,8 @@ class HookMixup:
             with torch.no_grad():  # the mixer's documented gate: a step planned without grad mixes nothing
                 self.step = self.mixer.plan(target)
         soft = self.step.targets
-        self._pending = (self.step, soft) if self.step.mixed else None
+        # only cutmix changes λ inside the forward (to the area really pasted); mixup targets are final
+        self._pending = (self.step, soft) if self.step.mixed and self.step.plan.method == "cutmix" else None
         return x, soft
 
     def _refresh(self, module: nn.Module, args: tuple, output: Any) -> None:
