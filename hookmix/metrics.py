@@ -16,9 +16,6 @@ import torch.nn.functional as F
 
 __all__ = ["Reliability", "accuracy", "nll", "ece", "reliability", "mean_ci", "evaluate"]
 
-_PROB_TOL = 1e-4
-
-
 def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Validate ``logits`` ``(B, C)`` against labels ``y`` ``(B,)``; return ``y`` on the logits' device."""
     if not isinstance(logits, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -53,18 +50,8 @@ def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.to(logits.device)
 
 
-def _probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` as float64 probabilities: kept when rows already are distributions, else softmaxed."""
-    scores = scores.double()
-    is_distribution = (
-        bool(((scores >= 0) & (scores <= 1)).all())
-        and bool(((scores.sum(dim=1) - 1).abs() <= _PROB_TOL).all())
-    )
-    return scores if is_distribution else scores.softmax(dim=1)
-
-
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in ``[0, 1]`` of ``logits`` ``(B, C)`` (or probabilities) against labels ``y`` ``(B,)``."""
+    """Top-1 accuracy in ``[0, 1]`` of ``logits`` ``(B, C)`` against labels ``y`` ``(B,)``."""
     y = _check_logits_labels(logits, y)
     return (logits.argmax(dim=1) == y).double().mean().item()
 
@@ -105,13 +92,14 @@ class Reliability:
 def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reliability:
     """Bin the top-1 confidence of ``logits`` ``(B, C)`` into ``n_bins`` equal-width bins on ``[0, 1]``.
 
-    ``logits`` may also be probabilities: rows that are already distributions (entries in ``[0, 1]``
-    summing to 1) are used as they are, anything else goes through a softmax.
+    The confidence is the top softmax probability of the logits, the same convention as :func:`nll`:
+    every input is treated as logits, even rows that happen to look like probabilities (pass
+    ``probs.log()`` to bin probabilities).
     """
     y = _check_logits_labels(logits, y)
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
-    confidence, predicted = _probabilities(logits.detach()).max(dim=1)
+    confidence, predicted = logits.detach().double().softmax(dim=1).max(dim=1)
     correct = (predicted == y).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=confidence.device)
     bins = torch.bucketize(confidence, edges[1:-1])
@@ -128,7 +116,7 @@ def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reli
 
 
 def ece(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error (top-1, ``n_bins`` equal-width bins) of logits or probabilities ``(B, C)``.
+    """Expected calibration error (top-1 softmax confidence, ``n_bins`` equal-width bins) of logits ``(B, C)``.
 
     ``ECE = sum_b |B_b| / B * |acc(B_b) - conf(B_b)|``; 0 for a perfectly calibrated classifier.
     """

@@ -42,8 +42,18 @@ def test_ece_of_a_constructed_case() -> None:
     y = torch.tensor([0, 0, 0, 1] + [0, 0, 0, 1, 1, 1])
     expected = 0.4 * 0.15 + 0.6 * 0.1
     assert ece(_logits_from_probs(probs), y, n_bins=10) == pytest.approx(expected, abs=1e-12)
-    # probabilities are recognised and give the same answer
-    assert ece(torch.tensor(probs), y, n_bins=10) == pytest.approx(expected, abs=1e-6)
+
+
+
+def test_ece_treats_logits_that_look_like_probabilities_as_logits_as_nll_does() -> None:
+    """One convention for NLL and ECE: rows in [0, 1] summing to 1 are still logits (softmaxed)."""
+    looks_like_probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [1.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0])
+    conf = looks_like_probs.softmax(1).max(1).values
+    correct = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    # one bin holds all three confidences (0.55..0.74): |mean accuracy - mean confidence|
+    assert ece(looks_like_probs, y, n_bins=1) == pytest.approx(abs(correct.mean() - conf.mean()).item(), abs=1e-12)
+    assert evaluate(looks_like_probs, y)["nll"] == pytest.approx(nll(looks_like_probs, y))
 
 
 def test_reliability_bins() -> None:
@@ -63,7 +73,7 @@ def test_reliability_bins() -> None:
 
 def test_reliability_bins_are_closed_on_the_right() -> None:
     probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]], dtype=torch.float64)
-    rel = reliability(probs, torch.tensor([0, 0, 1]), n_bins=4)
+    rel = reliability(probs.log(), torch.tensor([0, 0, 1]), n_bins=4)
     # 0.5 -> (0.25, 0.5], 0.75 -> (0.5, 0.75], 1.0 -> (0.75, 1]
     assert rel.count.tolist() == [0, 1, 1, 1]
 
