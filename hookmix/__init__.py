@@ -9,8 +9,9 @@ from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
 from hookmix.cutpoints import CutPointWarning, check_mix_points, cut_points, stage_names
 from hookmix.finetune import FitConfig, FitResult, fit
 from hookmix.layers import LayerInfo, format_layers, list_layers, resolve_layers
+from hookmix.layouts import LAYOUTS
 from hookmix.metrics import Reliability, evaluate, mean_ci, reliability
-from hookmix.mixer import HookMixer
+from hookmix.mixer import GateWarning, HookMixer
 from hookmix.plan import MixPlan, PlanSampler
 from hookmix.split import split
 from hookmix.targets import MixStep
@@ -23,7 +24,9 @@ __all__ = [
     "FeatureCache",
     "FitConfig",
     "FitResult",
+    "GateWarning",
     "HookMixer",
+    "LAYOUTS",
     "LayerInfo",
     "MixPlan",
     "MixStep",

@@ -11,7 +11,8 @@ One loop serves both, because with a frozen backbone they are the same computati
 Both draw the data order and the view of each example from one generator and the mix plans from the
 mixer's own generator, both seeded by ``FitConfig.seed``, so equal seeds give equal steps. Modules whose
 parameters are all frozen run in eval mode (BatchNorm uses its running statistics, as the cache's
-extraction did) while the rest trains. ``mix=False`` is the baseline: the same draws, nothing mixed.
+extraction did) while the rest — any module with a trainable parameter below it — trains.
+``mix=False`` is the baseline: the same draws, nothing mixed.
 
 Checkpoints are ``checkpoint.safetensors`` — weights, optimizer tensors, generator states, and in its
 metadata the JSON state (epoch, history, scheduler and optimizer scalars) — written atomically as one file,
@@ -97,12 +98,25 @@ class FitResult:
 
 
 def _freeze_mode(model: nn.Module) -> None:
-    """Train mode for the model, eval mode for every module whose own parameters are all frozen."""
+    """Train mode for the part that trains, eval mode for the frozen part.
+
+    The frozen part is every subtree that has parameters, all frozen, taken whole: its BatchNorm uses the
+    running statistics (as the cache's extraction did) and its dropout / stochastic depth is off. A
+    module holding a trainable parameter anywhere below it stays in train mode, and so does a
+    parameterless module beside it (the head's dropout), so a timm ViT whose root owns the frozen
+    ``cls_token`` still trains its head (and the mixer sees a training forward).
+    """
     model.train()
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
+
+    def visit(module: nn.Module) -> None:
+        params = list(module.parameters())
         if params and not any(p.requires_grad for p in params):
             module.eval()
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -1,26 +1,39 @@
 """HookMixer: mixup at any named layer of an unmodified ``nn.Module`` through forward hooks.
 
 Each training step draws one :class:`~hookmix.plan.MixPlan` (``mixer.plan(y)``) that *arms* the hooks
-for exactly one forward of the model. A root-level pre-hook takes the armed plan when the model's
-forward starts — only in training mode with grad enabled — the layer hooks mix their outputs with it,
-and a root-level post-hook (always called, exceptions included) retires it. Everything else passes
-through untouched: forwards in ``eval()``, under ``torch.no_grad()`` / ``torch.inference_mode()``,
-and forwards that were not armed.
+for exactly one forward of the model. A root-level pre-hook takes the armed plan when a *training*
+forward starts, the layer hooks mix their outputs with it, and a root-level post-hook (always called,
+exceptions included) retires it. Everything else passes through untouched: forwards of a model in
+``eval()``, under ``torch.no_grad()`` / ``torch.inference_mode()``, and forwards that were not armed.
+
+A forward trains when grad is enabled and the part of the model that trains — the modules that own a
+parameter with ``requires_grad=True`` — is in train mode. The root's own flag is not enough: a frozen
+timm ViT's root owns ``cls_token`` and ``pos_embed``, and the linear-probe idiom is ``model.eval();
+model.fc.train()``. The trainable set is found when the plan is drawn, not inside the forward.
+
+A plan lives until its backward is done: gradient checkpointing re-runs the mixed layer inside backward.
+The post-hook leaves a pre-hook on the output's autograd node that, when backward reaches it, hands the
+plan (and the cutmix box the forward pasted) to that backward; a layer that runs again while it lasts
+is mixed again the same way, so the recomputed activations equal the original ones.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+import warnings
+import weakref
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hookmix._tree import tensor_leaves
-from hookmix._wrappers import unwrap
+from hookmix._wrappers import refuse_replicas, unwrap
 from hookmix.cutpoints import check_mix_points
 from hookmix.layers import INPUT, OUTPUT, resolve_layers
-from hookmix.mixing import mix_structure
+from hookmix.layouts import LAYOUTS, channel_axes, check_layout, layout_of
+from hookmix.mixing import Cut, mix_structure
 from hookmix.plan import MixPlan, PlanSampler, check_alpha, identity_plan
 from hookmix.targets import (
     KINDS,
@@ -39,6 +52,21 @@ def _describe(obj: Any) -> str:
         return f"a {type(obj).__name__} holding no tensor"
     shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in leaves[:4])
     return f"{type(obj).__name__} with tensors {shapes}{' ...' if len(leaves) > 4 else ''}"
+
+
+class GateWarning(UserWarning):
+    """The modes of the model's trainable modules disagree, so whether a forward trains is a judgement."""
+
+
+_Replay = tuple[MixPlan | None, Cut | None]
+"""What a backward needs to recompute a forward: its plan (``None``: not mixed) and the cut it pasted."""
+
+
+def _replay_on_backward(mixer_ref: weakref.ref, replay: _Replay, grad_outputs: Any) -> None:
+    """Autograd pre-hook on a forward's output node: the backward now running recomputes that forward."""
+    mixer = mixer_ref()
+    if mixer is not None:
+        mixer._backward_reached(replay)
 
 
 class HookMixer:
@@ -72,6 +100,9 @@ class HookMixer:
         label_smoothing: smoothing of class targets, applied before mixing.
         exclude_classes: rows whose class (or whose partner's class) is listed are not mixed (λ = 1).
         batch_dim: the batch dimension of the hooked outputs (1 for sequence-first modules).
+        layout: for cutmix, where the channels of a layer's output are — ``"NCHW"``, ``"NHWC"``,
+            ``"NCL"`` or ``"NLC"`` (tokens) — for every layer, or ``{layer: layout}``. By default it is
+            taken from the model (:mod:`hookmix.layouts`); cutmix refuses a layer whose layout is unknown.
         strict: refuse layers that are not cut points — layers a skip connection bypasses, where mixing
             spoils manifold mixup (default: one ``CutPointWarning`` each, see :mod:`hookmix.cutpoints`).
         validate: check the targets at every ``plan()`` (one host synchronisation per step).
@@ -104,6 +135,7 @@ class HookMixer:
         label_smoothing: float = 0.0,
         exclude_classes: Sequence[int] | None = None,
         batch_dim: int = 0,
+        layout: str | Mapping[str, str] | None = None,
         stop_step: int | None = None,
         stop_epoch: int | None = None,
         strict: bool = False,
@@ -112,6 +144,7 @@ class HookMixer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        refuse_replicas(model)
         model = unwrap(model)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
@@ -151,10 +184,18 @@ class HookMixer:
         self._excluded = check_classes("exclude_classes", exclude_classes, num_classes)
         self.batch_dim = batch_dim
         self.validate = bool(validate)
+        self._layouts = check_layout(layout, resolved)
+        self._axes = channel_axes(model, [n for n in resolved if n not in self._layouts]) if cutmix_alpha else {}
         self._armed: MixPlan | None = None
         self._active: MixPlan | None = None
         self._applied: set[str] = set()
-        self._lam_corrected = False
+        self._cut: Cut | None = None
+        self._owners = [(m, params) for m in model.modules() if (params := tuple(m.parameters(recurse=False)))]
+        self._flags: list[bool] | None = None
+        self._trainable_owners: list[nn.Module] = []
+        self._trainable: list[nn.Module] = []
+        self._gate_warned = False
+        self._backward: dict[int, list[_Replay]] = {}
         self._problem: str | None = None
         self._handles: list[RemovableHandle] = []
         self._register()
@@ -168,17 +209,86 @@ class HookMixer:
             if name not in (INPUT, OUTPUT):
                 self._handles.append(modules[name].register_forward_hook(self._layer_hook(name)))
 
-    def _mixing(self) -> bool:
-        return self._model.training and torch.is_grad_enabled()
+    def _find_trainable(self) -> list[nn.Module]:
+        """The modules that own a parameter with ``requires_grad=True``.
 
-    def _mix(self, name: str, obj: Any, plan: MixPlan) -> Any:
-        self._applied.add(name)
+        Worked out again only when some parameter's ``requires_grad`` changed (progressive unfreezing):
+        reading the flags of the parameters known at construction costs microseconds, walking the
+        module tree a millisecond per step. Like the hooks, this follows the modules the model had then.
+        """
+        flags = [p.requires_grad for _, params in self._owners for p in params]
+        if flags != self._flags:
+            self._flags = flags
+            self._trainable_owners = [m for m, params in self._owners if any(p.requires_grad for p in params)]
+        return self._trainable_owners
+
+    def _trains(self) -> bool:
+        """Whether a forward now is a training forward: grad enabled, and the trainable part (as found at
+        the last ``plan()``) in train mode — any of it; the root's flag when nothing is trainable."""
+        if not torch.is_grad_enabled():
+            return False
+        if not self._trainable:
+            return self._model.training
+        return any(m.training for m in self._trainable)
+
+    def _gate(self) -> bool:
+        """:meth:`_trains` for the step being planned, after finding the trainable part afresh."""
+        self._trainable = self._find_trainable() if torch.is_grad_enabled() else []
+        modes = {m.training for m in self._trainable}
+        if len(modes) > 1 and not self._gate_warned:
+            self._gate_warned = True
+            names = {module: name for name, module in self._model.named_modules()}
+            by_mode = {
+                mode: [names[m] or "(root)" for m in self._trainable if m.training == mode][:3] for mode in modes
+            }
+            warnings.warn(
+                f"of the modules that own trainable parameters, {by_mode[True]} are in train mode and "
+                f"{by_mode[False]} in eval mode; hookmix mixes because some of them train. If these forwards are "
+                "not training steps, run them under torch.no_grad() or put the model in eval(); if they are (e.g. "
+                "BatchNorm kept in eval on purpose), this is right. Shown once per mixer.",
+                GateWarning,
+                stacklevel=3,
+            )
+        return self._trains()
+
+    def _layout(self, name: str, t: torch.Tensor) -> str | None:
+        """The layout cutmix uses for ``t``, a leaf of layer ``name``'s output (``None``: interpolate it)."""
+        if self._sampler.cutmix_alpha == 0:
+            return None
+        if self.batch_dim != 0:
+            return "LNC" if self.batch_dim == 1 and t.dim() == 3 else None
+        if t.dim() not in (3, 4):
+            return None
+        given = self._layouts.get(name)
+        if given is not None:
+            if len(given) != t.dim():
+                raise ValueError(
+                    f"layout={given!r} was given for layer {name!r}, but it produced a {t.dim()}-D tensor "
+                    f"{tuple(t.shape)}; give a {t.dim()}-letter layout "
+                    f"({', '.join(repr(x) for x in LAYOUTS if len(x) == t.dim())})."
+                )
+            return given
+        found = layout_of(self._axes.get(name), t.dim())
+        if found is None:
+            raise ValueError(
+                f"cutmix at layer {name!r} needs to know which axes of its output {tuple(t.shape)} are positions and "
+                f"which are channels, and {type(self._model).__name__} does not say (hookmix reads it from the traced "
+                f"graph or timm's output_fmt). Pass layout={{{name!r}: 'NCHW'}} (or 'NHWC', 'NCL', 'NLC' for tokens) "
+                "to HookMixer, or use mixup at this layer (cutmix_alpha=0)."
+            )
+        return found
+
+    def _mix(self, name: str, obj: Any, plan: MixPlan, replay: Cut | None = None, replaying: bool = False) -> Any:
+        """Mix ``obj``, layer ``name``'s output, with ``plan``; ``replaying``: recompute it inside backward,
+        pasting the forward's cut ``replay``."""
+        if not replaying:
+            self._applied.add(name)
         if not plan.mixed:
             return obj
-        mixed, count, kept = mix_structure(obj, plan, self.batch_dim, self.prefix_tokens)
-        if kept is not None and not self._lam_corrected:
-            plan.lam.copy_(kept)  # targets follow the area this forward really pasted
-            self._lam_corrected = True
+        mixed, count, cut = mix_structure(
+            obj, plan, batch_dim=self.batch_dim, prefix_tokens=self.prefix_tokens,
+            layout=functools.partial(self._layout, name), cut=replay if replaying else self._cut,
+        )
         if count == 0:
             raise ValueError(
                 f"layer {name!r} produced {_describe(obj)}: no floating tensor has the plan's batch size "
@@ -186,13 +296,16 @@ class HookMixer:
                 "targets given to plan(); pass this batch's targets, set batch_dim for sequence-first "
                 "layers, or choose a layer whose output holds a floating (B, ...) tensor."
             )
+        if not replaying and cut is not None and self._cut is None:
+            plan.lam.copy_(cut.kept)  # targets follow the area this forward really pasted
+            self._cut = cut
         return mixed
 
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         plan = self._armed
-        if plan is None or not self._mixing():
-            return None
-        self._armed, self._active, self._applied, self._lam_corrected = None, plan, set(), False
+        if plan is None or not self._trains():
+            return self._replay(INPUT, (args, kwargs)) if plan is None else None
+        self._armed, self._active, self._applied, self._cut = None, plan, set(), None
         if INPUT in plan.layers:
             return self._mix(INPUT, (args, kwargs), plan)
         return None
@@ -200,24 +313,69 @@ class HookMixer:
     def _on_model_end(self, module: nn.Module, args: tuple, output: Any) -> Any:
         plan = self._active
         if plan is None:
-            return None
-        self._active = None
-        if output is None:  # the forward raised (this hook is always called): nothing to check
-            return None
-        result = self._mix(OUTPUT, output, plan) if OUTPUT in plan.layers else None
-        missing = [name for name in plan.layers if name not in self._applied]
-        if missing:
-            self._problem = (
-                f"the plan of step {plan.step} mixes {missing} but the model's forward never called "
-                f"{'that layer' if len(missing) == 1 else 'those layers'}; choose layers the forward uses "
-                "(list_layers marks unused ones '(not called)')."
-            )
+            result = None if output is None else self._replay(OUTPUT, output)
+        else:
+            self._active = None
+            if output is None:  # the forward raised (this hook is always called): nothing to check
+                return None
+            result = self._mix(OUTPUT, output, plan) if OUTPUT in plan.layers else None
+            missing = [name for name in plan.layers if name not in self._applied]
+            if missing:
+                self._problem = (
+                    f"the plan of step {plan.step} mixes {missing} but the model's forward never called "
+                    f"{'that layer' if len(missing) == 1 else 'those layers'}; choose layers the forward uses "
+                    "(list_layers marks unused ones '(not called)')."
+                )
+        if output is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._await_backward(output if result is None else result, (plan, None if plan is None else self._cut))
         return result
+
+    def _await_backward(self, output: Any, replay: _Replay) -> None:
+        """Leave ``replay`` on the autograd nodes of ``output`` for the backward that will reach them.
+
+        Under ``torch.compile`` this is skipped: the compiled graph recomputes without Python hooks.
+        """
+        hook = functools.partial(_replay_on_backward, weakref.ref(self), replay)
+        nodes = {leaf.grad_fn for leaf in tensor_leaves(output) if leaf.grad_fn is not None}
+        for node in nodes:
+            node.register_prehook(hook)
+
+    def _backward_reached(self, replay: _Replay) -> None:
+        """The backward running now recomputes the forward of ``replay``; forget it when that backward ends."""
+        task = torch._C._current_graph_task_id()
+        replays = self._backward.get(task)
+        if replays is None:
+            replays = self._backward[task] = []
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._backward.pop(task, None))
+        if all(r is not replay for r in replays):
+            replays.append(replay)
+
+    def _replay(self, name: str, output: Any) -> Any:
+        """Mix ``output`` again if layer ``name`` is being recomputed inside a backward (checkpointing)."""
+        if not self._backward:
+            return None
+        replays = self._backward.get(torch._C._current_graph_task_id())
+        if not replays:
+            return None
+        mixing = [(plan, cut) for plan, cut in replays if plan is not None and plan.mixed and name in plan.layers]
+        if len(replays) > 1 and mixing:
+            raise ValueError(
+                f"layer {name!r} is being recomputed inside a backward (gradient checkpointing) that runs through "
+                f"{len(replays)} forwards of the model at once, so hookmix cannot tell which plan to mix it with. "
+                "Call backward after each forward (e.g. loss.backward() per micro-batch when accumulating "
+                "gradients), or turn gradient checkpointing off."
+            )
+        if not mixing:
+            return None
+        plan, cut = mixing[0]
+        return self._mix(name, output, plan, replay=cut, replaying=True)
 
     def _layer_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             plan = self._active
-            if plan is None or name not in plan.layers or name in self._applied:
+            if plan is None:
+                return self._replay(name, output)
+            if name not in plan.layers or name in self._applied:
                 return None
             return self._mix(name, output, plan)
 
@@ -258,6 +416,11 @@ class HookMixer:
         return self._sampler.mixed_steps
 
     @property
+    def armed(self) -> bool:
+        """Whether a plan waits for its training forward (drawn by :meth:`plan`, not yet taken)."""
+        return self._armed is not None
+
+    @property
     def closed(self) -> bool:
         return not self._handles
 
@@ -290,14 +453,14 @@ class HookMixer:
             device: where the plan's λ and partners live (default: the targets' device, else the
                 model's first parameter's device).
 
-        In eval mode or without grad the step mixes nothing and nothing is armed (so validation loops
-        may call it too). Raises ``ValueError`` if the previous plan was never used by a forward or
-        never reached its layer.
+        When the next forward would not train — grad disabled, or the trainable part of the model in
+        eval mode — the step mixes nothing and nothing is armed (so validation loops may call it too).
+        Raises ``ValueError`` if the previous plan was never used by a forward or never reached its layer.
         """
         if self.closed:
             raise ValueError("this HookMixer is closed (its hooks were removed); create a new one.")
         self._check_previous()
-        kind = self._target_kind(targets)
+        kind, index_max = self._target_kind(targets)
         if targets is not None:
             if batch_size is not None and batch_size != targets.shape[0]:
                 raise ValueError(
@@ -308,16 +471,16 @@ class HookMixer:
             raise ValueError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
         if device is None:
             device = targets.device if targets is not None else self._model_device()
-        if not self._mixing():
-            return self._step(identity_plan(batch_size, self._sampler.steps, device), targets, kind)
+        if not self._gate():
+            return self._step(identity_plan(batch_size, self._sampler.steps, device), targets, kind, index_max)
+        if self._excluded is not None and (targets is None or kind == "regression"):
+            raise ValueError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
         plan = self._sampler.draw(batch_size).to(device)
         if self._excluded is not None and plan.mixed:
-            if targets is None or kind == "regression":
-                raise ValueError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
             excluded = excluded_rows(targets, kind, self._excluded).to(device)
             plan = plan.with_unmixed_rows(excluded | excluded[plan.perm])
         self._armed = plan
-        return self._step(plan, targets, kind)
+        return self._step(plan, targets, kind, index_max)
 
     def discard(self) -> None:
         """Drop the armed plan without a forward (a skipped batch); the next :meth:`plan` then draws afresh.
@@ -326,24 +489,27 @@ class HookMixer:
         """
         self._armed = self._problem = None
 
-    def _target_kind(self, targets: torch.Tensor | None) -> str | None:
+    def _target_kind(self, targets: torch.Tensor | None) -> tuple[str | None, int | None]:
+        """The kind of ``targets`` and, once validated, their largest class index (index targets)."""
         if targets is None:
-            return None
+            return None, None
         if not isinstance(targets, torch.Tensor):
             raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}.")
         kind = infer_kind(targets, self.num_classes) if self.target_kind == "auto" else self.target_kind
+        index_max = None
         if self.validate:
-            validate_targets(targets, kind, self.num_classes)
-        return kind
+            index_max = validate_targets(targets, kind, self.num_classes, label_smoothing=self.label_smoothing)
+        return kind, index_max
 
-    def _step(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None) -> MixStep:
+    def _step(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None, index_max: int | None) -> MixStep:
         return MixStep(
             plan=plan,
             y=targets,
             kind=kind,
             num_classes=self.num_classes,
-            label_smoothing=self.label_smoothing if kind in ("index", "label") else 0.0,
+            label_smoothing=self.label_smoothing if kind in ("index", "label", "multilabel") else 0.0,
             uniform_lam=self._sampler.lam_mode == "batch" and self._excluded is None,
+            index_max=index_max,
         )
 
     def _model_device(self) -> torch.device:
@@ -364,6 +530,7 @@ class HookMixer:
             handle.remove()
         self._handles.clear()
         self._armed = self._active = None
+        self._backward.clear()
 
     def __enter__(self) -> "HookMixer":
         return self

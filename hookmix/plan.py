@@ -26,16 +26,20 @@ class MixPlan:
     """What one training step mixes.
 
     Attributes:
-        lam: (B,) float32 weight of each row's own sample; rows that do not mix have exactly 1.0.
+        lam: (B,) float32 weight of each row's own sample in the targets; rows that do not mix have exactly
+            1.0. For cutmix the hook overwrites it in place with the fraction each row really keeps (the box
+            clipped at the borders and rounded to whole pixels / tokens), so targets read after the forward
+            follow the real area.
         perm: (B,) int64 partner index of each row: the mixed row is ``lam*a + (1-lam)*a[perm]``;
             no row is its own partner.
         layers: the layer name(s) this step mixes (one name, or every listed name with ``mode="all"``).
         mixed: False when the step does not mix at all (mix-probability coin, schedule, batch of 1, eval).
         step: index of this plan in the sampler's stream (0-based).
         method: ``"mixup"`` (interpolate) or ``"cutmix"`` (paste a box / a subset of tokens from the
-            partner). For cutmix, the hook overwrites ``lam`` in place with the fraction each row really
-            keeps (the box clipped at the borders and rounded to whole pixels / tokens), so targets read
-            after the forward follow the real area.
+            partner).
+        drawn: (B,) the λ as drawn, never changed: cutmix boxes and token subsets are cut from it, so a
+            recomputation (gradient checkpointing) cuts the same box after ``lam`` was corrected. For
+            mixup it is ``lam`` itself.
         centers: cutmix only — (B, 2) box centres as fractions of (H, W), in [0, 1).
         token_scores: cutmix only — (B, R) uniform scores of R virtual token slots; a layer with F
             swappable tokens ranks its tokens by the scores of slots ``floor(i * R / F)``.
@@ -49,6 +53,11 @@ class MixPlan:
     method: str = "mixup"
     centers: torch.Tensor | None = None
     token_scores: torch.Tensor | None = None
+    drawn: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.drawn is None:
+            object.__setattr__(self, "drawn", self.lam if self.method == "mixup" else self.lam.clone())
 
     @property
     def batch_size(self) -> int:
@@ -60,25 +69,27 @@ class MixPlan:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
+        lam = move(self.lam)
         return replace(
-            self, lam=move(self.lam), perm=move(self.perm), centers=move(self.centers),
-            token_scores=move(self.token_scores),
+            self, lam=lam, perm=move(self.perm), centers=move(self.centers), token_scores=move(self.token_scores),
+            drawn=lam if self.drawn is self.lam else move(self.drawn),
         )
 
     def with_unmixed_rows(self, keep: torch.Tensor) -> "MixPlan":
         """The same plan with ``lam`` forced to 1 where ``keep`` (B,) bool is True (a cutmix box of
         area 0 for those rows)."""
-        return replace(self, lam=self.lam.masked_fill(keep, 1.0))
+        lam = self.lam.masked_fill(keep, 1.0)
+        return replace(self, lam=lam, drawn=lam if self.drawn is self.lam else self.drawn.masked_fill(keep, 1.0))
 
 
 def identity_plan(batch_size: int, step: int, device: torch.device | str = "cpu") -> MixPlan:
     """A plan that mixes nothing: λ = 1 and each row its own partner."""
     return MixPlan(
-        torch.ones(batch_size, device=device),
-        torch.arange(batch_size, device=device),
-        (),
-        False,
-        step,
+        lam=torch.ones(batch_size, device=device),
+        perm=torch.arange(batch_size, device=device),
+        layers=(),
+        mixed=False,
+        step=step,
     )
 
 
@@ -241,8 +252,14 @@ class PlanSampler:
         layers = self.layers if self.mode == "all" else (self.layers[int(layer_index)],)
         self.mixed_steps += 1
         return MixPlan(
-            lam.expand(batch_size).contiguous(), perm, layers, True, step,
-            "cutmix" if cutmix else "mixup", centers, token_scores,
+            lam=lam.expand(batch_size).contiguous(),
+            perm=perm,
+            layers=layers,
+            mixed=True,
+            step=step,
+            method="cutmix" if cutmix else "mixup",
+            centers=centers,
+            token_scores=token_scores,
         )
 
     _SETTINGS = ("alpha", "cutmix_alpha", "switch_prob", "prob", "stop_step", "stop_epoch", "epoch")

@@ -2,15 +2,19 @@
 
 Target kinds (inferred by :func:`infer_kind`, or forced with ``targets=`` on the mixer):
 
-* ``"index"`` — class indices (B,) of an integer dtype. The loss is mixed instead of the targets:
-  ``lam * L(out, y) + (1 - lam) * L(out, y[perm])`` per row (fastai's ``stack_y=True``); with
-  ``num_classes`` the mixed one-hot targets are available too (timm's soft targets).
-* ``"label"`` — one-hot, multi-label or soft labels (B, C) of any dtype (converted to float) with
-  values in [0, 1]. The targets are mixed: ``lam * y + (1 - lam) * y[perm]`` (fastai's ``stack_y=False``).
+* ``"index"`` — class indices (B,) of any integer dtype (a bool (B,) with ``num_classes=2`` too). The
+  loss is mixed instead of the targets: ``lam * L(out, y) + (1 - lam) * L(out, y[perm])`` with the
+  criterion exactly as given (fastai's ``stack_y=True``); with ``num_classes`` the mixed one-hot
+  targets are available too (timm's soft targets).
+* ``"label"`` — one-hot or soft labels (B, C) of any dtype (converted to float) with values in [0, 1].
+  The targets are mixed: ``lam * y + (1 - lam) * y[perm]`` (fastai's ``stack_y=False``). Multi-hot rows
+  are accepted as labels too, but smoothing them needs ``"multilabel"``.
+* ``"multilabel"`` — (B, C) labels in [0, 1], each an independent binary target (``BCEWithLogitsLoss``).
 * ``"regression"`` — float targets (B,) or (B, D), mixed like labels, never smoothed.
 
-Label smoothing (``label_smoothing=s``) applies to class targets as in timm: each row becomes
-``(1 - s) * onehot + s / C`` before mixing.
+Label smoothing (``label_smoothing=s``) applies to class targets before mixing, as in timm: each one-hot
+row becomes ``(1 - s) * onehot + s / C``; each multi-label target ``y * (1 - s) + s / 2`` (a binary
+target smoothed over its two values, timm's ``Mixup`` for multi-label).
 """
 
 from __future__ import annotations
@@ -24,19 +28,20 @@ import torch.nn.functional as F
 from hookmix.mixing import mix_tensor
 from hookmix.plan import MixPlan
 
-KINDS = ("auto", "index", "label", "regression")
+KINDS = ("auto", "index", "label", "multilabel", "regression")
+_ROW_SUM_TOL = 1e-3
 
 
 def infer_kind(y: torch.Tensor, num_classes: int | None) -> str:
-    """The target kind of ``y``: integer (B,) -> index, integer/bool (B, C) -> label, float (B, C) with
-    ``C == num_classes`` -> label, other float -> regression.
+    """The target kind of ``y``: integer (B,) -> index, bool (B,) with ``num_classes=2`` -> index,
+    integer/bool (B, C) -> label, float (B, C) with ``C == num_classes`` -> label, other float -> regression.
 
     With ``num_classes`` given the targets are class targets, so float (B,) or float (B, C') with
     ``C' != num_classes`` raise instead of silently training as regression targets (force
     ``targets="regression"`` for those).
     """
     integral = not y.is_floating_point() and not y.is_complex()
-    if y.dim() == 1 and integral and y.dtype != torch.bool:
+    if y.dim() == 1 and integral and (y.dtype != torch.bool or num_classes == 2):
         return "index"
     if y.dim() == 2 and (integral or y.shape[1] == num_classes):
         return "label"
@@ -53,15 +58,22 @@ def infer_kind(y: torch.Tensor, num_classes: int | None) -> str:
     return "regression"
 
 
-def _range(y: torch.Tensor) -> tuple[float, float, bool]:
-    """(min, max, all finite) of ``y`` with one host synchronisation."""
+def _stats(y: torch.Tensor) -> tuple[float, float, bool, float, float]:
+    """(min, max, all finite, smallest row sum, largest row sum) of ``y`` with one host synchronisation."""
     yf = y.float()
-    stats = torch.stack([yf.min(), yf.max(), torch.isfinite(yf).all().float()]).tolist()
-    return stats[0], stats[1], bool(stats[2])
+    rows = yf.sum(dim=1) if yf.dim() == 2 else yf.new_ones(1)
+    stats = torch.stack([yf.min(), yf.max(), torch.isfinite(yf).all().float(), rows.min(), rows.max()]).tolist()
+    return stats[0], stats[1], bool(stats[2]), stats[3], stats[4]
 
 
-def validate_targets(y: Any, kind: str, num_classes: int | None, argument: str = "targets") -> None:
-    """Raise ``TypeError``/``ValueError`` for targets that cannot be of ``kind`` (one host sync)."""
+def validate_targets(
+    y: Any, kind: str, num_classes: int | None, argument: str = "targets", label_smoothing: float = 0.0
+) -> int | None:
+    """Raise ``TypeError``/``ValueError`` for targets that cannot be of ``kind`` (one host sync).
+
+    Returns the largest class index for index targets (checked against the logits' width in
+    :meth:`MixStep.loss`), ``None`` for other kinds.
+    """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(y).__name__}.")
     if y.dim() not in (1, 2) or y.shape[0] == 0:
@@ -70,27 +82,18 @@ def validate_targets(y: Any, kind: str, num_classes: int | None, argument: str =
             "or (B, C) one-hot / multi-label / soft labels / regression vectors, with B >= 1."
         )
     if kind == "index":
-        if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        if y.dim() != 1 or y.is_floating_point() or y.is_complex():
             raise TypeError(
                 f"class-index {argument} must be an integer tensor of shape (B,), got dtype {y.dtype} shape "
                 f"{tuple(y.shape)}; use y.long(), or targets='regression' / 'label' for other targets."
             )
-        low, high, _ = _range(y)
-        if low < 0:
-            raise ValueError(
-                f"class-index {argument} contains {int(low)}; class indices must be >= 0 — relabel them, and "
-                "drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot be mixed."
-            )
-        if num_classes is not None and high >= num_classes:
-            raise ValueError(
-                f"class-index {argument} contains {int(high)} but num_classes={num_classes}; "
-                f"indices must be in [0, {num_classes - 1}] — pass the right num_classes."
-            )
-        return
-    low, high, finite = _range(y)
+        low, high, *_ = _stats(y)
+        check_class_range(argument, int(low), int(high), num_classes, "pass the right num_classes")
+        return int(high)
+    low, high, finite, row_min, row_max = _stats(y)
     if not finite:
         raise ValueError(f"{argument} contains NaN or inf; clean the data before training.")
-    if kind == "label":
+    if kind in ("label", "multilabel"):
         if y.dim() != 2:
             raise ValueError(
                 f"label {argument} must have shape (B, C), got {tuple(y.shape)}; "
@@ -106,13 +109,40 @@ def validate_targets(y: Any, kind: str, num_classes: int | None, argument: str =
                 f"label {argument} hold values in [{low:g}, {high:g}] but one-hot / multi-label / soft "
                 "labels must lie in [0, 1]; use targets='regression' for unbounded targets."
             )
+        if kind == "label" and label_smoothing and max(abs(row_min - 1), abs(row_max - 1)) > _ROW_SUM_TOL:
+            raise ValueError(
+                f"label {argument} have rows summing to [{row_min:g}, {row_max:g}], so they are not one-hot or "
+                f"soft labels, which label_smoothing spreads as s / C. For multi-label targets pass "
+                f"targets='multilabel': each label is then smoothed as a binary target, y * (1 - s) + s / 2."
+            )
+    return None
+
+
+def check_class_range(argument: str, low: int, high: int, num_classes: int | None, fix: str) -> None:
+    """Raise a ``ValueError`` naming ``argument`` when class indices in ``[low, high]`` leave ``[0, num_classes)``."""
+    if low < 0:
+        raise ValueError(
+            f"class-index {argument} contains {low}; class indices must be >= 0 — relabel them, and "
+            "drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot be mixed."
+        )
+    if num_classes is not None and high >= num_classes:
+        raise ValueError(
+            f"class-index {argument} contains {high} but num_classes={num_classes}; "
+            f"indices must be in [0, {num_classes - 1}] — {fix}."
+        )
 
 
 def excluded_rows(y: torch.Tensor, kind: str, classes: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: rows whose class (index targets) or any of whose labels (label targets) is excluded."""
+    """(B,) bool: rows whose hard label is an excluded class.
+
+    The hard labels are the class index (index targets), each label ``>= 0.5`` (multi-label), or the
+    row's largest entries (one-hot, soft or smoothed labels: a smoothed row's ``s / C`` is no label).
+    """
     if kind == "index":
         return torch.isin(y, classes.to(y.device))
-    return (y[:, classes.to(y.device)] > 0).any(dim=1)
+    y = y.float()
+    present = y >= 0.5 if kind == "multilabel" else (y == y.amax(dim=1, keepdim=True)) & (y > 0)
+    return present[:, classes.to(y.device)].any(dim=1)
 
 
 def check_label_smoothing(value: Any) -> float:
@@ -141,6 +171,16 @@ def check_classes(argument: str, classes: Sequence[int] | None, num_classes: int
     return torch.tensor(sorted(set(classes)), dtype=torch.long)
 
 
+def _row_weights(criterion: Any, y: torch.Tensor) -> torch.Tensor:
+    """(B,) weight of each row in ``criterion``'s mean: its class weight (``weight=``), 0 for
+    ``ignore_index`` rows, 1 otherwise; fastai's loss wrappers are looked through (``.func``)."""
+    inner = getattr(criterion, "func", criterion)
+    weight = getattr(inner, "weight", None)
+    rows = weight.to(y.device)[y] if isinstance(weight, torch.Tensor) else torch.ones(y.shape, device=y.device)
+    ignore = getattr(inner, "ignore_index", None)
+    return rows.masked_fill(y == ignore, 0.0) if isinstance(ignore, int) else rows
+
+
 @dataclass(frozen=True)
 class MixStep:
     """One training step's plan together with its targets: mixed targets and the mixed loss.
@@ -155,6 +195,7 @@ class MixStep:
     num_classes: int | None
     label_smoothing: float
     uniform_lam: bool
+    index_max: int | None = None
 
     @property
     def lam(self) -> torch.Tensor:
@@ -191,10 +232,11 @@ class MixStep:
                     "soft targets from class indices need the number of classes: "
                     "create the mixer with num_classes=C."
                 )
-            y = F.one_hot(y, self.num_classes)
+            y = F.one_hot(y.long(), self.num_classes)
         y = y.float()
         if self.label_smoothing:
-            y = y * (1.0 - self.label_smoothing) + self.label_smoothing / y.shape[1]
+            share = 2 if self.kind == "multilabel" else y.shape[1]
+            y = y * (1.0 - self.label_smoothing) + self.label_smoothing / share
         return y
 
     @property
@@ -205,38 +247,62 @@ class MixStep:
             return dense
         return mix_tensor(dense, self.plan.lam.to(dense.device), self.plan.perm.to(dense.device))
 
+    def _check_width(self, output: torch.Tensor) -> None:
+        if self.index_max is not None and output.dim() >= 2 and self.index_max >= output.shape[1]:
+            raise ValueError(
+                f"the targets hold class index {self.index_max} but the output has {output.shape[1]} columns "
+                f"{tuple(output.shape)}, so that class has no logit; give the model {self.index_max + 1} or more "
+                "outputs, or relabel the classes to [0, C)."
+            )
+
     def loss(self, criterion: Callable[..., torch.Tensor], output: torch.Tensor) -> torch.Tensor:
         """The training loss of ``output`` under this step's mixing.
 
-        Class indices: ``lam * criterion(output, y) + (1 - lam) * criterion(output, y[perm])`` per row,
-        reduced as the criterion's ``reduction`` says (``nn.CrossEntropyLoss`` and any module with a
-        ``reduction`` attribute, set to ``"none"`` for the call and restored), or, for a plain callable,
-        per row when it returns (B,) losses and per batch when it returns a scalar (only valid when every
-        row has the same λ). With ``label_smoothing`` on the mixer, or for label / regression targets,
-        the criterion gets the mixed float targets instead: ``criterion(output, step.targets)``.
+        Class indices, one λ for the batch: ``lam * criterion(output, y) + (1 - lam) *
+        criterion(output, y[perm])``, the criterion exactly as given (its ``weight``, ``ignore_index``,
+        ``label_smoothing`` and reduction). A plain callable that returns per-row losses (B,) gets them
+        mixed per row and averaged, as fastai's ``MixUp`` does.
+
+        Class indices, a λ per row (``lam_mode="sample"``, ``exclude_classes``): each row's loss is
+        ``lam_i * l(out_i, y_i) + (1 - lam_i) * l(out_i, y_perm_i)``, from the criterion with
+        ``reduction="none"`` (any module with a ``reduction`` attribute, restored afterwards), reduced
+        as the criterion says: ``"sum"`` sums the rows; ``"mean"`` divides by the rows' mixed weights
+        ``sum_i lam_i * w(y_i) + (1 - lam_i) * w(y_perm_i)``, ``w`` the class weight (0 for
+        ``ignore_index``). Because ``perm`` is a permutation, that is exactly the batch rule when all λ
+        are equal, and ``criterion(output, y)`` when no row mixes. A plain callable must return
+        per-row losses (B,) here.
+
+        With ``label_smoothing`` on the mixer, or for label / regression targets, the criterion gets the
+        mixed float targets instead: ``criterion(output, step.targets)``.
         """
         y = self._require_targets()
         if self.kind != "index" or self.label_smoothing:
             return criterion(output, self.targets)
+        y = y.long()
+        self._check_width(output)
         if not self.plan.mixed:
             return criterion(output, y)
         lam = self.plan.lam.to(output.device)
         y_b = y[self.plan.perm.to(y.device)]
         reduction = getattr(criterion, "reduction", None)
-        if isinstance(reduction, str):
-            criterion.reduction = "none"  # type: ignore[attr-defined]
-            try:
-                per_row = lam * criterion(output, y) + (1 - lam) * criterion(output, y_b)
-            finally:
-                criterion.reduction = reduction  # type: ignore[attr-defined]
-            return {"mean": per_row.mean, "sum": per_row.sum}.get(reduction, lambda: per_row)()
-        loss_a, loss_b = criterion(output, y), criterion(output, y_b)
-        if loss_a.dim() == 0:
-            if not self.uniform_lam:
+        if self.uniform_lam or not isinstance(reduction, str):
+            loss_a, loss_b = criterion(output, y), criterion(output, y_b)
+            if loss_a.dim() == 0 and not self.uniform_lam:
                 raise ValueError(
                     "criterion returns one scalar for the batch, but this step has a different λ per row "
                     "(lam_mode='sample' or exclude_classes); give a criterion that returns per-row losses "
                     "(reduction='none') or one with a `reduction` attribute."
                 )
-            return lam[0] * loss_a + (1 - lam[0]) * loss_b
-        return (lam * loss_a + (1 - lam) * loss_b).mean()
+            weight = lam[0] if self.uniform_lam else lam
+            mixed = weight * loss_a + (1 - weight) * loss_b
+            return mixed if loss_a.dim() == 0 or isinstance(reduction, str) else mixed.mean()
+        criterion.reduction = "none"  # type: ignore[attr-defined]
+        try:
+            per_row = torch.lerp(criterion(output, y_b), criterion(output, y), lam)
+        finally:
+            criterion.reduction = reduction  # type: ignore[attr-defined]
+        if reduction == "sum":
+            return per_row.sum()
+        if reduction == "mean":
+            return per_row.sum() / torch.lerp(_row_weights(criterion, y_b), _row_weights(criterion, y), lam).sum()
+        return per_row

@@ -94,3 +94,21 @@ def expected_mix(a: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torc
     """The reference formula: λ·a + (1−λ)·a[perm]."""
     w = lam_view(lam, a.dim())
     return w * a + (1 - w) * a[perm]
+
+
+def recover_mix(raw: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explain each mixed row as ``λ·raw_i + (1−λ)·raw_j`` from the activations alone.
+
+    For every row i and candidate partner j ≠ i the least-squares λ is found; the partner is the j with the
+    smallest residual. Returns λ (B,), the partners (B,) and each row's relative residual (B,) — near 0
+    when the row really is such a mix. Rows that did not mix come out with λ = 1 and any partner.
+    """
+    a, m = raw.flatten(1).double(), mixed.flatten(1).double()
+    rows = torch.arange(a.shape[0])
+    diff = a[:, None, :] - a[None, :, :]
+    rest = m[:, None, :] - a[None, :, :]
+    lam = (rest * diff).sum(-1) / (diff * diff).sum(-1).clamp_min(1e-30)
+    residual = (rest - lam[..., None] * diff).norm(dim=-1)
+    residual[rows, rows] = float("inf")
+    partner = residual.argmin(dim=1)
+    return lam[rows, partner].float(), partner, residual[rows, partner] / m.norm(dim=1).clamp_min(1e-30)

@@ -4,6 +4,7 @@ area, prefix tokens never swapped, exclusion, and the mixup/cutmix switch."""
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
 from hookmix import HookMixer
@@ -14,7 +15,8 @@ from hookmix.plan import TOKEN_SLOTS, PlanSampler
 def boxes_and_fractions(x, lam, centers):
     perm = torch.roll(torch.arange(x.shape[0]), 1)
     scores = torch.rand(x.shape[0], TOKEN_SLOTS)
-    mixed, kept = cutmix_tensor(x, lam, perm, centers, scores)
+    mixed, cut = cutmix_tensor(x, lam, perm, centers, scores, layout="NCHW")
+    kept = cut.kept
     from_partner = (mixed == x[perm]).all(dim=1) & (mixed != x).any(dim=1)
     return mixed, kept, from_partner, perm
 
@@ -53,7 +55,8 @@ def test_tokens_swap_a_subset_and_never_the_prefix():
     lam = torch.tensor([0.5, 0.25, 1.0, 0.8])
     perm = torch.tensor([1, 2, 3, 0])
     scores = torch.rand(4, TOKEN_SLOTS, generator=g)
-    mixed, kept = cutmix_tensor(x, lam, perm, torch.rand(4, 2), scores, prefix_tokens=1)
+    mixed, cut = cutmix_tensor(x, lam, perm, torch.rand(4, 2), scores, layout="NLC", prefix_tokens=1)
+    kept = cut.kept
     swapped = (mixed == x[perm]).all(-1) & (mixed != x).any(-1)
     assert not swapped[:, 0].any()
     assert swapped.sum(1).tolist() == [8, 12, 0, 3]  # round((1 - λ) * 16)
@@ -65,9 +68,9 @@ def test_sequence_first_tokens():
     x = torch.randn(9, 3, 4)  # (N, B, D)
     lam = torch.tensor([0.5, 0.5, 0.5])
     perm = torch.tensor([1, 2, 0])
-    mixed, kept = cutmix_tensor(x, lam, perm, torch.rand(3, 2), torch.rand(3, TOKEN_SLOTS), batch_dim=1)
+    mixed, cut = cutmix_tensor(x, lam, perm, torch.rand(3, 2), torch.rand(3, TOKEN_SLOTS), layout="LNC")
     swapped = (mixed == x[:, perm]).all(-1) & (mixed != x).any(-1)
-    assert swapped.sum(0).tolist() == [4, 4, 4] and kept.tolist() == pytest.approx([5 / 9] * 3)
+    assert swapped.sum(0).tolist() == [4, 4, 4] and cut.kept.tolist() == pytest.approx([5 / 9] * 3)
 
 
 def test_hooked_cutmix_corrects_lambda_for_the_targets():
@@ -124,3 +127,37 @@ def test_switch_probability_between_mixup_and_cutmix():
     assert {PlanSampler(["x"], alpha=0, cutmix_alpha=1.0, seed=0).draw(4).method} == {"cutmix"}
     with pytest.raises(ValueError, match="both methods off"):
         PlanSampler(["x"], alpha=0)
+
+
+def test_mode_all_pastes_one_box_that_keeps_step_lam_at_every_layer():
+    """Layers of one grid paste the first layer's box; a later layer twice as fine pastes it scaled by 2.
+    Before, a later layer cut a new box from the corrected λ: drawn 0.40, step.lam 0.49, later layer kept 0.75."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Upsample(scale_factor=2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    seen = {}
+    for name in ("0", "1", "2"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o.detach().clone()))
+    with HookMixer(model, ["0", "1", "2"], mode="all", alpha=0, cutmix_alpha=1.0, lam_mode="sample", seed=0) as mixer:
+        for name, reader in (("0", "1"), ("1", "2"), ("2", "3")):
+            model.get_submodule(reader).register_forward_pre_hook(
+                lambda m, a, n=name: seen.__setitem__(f"mixed{n}", a[0].detach().clone()))
+        for _ in range(3):
+            step = mixer.plan(batch_size=6)
+            model(torch.randn(6, 3, 7, 7))
+            box = (seen["mixed0"] != seen["0"]).any(dim=1)  # (B, 7, 7) what the first layer pasted
+            assert box.any()
+            torch.testing.assert_close(step.lam, 1 - box.float().mean(dim=(1, 2)))
+            for name, cut in (("1", box), ("2", box.repeat_interleave(2, 1).repeat_interleave(2, 2))):
+                raw, mixed, where = seen[name], seen[f"mixed{name}"], cut[:, None].expand_as(seen[name])
+                assert torch.equal(mixed[where], raw[step.perm][where])  # the same box, from the partner
+                assert torch.equal(mixed[~where], raw[~where])  # and nothing else
+
+
+def test_mode_all_refuses_boxes_that_cannot_be_scaled_exactly():
+    model = torchvision.models.resnet18(num_classes=3)
+    with HookMixer(model, ["layer2", "layer3"], mode="all", alpha=0, cutmix_alpha=1.0, seed=5) as mixer:
+        mixer.plan(batch_size=4)
+        with pytest.raises(ValueError, match=r"8x8 grid.*4x4 grid.*mode='one'"):
+            model(torch.randn(4, 3, 64, 64))

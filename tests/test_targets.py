@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hookmix import HookMixer
+from hookmix import HookMixer, MixPlan, MixStep
+from tests.conftest import recover_mix
 
 
 def mixer_for(**kwargs) -> tuple[HookMixer, nn.Module]:
@@ -144,3 +145,129 @@ def test_soft_targets_need_num_classes():
     step, _ = planned(mixer, model, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="num_classes"):
         step.targets
+
+
+def raw_and_mixed_logits(mixer: HookMixer, model: nn.Module, y: torch.Tensor):
+    """Plan a step, run the model, and recover λ and the partners from the logits themselves."""
+    x = torch.randn(y.shape[0], 4, generator=torch.Generator().manual_seed(5))
+    step = mixer.plan(y)
+    out = model(x)
+    lam, partner, residual = recover_mix(model[0](x).detach(), out.detach())
+    assert residual.max() < 1e-5
+    return step, out, lam, partner
+
+
+CRITERIA = {
+    "weight": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])),
+    "ignore_index": lambda: nn.CrossEntropyLoss(ignore_index=1),
+    "label_smoothing": lambda: nn.CrossEntropyLoss(label_smoothing=0.2),
+    "all_three": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), ignore_index=1,
+                                             label_smoothing=0.2),
+    "weight_sum": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), reduction="sum"),
+    "nll_weight": lambda: nn.Sequential(nn.LogSoftmax(dim=1), nn.NLLLoss(weight=torch.tensor([5.0, 1, 1, 1, 2]))),
+}
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_batch_lambda_loss_is_the_users_criterion_mixed(name):
+    """λ·criterion(out, y) + (1−λ)·criterion(out, y[perm]) with the criterion as given (the old per-row
+    mean divided weighted losses by B: 3.21 instead of 1.29 on a 4-class example)."""
+    criterion = CRITERIA[name]()
+    loss_fn = (lambda o, t: criterion[1](criterion[0](o), t)) if isinstance(criterion, nn.Sequential) else criterion
+    mixer, model = mixer_for()
+    y = torch.tensor([0, 1, 2, 3, 4, 1, 2, 0])
+    step, out, lam, partner = raw_and_mixed_logits(mixer, model, y)
+    expected = lam[0] * loss_fn(out, y) + (1 - lam[0]) * loss_fn(out, y[partner])
+    torch.testing.assert_close(step.loss(loss_fn, out), expected, rtol=1e-5, atol=1e-6)
+
+
+def fixed_step(lam: torch.Tensor, y: torch.Tensor, uniform: bool) -> MixStep:
+    plan = MixPlan(lam=lam, perm=torch.roll(torch.arange(len(y)), 1), layers=("output",), mixed=True, step=0)
+    return MixStep(plan=plan, y=y, kind="index", num_classes=5, label_smoothing=0.0, uniform_lam=uniform)
+
+
+@pytest.mark.parametrize("name", [n for n in CRITERIA if n != "nll_weight"])
+def test_per_row_reduction_reduces_to_the_batch_rule_and_to_the_plain_loss(name):
+    criterion = CRITERIA[name]()
+    y = torch.tensor([0, 1, 2, 3, 4, 1, 2, 0])
+    out = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    equal = torch.full((8,), 0.3)
+    torch.testing.assert_close(fixed_step(equal, y, False).loss(criterion, out),
+                               fixed_step(equal, y, True).loss(criterion, out))
+    torch.testing.assert_close(fixed_step(torch.ones(8), y, False).loss(criterion, out), criterion(out, y))
+    # with different λ per row: the criterion's rows mixed, over the rows' mixed weights (mean) or summed
+    lam = torch.linspace(0.2, 0.9, 8)
+    step = fixed_step(lam, y, False)
+    y_b = y[step.perm]
+    per_row = nn.CrossEntropyLoss(weight=criterion.weight, ignore_index=criterion.ignore_index,
+                                  label_smoothing=criterion.label_smoothing, reduction="none")
+    mixed = lam * per_row(out, y) + (1 - lam) * per_row(out, y_b)
+    weights = torch.ones(5) if criterion.weight is None else criterion.weight
+    w_a, w_b = weights[y] * (y != criterion.ignore_index), weights[y_b] * (y_b != criterion.ignore_index)
+    expected = mixed.sum() if criterion.reduction == "sum" else mixed.sum() / (lam * w_a + (1 - lam) * w_b).sum()
+    torch.testing.assert_close(step.loss(criterion, out), expected)
+    assert criterion.reduction in ("mean", "sum")  # restored
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_class_indices_of_any_integer_dtype_work_like_int64(dtype):
+    results = {}
+    for d in (torch.int64, dtype):
+        torch.manual_seed(0)
+        mixer, model = mixer_for(num_classes=5, lam_mode="sample")
+        y = torch.tensor([0, 1, 2, 3, 4, 1]).to(d)
+        step, out = planned(mixer, model, y)
+        results[d] = (step.loss(nn.CrossEntropyLoss(), out), step.targets)
+    torch.testing.assert_close(results[dtype], results[torch.int64])
+
+
+def test_bool_targets_with_two_classes_are_class_indices():
+    mixer, model = mixer_for(num_classes=2)
+    model[0] = nn.Linear(4, 2)
+    y = torch.tensor([True, False, True, True])
+    step, out = planned(mixer, model, y)
+    assert step.kind == "index"
+    lam = step.lam[0]
+    expected = lam * F.cross_entropy(out, y.long()) + (1 - lam) * F.cross_entropy(out, y.long()[step.perm])
+    torch.testing.assert_close(step.loss(nn.CrossEntropyLoss(), out), expected)
+
+
+def test_class_index_beyond_the_logits_is_a_hookmix_error_naming_index_and_width():
+    mixer, model = mixer_for()
+    step, out = planned(mixer, model, torch.tensor([0, 1, 7, 2]))
+    with pytest.raises(ValueError, match=r"class index 7 but the output has 5 columns"):
+        step.loss(nn.CrossEntropyLoss(), out)
+
+
+def test_multilabel_smoothing_treats_each_label_as_a_binary_target():
+    mixer, model = mixer_for(num_classes=5, targets="multilabel", label_smoothing=0.1, prob=0.0)
+    y = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    step, _ = planned(mixer, model, y)
+    torch.testing.assert_close(step.targets, y.float() * 0.9 + 0.05)
+    mixer, model = mixer_for(num_classes=5, targets="label", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="targets='multilabel'"):
+        mixer.plan(y)
+
+
+@pytest.mark.parametrize("kind, smoothing", [("label", 0.1), ("multilabel", 0.1), ("label", 0.0)])
+def test_exclusion_with_smoothed_or_soft_labels_decides_on_the_hard_labels(kind, smoothing):
+    classes = torch.tensor([0, 1, 2, 3, 2, 0, 1, 3])
+    hard = F.one_hot(classes, 4).float()
+    soft = hard * (1 - smoothing) + smoothing / (2 if kind == "multilabel" else 4)
+    if smoothing == 0.0:
+        soft = torch.softmax(hard * 3, dim=1)  # soft labels: every entry > 0
+    mixer, model = mixer_for(num_classes=4, targets=kind, exclude_classes=[2], lam_mode="sample", seed=4)
+    model[0] = nn.Linear(4, 4)
+    step, _ = planned(mixer, model, soft)
+    touched = (classes == 2) | (classes[step.perm] == 2)
+    assert torch.all(step.lam[touched] == 1.0) and torch.all(step.lam[~touched] < 1.0)
+
+
+def test_a_refused_plan_is_not_counted():
+    mixer, model = mixer_for(num_classes=5, exclude_classes=[1])
+    with pytest.raises(ValueError, match="exclude_classes needs class targets"):
+        mixer.plan(batch_size=4)
+    assert mixer.steps == 0
+    fresh, _ = mixer_for(num_classes=5, exclude_classes=[1])
+    y = torch.tensor([0, 2, 3, 4])
+    assert torch.equal(mixer.plan(y).lam, fresh.plan(y).lam)

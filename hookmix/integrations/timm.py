@@ -115,7 +115,7 @@ class HookMixup:
 
     def _refresh(self, module: nn.Module, args: tuple, output: Any) -> None:
         """After the training forward, write the targets of the λ the hook really applied (cutmix)."""
-        if self._pending is None or not (module.training and torch.is_grad_enabled()):
+        if self._pending is None or self.mixer.armed:  # an eval forward: the plan still waits for its own
             return
         step, soft = self._pending
         self._pending = None
