@@ -129,6 +129,41 @@ def test_a_module_skipping_the_rest_of_an_epoch_leaves_no_stale_plan(tmp_path: P
     assert model.mix.state_dict()["steps"] == 5  # the skipped batch's plan was drawn, then discarded
 
 
+class FailsOnce(Classifier):
+    """Raises in its own on_train_batch_start (after the callback armed the batch's plan) on one batch."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where, self.failed = where, False
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        if self.where == "before_forward" and batch_idx == 1 and not self.failed:
+            self.failed = True
+            raise RuntimeError("boom before the forward")
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.where == "in_step" and batch_idx == 1 and not self.failed:
+            self.failed = True
+            raise RuntimeError("boom in the step")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("where", ["before_forward", "in_step"])
+def test_after_an_interrupted_fit_a_new_fit_mixes_each_batch_once(tmp_path: Path, where: str) -> None:
+    model = FailsOnce(where)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, 1, enable_checkpointing=False).fit(model, loader(24, 0))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.net.modules()) == 0
+    model.train_errors.clear()
+    trainer(tmp_path, 1, enable_checkpointing=False).fit(model, loader(24, 0))
+    assert len(model.train_errors) == 3 and max(model.train_errors) < 1e-5  # no stale plan mixed twice
+    fit = trainer(tmp_path, 1, enable_checkpointing=False)
+    fit.validate(model, loader(12, 1), verbose=False)
+    with torch.no_grad():
+        reference = model.net.eval()(data(12, 1).tensors[0])
+    torch.testing.assert_close(torch.cat(model.eval_outputs["validate"]), reference)
+
+
 def test_step_outside_training_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="exists only inside training_step"):
         HookMixCallback("1").step

@@ -102,18 +102,27 @@ def test_eval_mode_never_mixes() -> None:
     torch.testing.assert_close(net(x), plain)
 
 
-def test_cutmix_targets_follow_the_area_really_pasted() -> None:
+@pytest.mark.parametrize("idiom", ["train", "linear_probe"])
+def test_cutmix_targets_follow_the_area_really_pasted(idiom: str) -> None:
     net = tiny_net()
+    if idiom == "linear_probe":  # model.eval(); classifier.train(): the forward trains, the root's flag is off
+        net.requires_grad_(False).eval()
+        net[6].requires_grad_(True).train()
     x, y = batch(6, size=3)  # a 3x3 map: kept areas are multiples of 1/9, never the drawn λ
+    seen = {}
+    net[1].register_forward_hook(lambda m, a, o: seen.__setitem__("raw", o.detach().clone()))
+    net[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("mixed", a[0].detach().clone()))
     mixup_fn = HookMixup(net, "1", mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=C, label_smoothing=0.0, seed=3)
     _, soft = mixup_fn(x, y)
     drawn = soft.clone()
     net(x)
-    lam = mixup_fn.step.lam
-    assert not torch.equal(soft, drawn)
-    torch.testing.assert_close(lam * 9, (lam * 9).round())
+    raw, mixed = seen["raw"], seen["mixed"]
+    pasted = (mixed != raw).any(dim=1)  # (B, 3, 3) positions taken from the partner, measured
+    assert torch.equal(mixed[:, :, pasted[0]], raw[mixup_fn.step.perm][:, :, pasted[0]])  # one box, batch mode
+    kept = 1 - pasted.float().mean(dim=(1, 2))
+    assert (kept < 1).all() and not torch.equal(soft, drawn)
     one_hot = F.one_hot(y, C).float()
-    torch.testing.assert_close(soft, lam[:, None] * one_hot + (1 - lam[:, None]) * one_hot[mixup_fn.step.perm])
+    torch.testing.assert_close(soft, kept[:, None] * one_hot + (1 - kept[:, None]) * one_hot[mixup_fn.step.perm])
 
 
 def test_wrapped_model_is_looked_through() -> None:

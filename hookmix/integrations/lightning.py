@@ -20,7 +20,9 @@ with the exposed step::
 Validation, test and predict never mix: they run in eval mode without grad, where the mixer's hooks
 pass everything through, and only ``fit`` creates a mixer at all. The mixer's generator state is saved
 in every checkpoint (``state_dict``), so ``trainer.fit(..., ckpt_path=...)`` resumes the same plans.
-Under DDP each rank seeds its mixer with :func:`hookmix.distributed.rank_seed`.
+Under DDP each rank seeds its mixer with :func:`hookmix.distributed.rank_seed`. A fit stopped by an
+exception (Ctrl-C, an error in a batch) removes the mixer's hooks in ``on_exception``, so its armed plan
+never reaches a later forward, and the next ``trainer.fit`` continues the plans where it stopped.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class HookMixCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._close()
         target = pl_module if self.module is None else pl_module.get_submodule(self.module)
         seed = None if self.seed is None else rank_seed(self.seed, rank=trainer.global_rank, shared=self.shared_seed)
         self.mixer = HookMixer(target, self.layers, seed=seed, **self.mixer_options)
@@ -122,10 +125,18 @@ class HookMixCallback(pl.Callback):
         self._step = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.mixer is not None:
+        if stage == "fit":
+            self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit stopped by an exception: remove the hooks and the armed plan (Lightning skips teardown)."""
+        self._close()
+
+    def _close(self) -> None:
+        if self.mixer is not None:
             self._saved = self.mixer.state_dict()  # a later fit() continues the stream
             self.mixer.close()
-            self.mixer = self._step = None
+        self.mixer = self._step = None
 
     def state_dict(self) -> dict[str, Any]:
         """The mixer's generator state and counters (Lightning stores it in each checkpoint)."""
