@@ -120,11 +120,24 @@ def test_bad_image_folders(tmp_path, case):
 
 
 def test_demo_small(tmp_path, capsys):
+    from hookmix.data import digits_transfer
     from hookmix.demo import run_demo
 
     rows = run_demo(tmp_path, seeds=2, ks=(5,), epochs=(5,), progress=False)
     assert len(rows) == 2 and {r["mix"] for r in rows} == {True, False}
-    assert all(0 <= r["val_accuracy"] <= 1 and r["seeds"] == 2 for r in rows)
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    n_val = {seed: len(digits_transfer(5, seed).val_y) for seed in (0, 1)}
+    for row in rows:
+        mine = [r for r in runs if r["mix"] == row["mix"]]
+        assert row["seeds"] == 2 and sorted(r["seed"] for r in mine) == [0, 1]
+        for r in mine:  # an accuracy is a count of validation images, and better than chance (1 in 5)
+            assert r["val_accuracy"] * n_val[r["seed"]] == pytest.approx(round(r["val_accuracy"] * n_val[r["seed"]]))
+            assert r["val_accuracy"] > 0.2 and r["val_nll"] > 0
+        for metric in ("val_accuracy", "val_nll", "val_ece"):  # the table is these runs' mean ± CI
+            a, b = (r[metric] for r in mine)
+            assert row[metric] == pytest.approx((a + b) / 2)
+            assert row[f"{metric}_ci95"] == pytest.approx(12.7062047 * abs(a - b) / 2, rel=1e-6)
+    assert {r["val_nll"] for r in runs if r["mix"]} != {r["val_nll"] for r in runs if not r["mix"]}
     out = capsys.readouterr().out
     assert "| 5 | 5 | yes |" in out and "±" in out
     for name in ("metrics.json", "curves_k5.png", "reliability_k5.png", "lambda_hist.png"):

@@ -55,7 +55,15 @@ def test_finetune_imagefolder_compares_both_arms_on_one_cache(tmp_path: Path) ->
     assert "| no mixup |" in result.stdout and "| mixup |" in result.stdout
     runs = json.loads((tmp_path / "run" / "results.json").read_text())["runs"]
     assert {arm: len(r) for arm, r in runs.items()} == {"no mixup": 2, "mixup": 2}
-    assert all(0 <= r["val_accuracy"] <= 1 for arm in runs.values() for r in arm)
+    for arm, arm_runs in runs.items():
+        for r in arm_runs:  # 3 validation images: an accuracy is a count of them
+            assert r["val_accuracy"] * 3 == pytest.approx(round(r["val_accuracy"] * 3))
+            assert r["val_nll"] > 0 and r["epoch"] == 3 and r["lr"] == pytest.approx(0.0, abs=1e-12)
+        mean = sum(r["val_nll"] for r in arm_runs) / 2
+        half = 12.7062047 * abs(arm_runs[0]["val_nll"] - arm_runs[1]["val_nll"]) / 2  # t(0.975, 1) * s / sqrt(2)
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {arm} |"))
+        assert row.split(" | ")[2] == f"{mean:.3f} ± {half:.3f}"  # the printed table is these runs' mean ± CI
+    assert [r["val_nll"] for r in runs["mixup"]] != [r["val_nll"] for r in runs["no mixup"]]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train", "val"]
 
 

@@ -111,12 +111,29 @@ def test_resume_refuses_other_settings_and_other_head(task, tmp_path):
 
 
 def test_cached_views_are_drawn_per_example(task):
+    """Each epoch shows every example once, each in a view drawn for that example: batches mix views."""
     source, data, feats, val = task
-    views = torch.stack([feats, feats + 0.01])
+    views = torch.stack([feats, feats + 1.0])
     _, head = fresh_head(source)
-    result = fit(head, "input", views, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
-                 progress=False)
-    assert len(result.history) == 1
+    batches = []
+    head.register_forward_pre_hook(lambda m, a: batches.append(a[0].clone()) if torch.is_grad_enabled() else None)
+    fit(head, "input", views, data.train_y, val, data.val_y, FitConfig(epochs=2, batch_size=10, mix=False),
+        num_classes=5, progress=False)
+    assert len(batches) == 2 * 5
+    flat = views.flatten(2)  # (V, N, F)
+    seen = []
+    for batch in batches:
+        match = (batch.flatten(1)[:, None, None, :] == flat[None]).all(-1)  # (B, V, N)
+        assert (match.flatten(1).sum(1) == 1).all()  # every row is exactly one view of one example
+        _, view, example = torch.nonzero(match).T
+        seen.append((view, example))
+    for epoch in range(2):
+        examples = torch.cat([e for _, e in seen[epoch * 5:(epoch + 1) * 5]])
+        assert sorted(examples.tolist()) == list(range(50))
+    assert any(len(view.unique()) == 2 for view, _ in seen)  # views differ inside one batch
+    first = {int(e): int(v) for v, e in zip(*map(torch.cat, zip(*seen[:5])))}
+    second = {int(e): int(v) for v, e in zip(*map(torch.cat, zip(*seen[5:])))}
+    assert first != second  # drawn again each epoch
 
 
 def test_bad_inputs(task):
@@ -137,8 +154,18 @@ def test_bad_inputs(task):
 def test_stop_epoch_and_cutmix_on_cached_maps(task):
     source, data, feats, val = task
     _, head = fresh_head(source)
+    seen = []
+    head.register_forward_pre_hook(lambda m, a: seen.append(["raw", a[0].clone()]) if torch.is_grad_enabled() else None)
+    head.get_submodule("head.0").register_forward_pre_hook(
+        lambda m, a: seen[-1].append(a[0].detach().clone()) if torch.is_grad_enabled() else None)
     config = FitConfig(epochs=3, batch_size=16, alpha=0.0, cutmix_alpha=1.0, stop_epoch=2)
     result = fit(head, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
-    assert len(result.lams) == 2 * 4  # 50 examples / 16 per batch, mixing in epochs 0 and 1 only
-    # (64, 2, 2) maps: a cutmix box keeps 1, 3/4, 1/2 or 0 of the four positions... or all of it
-    assert set(result.lams) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert len(seen) == 3 * 4 and len(result.lams) == 2 * 4  # 50 examples / 16 per batch, mixing in epochs 0, 1
+    kept = []
+    for _, raw, mixed in seen:
+        own = (mixed == raw).all(dim=1)  # (B, 2, 2) positions that kept all their channels
+        kept.append(own.float().mean(dim=(1, 2)))
+    measured = torch.stack([k[0] for k in kept[:8]])
+    torch.testing.assert_close(measured, torch.tensor(result.lams))  # the targets used the area really kept
+    assert (measured < 1).any()  # something was pasted
+    assert all(torch.equal(raw, mixed) for _, raw, mixed in seen[8:])  # epoch 2: no mixing

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from hookmix import HookMixer
-from tests.conftest import MODEL_FACTORIES, TabularMLP, expected_mix, make_model
+from tests.conftest import MODEL_FACTORIES, TabularMLP, expected_mix, make_model, recover_mix
 
 
 def hook_count(model: nn.Module) -> int:
@@ -44,35 +44,52 @@ def test_frozen_backbone_gradients_reach_only_the_head():
         p.requires_grad_(False)
     model.fc.requires_grad_(True)
     x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    seen = {}
+    model.layer4.register_forward_hook(lambda m, a, o: seen.__setitem__("raw", o.detach().clone()))
+    model.avgpool.register_forward_pre_hook(lambda m, a: seen.__setitem__("mixed", a[0].detach().clone()))
     with HookMixer(model, "layer4", seed=0) as mixer:
         step = mixer.plan(y)
         step.loss(nn.CrossEntropyLoss(), model(x)).backward()
-    assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
+    lam, partner, residual = recover_mix(seen["raw"], seen["mixed"])
+    assert residual.max() < 1e-5 and (lam < 1).all()
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("fc."))
+    # the head's gradient is that of the mixed features under the mixed loss, computed by hand
+    head = nn.Linear(512, 4)
+    head.load_state_dict(model.fc.state_dict())
+    feats = expected_mix(seen["raw"], lam, partner).mean(dim=(2, 3))
+    out = head(feats)
+    ce = nn.functional.cross_entropy
+    (lam[0] * ce(out, y) + (1 - lam[0]) * ce(out, y[partner])).backward()
+    torch.testing.assert_close(model.fc.weight.grad, head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_gradients_flow_through_both_partners():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     x = torch.randn(4, 3, requires_grad=True)
+    rows = torch.arange(1.0, 5.0)[:, None]  # weight the rows: a plain sum is blind to a batch-wide mix
     with HookMixer(model, "0", seed=0) as mixer:
-        mixer.plan(batch_size=4)
-        model(x).sum().backward()
-    # every input row feeds its own mixed row and its partner's
-    assert (x.grad.abs().sum(dim=1) > 0).all()
+        step = mixer.plan(batch_size=4)
+        (model(x) * rows).sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    (model[1](expected_mix(model[0](reference), step.lam, step.perm)) * rows).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+    unmixed = x.detach().clone().requires_grad_(True)
+    (model(unmixed) * rows).sum().backward()
+    assert not torch.allclose(x.grad, unmixed.grad)
 
 
 @pytest.mark.parametrize("context", ["eval", "no_grad", "inference_mode"])
 def test_eval_and_no_grad_never_mix(context):
     model, shape, layer = make_model("tv_resnet18")
     x = torch.randn(4, *shape)
-    model.eval()
-    expected = model(x).detach()
+    model.train(context != "eval")  # without grad the model stays in train mode: the gate under test is grad mode
+    with torch.no_grad():
+        expected = model(x)
     with HookMixer(model, layer, seed=0) as mixer:
         if context == "eval":
             step = mixer.plan(torch.arange(4))
             out = model(x)
         else:
-            model.train(False)  # keep BN deterministic; the gate under test is grad mode
             manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
             with manager:
                 step = mixer.plan(torch.arange(4))
@@ -308,3 +325,15 @@ def test_batch_size_mismatch_names_both_sizes():
         mixer.plan(torch.arange(4) % 2)
         with pytest.raises(ValueError, match=r"\(6, 2\).*batch size 4"):
             model(torch.randn(6, 3))
+
+
+def test_data_parallel_over_several_devices_is_refused_pointing_to_ddp():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    parallel = nn.DataParallel(model)
+    parallel.device_ids = [0, 1]  # as on a two-GPU machine: each replica would see half of the batch
+    with pytest.raises(ValueError, match=r"DataParallel over devices \[0, 1\].*DistributedDataParallel"):
+        HookMixer(parallel, "0")
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        HookMixer(torch.compile(parallel), "0")
+    parallel.device_ids = [0]
+    HookMixer(parallel, "0").close()  # one device: one forward sees the whole batch

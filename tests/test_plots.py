@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
+import hookmix.plots  # noqa: E402
 from hookmix.metrics import reliability  # noqa: E402
 from hookmix.plots import _beta_density, plot_history, plot_lambda_hist, plot_reliability  # noqa: E402
 
@@ -42,15 +43,39 @@ def _assert_png(path: Path, written: Path) -> np.ndarray:
     return pixels
 
 
-def test_plot_history_single_and_overlaid(tmp_path: Path) -> None:
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the plot functions save, kept for inspecting what they show (the data, not the pixels)."""
+    figures: list = []
+    save = hookmix.plots._save
+
+    def keep(figure, path):
+        figures.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(hookmix.plots, "_save", keep)
+    return figures
+
+
+def test_plot_history_single_and_overlaid(tmp_path: Path, drawn: list) -> None:
     single = tmp_path / "one" / "history.png"
     pixels = _assert_png(single, plot_history(_history(5, 0.0), single))
     assert pixels.shape[:2] == (round(6.5 * 120), 9 * 120)
     overlaid = tmp_path / "two" / "history.png"
-    _assert_png(overlaid, plot_history({"baseline": _history(5, 0.0), "mixup": _history(3, 0.2)}, str(overlaid)))
+    runs = {"baseline": _history(5, 0.0), "mixup": _history(3, 0.2)}
+    _assert_png(overlaid, plot_history(runs, str(overlaid)))
+    panels = drawn[1].axes
+    titles = ["train loss", "validation NLL", "validation accuracy", "validation ECE"]
+    assert [ax.get_title() for ax in panels] == titles
+    for ax, key in zip(panels, ("train_loss", "val_nll", "val_accuracy", "val_ece")):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["baseline", "mixup"]
+        for line, records in zip(lines, runs.values()):
+            assert list(line.get_xdata()) == [r["epoch"] for r in records]
+            assert np.allclose(line.get_ydata(), [r[key] for r in records])
 
 
-def test_plot_reliability(tmp_path: Path) -> None:
+def test_plot_reliability(tmp_path: Path, drawn: list) -> None:
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (300,), generator=gen)
     sharp = torch.randn(300, 4, generator=gen) * 4
@@ -58,14 +83,29 @@ def test_plot_reliability(tmp_path: Path) -> None:
     curves = {"sharp": reliability(sharp, y), "soft": reliability(sharp / 4, y)}
     path = tmp_path / "reliability.png"
     _assert_png(path, plot_reliability(curves, path))
+    diagonal, *lines = drawn[0].axes[0].get_lines()
+    assert list(diagonal.get_xdata()) == list(diagonal.get_ydata()) == [0.0, 1.0]
+    for line, (label, curve) in zip(lines, curves.items()):
+        filled = curve.count > 0
+        assert line.get_label() == f"{label} (ECE {curve.ece:.3f})"
+        assert np.allclose(line.get_xdata(), curve.confidence[filled].numpy())
+        assert np.allclose(line.get_ydata(), curve.accuracy[filled].numpy())
+    assert curves["sharp"].ece != curves["soft"].ece
 
 
 @pytest.mark.parametrize("alpha", [None, 0.2, 1.0, 2.0])
-def test_plot_lambda_hist(tmp_path: Path, alpha: float | None) -> None:
+def test_plot_lambda_hist(tmp_path: Path, alpha: float | None, drawn: list) -> None:
     rng = np.random.default_rng(0)
     lams = torch.as_tensor(rng.uniform(size=1000) if alpha is None else rng.beta(alpha, alpha, size=1000))
     path = tmp_path / "lams.png"
     _assert_png(path, plot_lambda_hist(lams, path, alpha=alpha))
+    ax = drawn[0].axes[0]
+    expected, _ = np.histogram(lams.numpy(), bins=np.linspace(0.0, 1.0, 31), density=True)
+    assert np.allclose([bar.get_height() for bar in ax.patches], expected)
+    lines = ax.get_lines()
+    assert len(lines) == (alpha is not None)
+    if alpha is not None:
+        assert np.allclose(lines[0].get_ydata(), _beta_density(lines[0].get_xdata(), alpha))
 
 
 def test_plot_lambda_hist_accepts_numpy(tmp_path: Path) -> None:
