@@ -33,7 +33,8 @@ def hook_cost(activation: torch.Tensor, y: torch.Tensor, prefix_tokens: int, rou
     """Median seconds that arming the hook adds to a forward + backward through one activation."""
     layer = nn.Sequential(nn.Identity())
     a = activation.detach().requires_grad_(True)
-    with HookMixer(layer, "0", prefix_tokens=prefix_tokens, **MIX) as mixer:
+    layout = "NCHW" if activation.dim() == 4 else "NLC"  # an Identity does not say; the real layer does
+    with HookMixer(layer, "0", prefix_tokens=prefix_tokens, layout=layout, **MIX) as mixer:
 
         def timed(armed: bool) -> float:
             start = time.perf_counter()

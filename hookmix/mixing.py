@@ -193,9 +193,10 @@ def mix_structure(
 ) -> tuple[Any, int, Cut | None]:
     """Mix every floating tensor leaf of ``output`` that has the plan's batch size on ``batch_dim``.
 
-    ``output`` is a tensor or a tuple / list / dict / dataclass of them. For cutmix, ``layout(leaf)``
-    names each leaf's layout (``None``: a leaf without positions, e.g. (B, D), which is interpolated
-    with the λ of the cut made so far);
+    ``output`` is a tensor or a tuple / list / dict / dataclass of them. ``layout(leaf)`` names each
+    leaf's layout (asked on every mixed step, so an unknown layout is refused at the first one); a
+    cutmix plan cuts leaves that have one and interpolates the others (``None``: no positions, e.g.
+    (B, D)) with the λ of the cut made so far;
     the first leaf cut fixes the :class:`Cut` that later leaves (and the ``cut`` given, from an earlier
     layer) share. Returns the rebuilt output, how many leaves were mixed, and the cut (``None`` when
     nothing was cut). Leaves without the batch dimension (masks, integer indices) pass through untouched.
@@ -207,8 +208,8 @@ def mix_structure(
         if not mixable(t, plan.batch_size, batch_dim):
             return t
         count += 1
-        where = layout(t) if plan.method == "cutmix" else None
-        if where is None:
+        where = layout(t)
+        if where is None or plan.method != "cutmix":
             return mix_tensor(t, plan.lam if cut is None else cut.kept, plan.perm, batch_dim)
         mixed, cut = cutmix_tensor(
             t, plan.drawn, plan.perm, plan.centers, plan.token_scores, layout=where, prefix_tokens=prefix_tokens,

@@ -117,6 +117,10 @@ def test_unknown_layout_refuses_cutmix_naming_the_argument_and_mixup_still_works
         mixer.plan(batch_size=4)
         with pytest.raises(ValueError, match=r"layout=\{'1': 'NCHW'\}"):
             model(torch.randn(4, 5))
+    with HookMixer(model, "1", alpha=0.4, cutmix_alpha=1.0, switch_prob=0.01, seed=0) as mixer:
+        assert mixer.plan(batch_size=4).plan.method == "mixup"
+        with pytest.raises(ValueError, match="layout="):  # refused at the first step, not the first cutmix step
+            model(torch.randn(4, 5))
     seen = {}
     model[1].register_forward_hook(lambda m, a, o: seen.__setitem__("raw", o.detach().clone()))
     with HookMixer(model, "1", alpha=0, cutmix_alpha=1.0, lam_mode="sample", layout="NHWC", seed=0) as mixer:
