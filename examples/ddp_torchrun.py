@@ -4,7 +4,7 @@ Run it with torchrun (gloo on the CPU, NCCL when CUDA is available)::
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_torchrun.py --epochs 3 --cache cache/
 
-Each rank trains a random-init :class:`hookmix.data.DigitsCNN` on its share of scikit-learn's bundled
+Each rank trains a random-init :class:`hookmix.app.digits.DigitsCNN` on its share of scikit-learn's bundled
 digits 0-4 (offline), with its own :class:`hookmix.HookMixer` hooked on the module inside DDP and seeded
 ``seed + rank`` (``--shared-seed``: one λ for the whole global batch). With ``--cache DIR`` the trained
 model is then cut at ``--cut`` and :func:`hookmix.distributed.extract_sharded` runs its backbone over the
@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from hookmix import CacheKey, HookMixer, split
-from hookmix.data import DigitsCNN, source_split
+from hookmix.app.digits import DigitsCNN, source_split
 from hookmix.distributed import extract_sharded, rank_seed, unwrap
 
 

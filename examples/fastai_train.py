@@ -1,6 +1,6 @@
 """fastai 2.x with feature mixup: ``Learner(dls, model, cbs=HookMixUp("stage1", alpha=0.4))``.
 
-Trains a random-init :class:`hookmix.data.DigitsCNN` on scikit-learn's bundled digits 0-4 (offline) with
+Trains a random-init :class:`hookmix.app.digits.DigitsCNN` on scikit-learn's bundled digits 0-4 (offline) with
 ``fit_one_cycle``; ``HookMixUp`` mixes the named layer and the loss like fastai's ``MixUp`` mixes the
 input, and validation runs unmixed.
 
@@ -18,7 +18,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 
-from hookmix.data import DigitsCNN, source_split
+from hookmix.app.digits import DigitsCNN, source_split
 from hookmix.integrations.fastai import HookMixUp
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
 from hookmix import CacheKey, FeatureCache, FitConfig, fit, mean_ci, split, transform_fingerprint
-from hookmix.imagefolder import stratified_split
+from hookmix.app.imagefolder import stratified_split
 
 METRICS = ("val_accuracy", "val_nll", "val_ece")
 

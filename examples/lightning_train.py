@@ -1,6 +1,6 @@
 """Lightning 2.x with feature mixup: ``HookMixCallback`` arms each training batch, ``training_step`` mixes the loss.
 
-Trains a random-init :class:`hookmix.data.DigitsCNN` on scikit-learn's bundled digits 0-4 (offline) with
+Trains a random-init :class:`hookmix.app.digits.DigitsCNN` on scikit-learn's bundled digits 0-4 (offline) with
 a real ``Trainer``; validation is never mixed. Checkpoints hold the mixer's generator, so
 ``--resume PATH`` continues with the plans the uninterrupted run would have drawn.
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from hookmix.data import DigitsCNN, source_split
+from hookmix.app.digits import DigitsCNN, source_split
 from hookmix.integrations.lightning import HookMixCallback
 
 

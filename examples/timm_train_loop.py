@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hookmix.data import source_split
+from hookmix.app.digits import source_split
 from hookmix.integrations.timm import HookMixup
 
 

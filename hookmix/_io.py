@@ -1,10 +1,14 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a torn one."""
+"""File and state I/O shared by the library: atomic writes (a reader sees the old file or the new one, never a
+torn one) and loading a state dict with an error that names what does not fit."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+import torch
+from torch import nn
 
 
 def _umask() -> int:
@@ -30,3 +34,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line ``ValueError`` naming ``source``, the first
+    mismatch (missing / unexpected key, or shape) and ``fix`` when the state does not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # torch lists every mismatch on its own line, after a title line
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        first = (details[0] if details else str(exc)).rstrip(".")
+        first = first if len(first) <= 300 else first[:300] + " ..."
+        raise ValueError(f"{source} does not fit this {type(model).__name__}: {first}; {fix}.") from None

@@ -34,10 +34,9 @@ from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
-from hookmix._io import atomic_write
+from hookmix._io import atomic_write, load_state
 from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
-from hookmix.models import load_state
 from hookmix.plan import PlanSampler
 from hookmix.targets import check_label_smoothing
 

@@ -3,12 +3,15 @@ helper that records what a module received and produced during a forward."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 
@@ -112,3 +115,15 @@ def recover_mix(raw: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, t
     residual[rows, rows] = float("inf")
     partner = residual.argmin(dim=1)
     return lam[rows, partner].float(), partner, residual[rows, partner] / m.norm(dim=1).clamp_min(1e-30)
+
+
+def write_folder(
+    root: Path, classes: tuple[str, ...] = ("cat", "dog", "eel"), per_class: int = 4, size: int = 24
+) -> Path:
+    """An ImageFolder of random RGB PNGs under ``root``: one sub-folder per class, ``per_class`` images each."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / c / f"{i}.png")
+    return root

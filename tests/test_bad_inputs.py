@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hookmix import CacheKey, FeatureCache, FitConfig, HookMixer, fit
-from hookmix.cli import main
-from hookmix.imagefolder import load_image_folder
+from hookmix.app.cli import main
+from hookmix.app.imagefolder import load_image_folder
+from hookmix.app.models import create_model, resolve_model
 from hookmix.metrics import evaluate
-from hookmix.models import create_model, resolve_model
-from tests.test_cli import write_folder
+from tests.conftest import write_folder
 
 
 @dataclass(frozen=True)

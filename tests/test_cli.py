@@ -6,26 +6,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from hookmix.cli import main
-
-
-def write_folder(root, classes=("cat", "dog", "eel"), per_class=4, size=24):
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / c / f"{i}.png")
-    return root
+from hookmix.app.cli import main
+from tests.conftest import write_folder
 
 
 def run_cli(*args):
     """Run the real console entry point in a subprocess (exit code, stdout, stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "hookmix.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "hookmix.app.cli", *args], capture_output=True, text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     return proc.returncode, proc.stdout, proc.stderr
@@ -120,8 +110,8 @@ def test_bad_image_folders(tmp_path, case):
 
 
 def test_demo_small(tmp_path, capsys):
-    from hookmix.data import digits_transfer
-    from hookmix.demo import run_demo
+    from hookmix.app.demo import run_demo
+    from hookmix.app.digits import digits_transfer
 
     rows = run_demo(tmp_path, seeds=2, ks=(5,), epochs=(5,), progress=False)
     assert len(rows) == 2 and {r["mix"] for r in rows} == {True, False}

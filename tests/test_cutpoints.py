@@ -15,8 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
+from hookmix.app.digits import DigitsCNN
 from hookmix.cutpoints import CutPointWarning, check_mix_points, cut_points, stage_names
-from hookmix.data import DigitsCNN
 from hookmix.layers import resolve_layers
 from tests.conftest import TabularMLP
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hookmix.data import (
+from hookmix.app.digits import (
     MAX_SHOTS,
     DigitsCNN,
     TransferSplit,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hookmix.data import digits_transfer, pretrain_source
+from hookmix.app.digits import digits_transfer, pretrain_source
 from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, fit
 from hookmix.split import split
 

@@ -19,6 +19,8 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from hookmix._io import load_state
+
 SOURCES = ("torchvision", "timm")
 _WEIGHTS_FIX = (
     "give a .safetensors file or a torch.save(model.state_dict()) file: only tensors are read, pickled code never."
@@ -113,18 +115,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file {path} does not hold a state dict of tensors; {_WEIGHTS_FIX}")
     return state
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, fix: str) -> None:
-    """``model.load_state_dict(state)``, with a one-line ``ValueError`` naming ``source``, the first
-    mismatch (missing / unexpected key, or shape) and ``fix`` when the state does not fit the model."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # torch lists every mismatch on its own line, after a title line
-        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        first = (details[0] if details else str(exc)).rstrip(".")
-        first = first if len(first) <= 300 else first[:300] + " ..."
-        raise ValueError(f"{source} does not fit this {type(model).__name__}: {first}; {fix}.") from None
 
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:

@@ -31,9 +31,9 @@ def _positive_int(text: str) -> int:
 def _cmd_layers(args: argparse.Namespace) -> None:
     import torch
 
+    from hookmix.app.models import create_model, default_input_size
     from hookmix.cutpoints import UntraceableError, cut_points
     from hookmix.layers import format_layers, list_layers
-    from hookmix.models import create_model, default_input_size
 
     model = create_model(args.model)
     size = tuple(args.input_size) if args.input_size else default_input_size(model)
@@ -62,7 +62,7 @@ def _fit_config(args: argparse.Namespace) -> "FitConfig":
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from hookmix.finetune_job import JobSpec, run_finetune
+    from hookmix.app.finetune_job import JobSpec, run_finetune
 
     spec = JobSpec(
         data=args.data, layer=args.layer, out_dir=Path(args.out), model=args.model, pretrained=args.pretrained,
@@ -91,7 +91,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from hookmix.demo import run_demo
+    from hookmix.app.demo import run_demo
 
     run_demo(args.out, seeds=args.seeds, alpha=args.alpha, progress=not args.quiet)
 

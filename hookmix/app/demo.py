@@ -1,6 +1,6 @@
 """The digits-transfer experiment behind ``make demo`` and ``hookmix finetune --data digits``.
 
-A :class:`~hookmix.data.DigitsCNN` pretrained on digits 0-4 is frozen and cut at its last conv stage
+A :class:`~hookmix.app.digits.DigitsCNN` pretrained on digits 0-4 is frozen and cut at its last conv stage
 (``stage2``, (B, 64, 2, 2)); its features of digits 5-9 are cached once; for each number of labels per
 class ``k``, schedule length and seed, the head is re-initialised and trained on the cached features with
 feature mixup and without (same data order, same init, same λ draws left unused). The settings were
@@ -21,8 +21,8 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from hookmix._io import atomic_write
+from hookmix.app.digits import DigitsCNN, digits_transfer, pretrain_source
 from hookmix.cache import CacheKey, FeatureCache
-from hookmix.data import DigitsCNN, digits_transfer, pretrain_source
 from hookmix.finetune import FitConfig, fit
 from hookmix.metrics import mean_ci, reliability
 from hookmix.split import split

@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from hookmix._io import atomic_write
+from hookmix.app.digits import digits_transfer, pretrain_source
+from hookmix.app.imagefolder import load_image_folder
+from hookmix.app.models import create_model, default_input_size, resolve_model, set_num_classes
 from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
-from hookmix.data import digits_transfer, pretrain_source
 from hookmix.finetune import FitConfig, fit
-from hookmix.imagefolder import load_image_folder
 from hookmix.metrics import reliability
-from hookmix.models import create_model, default_input_size, resolve_model, set_num_classes
 from hookmix.split import split
 from hookmix.targets import check_classes
 
