@@ -6,9 +6,9 @@ a frozen backbone.
 """
 
 from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
-from hookmix.cutpoints import CutPointWarning, check_mix_points, cut_points, stage_names
+from hookmix.cutpoints import CutPointWarning, cut_points, stage_names
 from hookmix.finetune import FitConfig, FitResult, fit
-from hookmix.layers import LayerInfo, format_layers, list_layers, resolve_layers
+from hookmix.layers import LayerInfo, check_mix_points, format_layers, list_layers, resolve_layers
 from hookmix.layouts import LAYOUTS
 from hookmix.metrics import Reliability, evaluate, mean_ci, reliability
 from hookmix.mixer import GateWarning, HookMixer

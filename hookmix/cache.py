@@ -36,8 +36,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator, Sized
-from contextlib import contextmanager
+from collections.abc import Callable, Sized
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hookmix._checks import check_int, is_int, modes_restored
 from hookmix._io import atomic_write
 
 __all__ = ["CacheKey", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
@@ -124,7 +124,7 @@ class CacheKey:
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value, 1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -257,13 +257,13 @@ def _get(data: dict[str, Any], name: str, kind: type) -> Any:
     if name not in data:
         raise ValueError(f"missing field {name!r}")
     value = data[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not (is_int(value) if kind is int else isinstance(value, kind)):
         raise TypeError(f"field {name!r} should be {kind.__name__}, got {value!r}")
     return value
 
 
 def _shape(values: list[Any]) -> tuple[int, ...]:
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not all(is_int(v, 0) for v in values):
         raise ValueError(f"shape {values!r} must hold non-negative ints")
     return tuple(values)
 
@@ -348,18 +348,6 @@ def _read_shard(directory: Path, shard: _Shard, manifest: _Manifest) -> tuple[to
     return tensors["features"], tensors["labels"]
 
 
-@contextmanager
-def _eval_mode(backbone: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own flag (mixed modes survive)."""
-    modes = [(module, module.training) for module in backbone.modules()]
-    backbone.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _backbone_device(backbone: nn.Module) -> torch.device:
     tensor = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -399,7 +387,7 @@ def _run_backbone(
     features: list[list[torch.Tensor]] = [[] for _ in range(views)]
     labels: list[list[torch.Tensor]] = [[] for _ in range(views)]
     batches = 0
-    with _eval_mode(backbone), torch.no_grad(), tqdm(
+    with modes_restored(backbone, False), torch.no_grad(), tqdm(
         total=total, desc="extracting features", unit="ex", disable=not progress
     ) as bar:
         for (range_index, view, indices), batch in zip(plan, loader):
@@ -733,5 +721,4 @@ def _check_extract_args(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("views", views)):
         if not _is_positive_int(value):
             raise ValueError(f"{name}={value!r} must be a positive int.")
-    if not (isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
-        raise ValueError(f"num_workers={num_workers!r} must be an int >= 0 (0 loads in the main process).")
+    check_int("num_workers", num_workers, 0, " (0 loads in the main process)")

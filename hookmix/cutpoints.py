@@ -18,24 +18,22 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import warnings
 import weakref
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import timm.layers
 import torchvision
 from torch import fx, nn
 
+from hookmix._checks import modes_restored
+
 __all__ = [
     "CutPointWarning",
     "CutPoints",
     "UntraceableError",
-    "check_mix_points",
     "cut_points",
-    "modes_restored",
     "stage_names",
 ]
 
@@ -81,17 +79,6 @@ class _CutTracer(fx.Tracer):
         return out
 
 
-@contextmanager
-def modes_restored(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's own ``training`` flag on exit (``.train()`` would overwrite mixed modes)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _default_arguments(model: nn.Module) -> dict[str, Any]:
     """``forward``'s arguments after the input that have defaults (e.g. timm ViT's ``attn_mask=None``).
 
@@ -110,8 +97,7 @@ def _call_result(out: Any) -> fx.Node | str:
 def _trace(model: nn.Module, training: bool) -> tuple[fx.Graph, dict[str, list[fx.Node | str]]]:
     """The graph of ``model`` in the given mode, and what each call of each module returned."""
     tracer = _CutTracer()
-    with modes_restored(model):
-        model.train(training)
+    with modes_restored(model, training):
         try:
             graph = tracer.trace(model, concrete_args=_default_arguments(model))
         except Exception as err:  # the tracer fails with whatever the model's forward raises on a Proxy
@@ -329,63 +315,6 @@ def cut_points(model: nn.Module, training: bool = True) -> CutPoints:
     if isinstance(found, str):
         raise UntraceableError(type(model).__name__, found)
     return found
-
-
-def check_mix_points(
-    model: nn.Module,
-    layers: str | Sequence[str],
-    strict: bool = False,
-    *,
-    mode: str = "one",
-    stacklevel: int = 2,
-) -> None:
-    """Warn once per layer of ``layers`` that is not a cut point of ``model`` (an error when ``strict``).
-
-    Each :class:`CutPointWarning` names the path that bypasses the layer and the nearest cut points;
-    ``"input"`` and ``"output"`` are always sound. With ``mode="all"`` (every layer mixed in the same
-    forward, as :class:`~hookmix.mixer.HookMixer`'s ``mode``) the layers are judged together: none is
-    flagged when every path from the input to the output passes through one of them. When the model
-    cannot be traced, one warning says the analysis was not possible and the layers are used unchecked
-    (``strict=True``: a ``ValueError``). ``stacklevel`` is passed to :func:`warnings.warn` (2: the
-    caller of this function).
-    """
-    from hookmix.layers import PSEUDO_LAYERS, resolve_layers  # hookmix.layers imports this module
-
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}.")
-    if mode not in ("one", "all"):
-        raise ValueError(f"mode={mode!r} must be 'one' (one layer per step) or 'all' (every layer each step).")
-    resolved = resolve_layers(model, layers)
-    names = [name for name in resolved if name not in PSEUDO_LAYERS]
-    if not names or (mode == "all" and any(name in PSEUDO_LAYERS for name in resolved)):
-        return
-    try:
-        points = cut_points(model, training=True)
-    except UntraceableError as err:
-        if strict:
-            raise ValueError(
-                f"strict=True needs the cut-point analysis of {names}, which is not possible: {err} Pass "
-                "strict=False to mix at these layers unchecked."
-            ) from None
-        warnings.warn(
-            f"cut-point analysis of {names} not possible: {err} The layers are used as named, unchecked.",
-            CutPointWarning,
-            stacklevel=stacklevel,
-        )
-        return
-    if mode == "all" and points.separates(names):
-        return
-    problems = [
-        f"layer {name!r} is not a cut point of {points.model_type}: it {reason}, so mixing there may leave "
-        f"part of what the rest of the network sees unmixed; {points.suggestion(name)} ('input' and 'output' "
-        "are always sound)."
-        for name in names
-        if (reason := points.why_not(name)) is not None
-    ]
-    if strict and problems:
-        raise ValueError(" ".join(problems) + " Choose cut points, or pass strict=False to mix there anyway.")
-    for problem in problems:
-        warnings.warn(f"{problem} Pass strict=True to make this an error.", CutPointWarning, stacklevel=stacklevel)
 
 
 def _blocks(model: nn.Module, names: Iterable[str]) -> list[str]:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from hookmix._checks import check_int, is_int
 from hookmix._wrappers import unwrap
 from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache
 
@@ -48,12 +49,12 @@ def rank_seed(seed: int, *, rank: int | None = None, shared: bool = False) -> in
         rank: this process's global rank; ``None`` reads it from the default process group (0 without one).
         shared: give every rank the same plans (one λ for the global batch with ``lam_mode="batch"``).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}.")
     if rank is None:
         rank = rank_and_world()[0]
-    elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"rank={rank!r} must be an int >= 0 (the process's global rank) or None.")
+    else:
+        check_int("rank", rank, 0, " (the process's global rank) or None")
     return seed if shared else seed + rank
 
 

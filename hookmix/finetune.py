@@ -34,6 +34,7 @@ from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
+from hookmix._checks import check_class_indices, check_int, modes_restored
 from hookmix._io import atomic_write, load_state
 from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
@@ -67,8 +68,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1.")
+            check_int(name, value, 1)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
@@ -140,12 +140,7 @@ def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str, num_class
             f"{name}_labels must be (N,) integer class indices with N >= 1, got {labels.dtype} "
             f"{tuple(labels.shape)}; use labels.long()."
         )
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"{name}_labels hold classes in [{low}, {high}] but num_classes={num_classes}; labels must be in "
-            f"[0, {num_classes - 1}]: relabel them or pass the right num_classes."
-        )
+    check_class_indices(labels, num_classes, f"{name}_labels", "relabel them or pass the right num_classes")
     if inputs.shape[0] == labels.shape[0]:
         return inputs.unsqueeze(0)
     if inputs.dim() > 1 and inputs.shape[1] == labels.shape[0]:
@@ -169,12 +164,8 @@ def _check_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits of ``model`` on ``inputs`` (N, ...) in eval mode, batch by batch; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
+    with modes_restored(model, False):
         return torch.cat([model(inputs[i : i + batch_size].float()) for i in range(0, len(inputs), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def fit(
@@ -207,8 +198,7 @@ def fit(
         :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
         ``val_accuracy``, ``val_ece``, ``lr``.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes!r} must be an int >= 2 (the head's number of outputs).")
+    check_int("num_classes", num_classes, 2, " (the head's number of outputs)")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir=DIR, the directory the checkpoint was written to.")
     views = _check_data(train_inputs, train_labels, "train", num_classes)

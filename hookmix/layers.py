@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from hookmix._checks import modes_restored
 from hookmix._tree import first_tensor
-from hookmix.cutpoints import UntraceableError, cut_points, stage_names
+from hookmix.cutpoints import CutPointWarning, UntraceableError, cut_points, stage_names
 
 INPUT = "input"
 OUTPUT = "output"
@@ -155,12 +157,10 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         return hook
 
     modules = list(model.named_modules())
-    was_training = model.training
     try:
         for name, module in modules:
             handles.append(module.register_forward_hook(recorder(name)))
-        model.eval()
-        with torch.no_grad():
+        with modes_restored(model, False), torch.no_grad():
             if isinstance(example_input, dict):
                 model(**example_input)
             elif isinstance(example_input, tuple):
@@ -170,7 +170,6 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     try:
         cuts: set[str] | None = {"", *cut_points(model, training=True).names}
     except UntraceableError:
@@ -213,3 +212,64 @@ def format_layers(rows: Sequence[LayerInfo], max_depth: int | None = None) -> st
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def check_mix_points(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    strict: bool = False,
+    *,
+    mode: str = "one",
+    stacklevel: int = 2,
+) -> None:
+    """Warn once per layer of ``layers`` that is not a cut point of ``model`` (an error when ``strict``).
+
+    Each :class:`~hookmix.cutpoints.CutPointWarning` names the path that bypasses the layer and the
+    nearest cut points; ``"input"`` and ``"output"`` are always sound. With ``mode="all"`` (every layer
+    mixed in the same forward, as :class:`~hookmix.mixer.HookMixer`'s ``mode``) the layers are judged
+    together: none is flagged when every path from the input to the output passes through one of them.
+    When the model cannot be traced, one warning says the analysis was not possible and the layers are
+    used unchecked (``strict=True``: a ``ValueError``). ``stacklevel`` is passed to
+    :func:`warnings.warn` (2: the caller of this function).
+    """
+    check_resolved_mix_points(model, resolve_layers(model, layers), strict, mode=mode, stacklevel=stacklevel + 1)
+
+
+def check_resolved_mix_points(
+    model: nn.Module, resolved: Sequence[str], strict: bool, *, mode: str, stacklevel: int
+) -> None:
+    """:func:`check_mix_points` on names :func:`resolve_layers` already returned."""
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}.")
+    if mode not in ("one", "all"):
+        raise ValueError(f"mode={mode!r} must be 'one' (one layer per step) or 'all' (every layer each step).")
+    names = [name for name in resolved if name not in PSEUDO_LAYERS]
+    if not names or (mode == "all" and any(name in PSEUDO_LAYERS for name in resolved)):
+        return
+    try:
+        points = cut_points(model, training=True)
+    except UntraceableError as err:
+        if strict:
+            raise ValueError(
+                f"strict=True needs the cut-point analysis of {names}, which is not possible: {err} Pass "
+                "strict=False to mix at these layers unchecked."
+            ) from None
+        warnings.warn(
+            f"cut-point analysis of {names} not possible: {err} The layers are used as named, unchecked.",
+            CutPointWarning,
+            stacklevel=stacklevel,
+        )
+        return
+    if mode == "all" and points.separates(names):
+        return
+    problems = [
+        f"layer {name!r} is not a cut point of {points.model_type}: it {reason}, so mixing there may leave "
+        f"part of what the rest of the network sees unmixed; {points.suggestion(name)} ('input' and 'output' "
+        "are always sound)."
+        for name in names
+        if (reason := points.why_not(name)) is not None
+    ]
+    if strict and problems:
+        raise ValueError(" ".join(problems) + " Choose cut points, or pass strict=False to mix there anyway.")
+    for problem in problems:
+        warnings.warn(f"{problem} Pass strict=True to make this an error.", CutPointWarning, stacklevel=stacklevel)

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from hookmix._checks import check_class_indices, is_int, is_number
+
 __all__ = ["Reliability", "accuracy", "nll", "ece", "reliability", "mean_ci", "evaluate"]
 
 def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,13 +40,7 @@ def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             f"logits has {logits.shape[0]} rows but y has {y.shape[0]} labels; "
             "pass one row per label, at least one."
         )
-    num_classes = logits.shape[1]
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"y must hold class indices in [0, {num_classes - 1}] for {num_classes} columns of logits, "
-            f"got values in [{low}, {high}]; relabel y or check the number of classes."
-        )
+    check_class_indices(y, logits.shape[1], "y", "relabel y or check the number of classes (the logits' columns)")
     if torch.isnan(logits).any():
         raise ValueError("logits contains NaN; the model diverged or the input holds NaN.")
     return y.to(logits.device)
@@ -97,7 +93,7 @@ def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reli
     ``probs.log()`` to bin probabilities).
     """
     y = _check_logits_labels(logits, y)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+    if not is_int(n_bins, 1):
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
     confidence, predicted = logits.detach().double().softmax(dim=1).max(dim=1)
     correct = (predicted == y).double()
@@ -181,7 +177,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     numbers = [float(v) for v in values]
     if not numbers or not all(math.isfinite(v) for v in numbers):
         raise ValueError(f"values must be a non-empty list of finite numbers, got {list(values)!r}.")
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+    if not is_number(level) or not 0.0 < level < 1.0:
         raise ValueError(f"level must be a confidence level in (0, 1), got {level!r}; e.g. level=0.95.")
     n = len(numbers)
     mean = math.fsum(numbers) / n

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from hookmix._checks import check_alpha, check_int, is_int
 from hookmix._tree import tensor_leaves
 from hookmix._wrappers import refuse_replicas, unwrap
-from hookmix.cutpoints import check_mix_points
-from hookmix.layers import INPUT, OUTPUT, resolve_layers
+from hookmix.layers import INPUT, OUTPUT, check_resolved_mix_points, resolve_layers
 from hookmix.layouts import LAYOUTS, channel_axes, check_layout, layout_of
 from hookmix.mixing import Cut, mix_structure
-from hookmix.plan import MixPlan, PlanSampler, check_alpha, identity_plan
+from hookmix.plan import MixPlan, PlanSampler, identity_plan
 from hookmix.targets import (
     KINDS,
     MixStep,
@@ -146,23 +146,19 @@ class HookMixer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         refuse_replicas(model)
         model = unwrap(model)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 2):
-            raise ValueError(f"num_classes={num_classes!r} must be an int >= 2 (or None).")
+        if num_classes is not None:
+            check_int("num_classes", num_classes, 2, " (or None)")
         if targets not in KINDS:
             raise ValueError(f"targets={targets!r} is not one of {KINDS}.")
         check_label_smoothing(label_smoothing)
         if label_smoothing and num_classes is None:
             raise ValueError("label_smoothing needs num_classes=C to know the uniform share s / C.")
-        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
-            raise ValueError(f"batch_dim={batch_dim!r} must be an int >= 0 (0 for batch-first, 1 for sequence-first).")
+        check_int("batch_dim", batch_dim, 0, " (0 for batch-first, 1 for sequence-first)")
         if prefix_tokens is None:
             prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
-            raise ValueError(f"prefix_tokens={prefix_tokens!r} must be an int >= 0 (class/register tokens).")
-        self.prefix_tokens = prefix_tokens
+        self.prefix_tokens = check_int("prefix_tokens", prefix_tokens, 0, " (class/register tokens)")
         resolved = resolve_layers(model, layers)
-        check_mix_points(model, resolved, strict, mode=mode, stacklevel=3)
+        check_resolved_mix_points(model, resolved, strict, mode=mode, stacklevel=3)
         self._model = model
         self._sampler = PlanSampler(
             resolved,
@@ -467,7 +463,7 @@ class HookMixer:
                     f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them."
                 )
             batch_size = targets.shape[0]
-        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        elif not is_int(batch_size, 1):
             raise ValueError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
         if device is None:
             device = targets.device if targets is not None else self._model_device()

@@ -10,11 +10,12 @@ draws exactly the plans the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
+
+from hookmix._checks import check_alpha, check_int, check_probability
 
 LAM_MODES = ("batch", "sample")
 TOKEN_SLOTS = 1024
@@ -102,32 +103,10 @@ def _random_cycle(batch_size: int, generator: torch.Generator) -> torch.Tensor:
     return perm
 
 
-def _check_probability(argument: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{argument} must be a number in [0, 1], got {type(value).__name__} {value!r}.")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{argument}={value!r} is outside [0, 1]; use e.g. {argument}=1.0 to mix every step.")
-    return float(value)
-
-
-def check_alpha(alpha: Any, argument: str = "alpha", allow_zero: bool = False) -> float:
-    """Validate a Beta(α, α) concentration: a finite number > 0 (or exactly 0 = off, when allowed)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{argument} must be a positive number, got {type(alpha).__name__} {alpha!r}.")
-    if not math.isfinite(alpha) or alpha < 0 or (alpha == 0 and not allow_zero):
-        raise ValueError(
-            f"{argument}={alpha!r} must be a finite number > 0 (λ ~ Beta({argument}, {argument})); "
-            "alpha=0.4 is a good default, lower values keep one sample dominant."
-        )
-    return float(alpha)
-
-
 def _check_stop(argument: str, value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{argument}={value!r} must be an int >= 0 (mixing stops from that index on) or None.")
-    return value
+    return check_int(argument, value, 0, " (mixing stops from that index on) or None")
 
 
 class PlanSampler:
@@ -175,7 +154,7 @@ class PlanSampler:
         if self.alpha == 0 and self.cutmix_alpha == 0:
             raise ValueError("alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
                              "cutmix_alpha=1.0 (cutmix), or both.")
-        self.switch_prob = _check_probability("switch_prob", switch_prob)
+        self.switch_prob = check_probability("switch_prob", switch_prob)
         if lam_mode not in LAM_MODES:
             raise ValueError(f"lam_mode={lam_mode!r} is not one of {LAM_MODES}; use 'batch' or 'sample'.")
         if mode not in ("one", "all"):
@@ -184,7 +163,7 @@ class PlanSampler:
             )
         self.layers = tuple(layers)
         self.lam_mode = lam_mode
-        self.prob = _check_probability("prob", prob)
+        self.prob = check_probability("prob", prob)
         self.dominant = bool(dominant)
         self.mode = mode
         self._weights = self._check_weights(weights)
@@ -214,9 +193,7 @@ class PlanSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the sampler the current epoch (for ``stop_epoch``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r} must be an int >= 0.")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, 0)
 
     def _scheduled(self, step: int) -> bool:
         return (self.stop_step is None or step < self.stop_step) and (
@@ -293,8 +270,8 @@ class PlanSampler:
         self.mixed_steps = int(state["mixed_steps"])
         self.alpha = check_alpha(state["alpha"], allow_zero=True)
         self.cutmix_alpha = check_alpha(state["cutmix_alpha"], "cutmix_alpha", allow_zero=True)
-        self.switch_prob = _check_probability("switch_prob", state["switch_prob"])
-        self.prob = _check_probability("prob", state["prob"])
+        self.switch_prob = check_probability("switch_prob", state["switch_prob"])
+        self.prob = check_probability("prob", state["prob"])
         self.stop_step = _check_stop("stop_step", state["stop_step"])
         self.stop_epoch = _check_stop("stop_epoch", state["stop_epoch"])
         self.set_epoch(int(state["epoch"]))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import torch
 
+from hookmix._checks import is_number
 from hookmix._io import atomic_write
 from hookmix.metrics import Reliability
 
@@ -167,7 +168,7 @@ def plot_lambda_hist(
         raise ValueError(
             f"lams must hold mixing coefficients in [0, 1], got values in [{values.min()}, {values.max()}]."
         )
-    bad_alpha = isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf
+    bad_alpha = not is_number(alpha) or not 0 < alpha < math.inf
     if alpha is not None and bad_alpha:
         raise ValueError(f"alpha must be a positive finite number (of Beta(α, α)) or None, got {alpha!r}.")
     figure = _new_figure(6.0, 4.0)

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
-from hookmix.cutpoints import CutPoints, UntraceableError, cut_points, modes_restored
+from hookmix._checks import modes_restored
+from hookmix.cutpoints import CutPoints, UntraceableError, cut_points
 from hookmix.layers import PSEUDO_LAYERS, module_names, unknown_layer_error
 
 __all__ = ["split"]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from hookmix._checks import check_class_indices, is_int, is_number
 from hookmix.mixing import mix_tensor
 from hookmix.plan import MixPlan
 
@@ -87,48 +88,47 @@ def validate_targets(
                 f"class-index {argument} must be an integer tensor of shape (B,), got dtype {y.dtype} shape "
                 f"{tuple(y.shape)}; use y.long(), or targets='regression' / 'label' for other targets."
             )
-        low, high, *_ = _stats(y)
-        check_class_range(argument, int(low), int(high), num_classes, "pass the right num_classes")
-        return int(high)
+        fix = ("relabel them, and drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot "
+               "be mixed; or pass the right num_classes")
+        return check_class_indices(y, num_classes, f"class-index {argument}", fix)[1]
     low, high, finite, row_min, row_max = _stats(y)
     if not finite:
         raise ValueError(f"{argument} contains NaN or inf; clean the data before training.")
     if kind in ("label", "multilabel"):
-        if y.dim() != 2:
-            raise ValueError(
-                f"label {argument} must have shape (B, C), got {tuple(y.shape)}; "
-                "class indices (B,) need an integer dtype."
-            )
-        if num_classes is not None and y.shape[1] != num_classes:
-            raise ValueError(
-                f"label {argument} have {y.shape[1]} columns but num_classes={num_classes}; give (B, "
-                f"{num_classes}) labels or num_classes={y.shape[1]}."
-            )
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"label {argument} hold values in [{low:g}, {high:g}] but one-hot / multi-label / soft "
-                "labels must lie in [0, 1]; use targets='regression' for unbounded targets."
-            )
-        if kind == "label" and label_smoothing and max(abs(row_min - 1), abs(row_max - 1)) > _ROW_SUM_TOL:
-            raise ValueError(
-                f"label {argument} have rows summing to [{row_min:g}, {row_max:g}], so they are not one-hot or "
-                f"soft labels, which label_smoothing spreads as s / C. For multi-label targets pass "
-                f"targets='multilabel': each label is then smoothed as a binary target, y * (1 - s) + s / 2."
-            )
+        _check_labels(y, kind, num_classes, argument, (low, high), (row_min, row_max), label_smoothing)
     return None
 
 
-def check_class_range(argument: str, low: int, high: int, num_classes: int | None, fix: str) -> None:
-    """Raise a ``ValueError`` naming ``argument`` when class indices in ``[low, high]`` leave ``[0, num_classes)``."""
-    if low < 0:
+def _check_labels(
+    y: torch.Tensor,
+    kind: str,
+    num_classes: int | None,
+    argument: str,
+    values: tuple[float, float],
+    row_sums: tuple[float, float],
+    label_smoothing: float,
+) -> None:
+    """The checks of (B, C) label targets, given their range of ``values`` and of ``row_sums``."""
+    if y.dim() != 2:
         raise ValueError(
-            f"class-index {argument} contains {low}; class indices must be >= 0 — relabel them, and "
-            "drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot be mixed."
+            f"label {argument} must have shape (B, C), got {tuple(y.shape)}; class indices (B,) need an integer dtype."
         )
-    if num_classes is not None and high >= num_classes:
+    if num_classes is not None and y.shape[1] != num_classes:
         raise ValueError(
-            f"class-index {argument} contains {high} but num_classes={num_classes}; "
-            f"indices must be in [0, {num_classes - 1}] — {fix}."
+            f"label {argument} have {y.shape[1]} columns but num_classes={num_classes}; give (B, "
+            f"{num_classes}) labels or num_classes={y.shape[1]}."
+        )
+    low, high = values
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"label {argument} hold values in [{low:g}, {high:g}] but one-hot / multi-label / soft "
+            "labels must lie in [0, 1]; use targets='regression' for unbounded targets."
+        )
+    if kind == "label" and label_smoothing and max(abs(row_sums[0] - 1), abs(row_sums[1] - 1)) > _ROW_SUM_TOL:
+        raise ValueError(
+            f"label {argument} have rows summing to [{row_sums[0]:g}, {row_sums[1]:g}], so they are not one-hot "
+            "or soft labels, which label_smoothing spreads as s / C. For multi-label targets pass "
+            "targets='multilabel': each label is then smoothed as a binary target, y * (1 - s) + s / 2."
         )
 
 
@@ -147,7 +147,7 @@ def excluded_rows(y: torch.Tensor, kind: str, classes: torch.Tensor) -> torch.Te
 
 def check_label_smoothing(value: Any) -> float:
     """Validate a label-smoothing share: a number in ``[0, 1)``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"label_smoothing={value!r} must be a number in [0, 1).")
     return float(value)
 
@@ -158,7 +158,7 @@ def check_classes(argument: str, classes: Sequence[int] | None, num_classes: int
         return None
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
         raise TypeError(f"{argument} must be a list of class indices, got {type(classes).__name__}.")
-    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int)]
+    bad = [c for c in classes if not is_int(c)]
     if bad:
         raise TypeError(f"{argument} must hold int class indices, got {bad!r}.")
     out_of_range = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]

@@ -16,8 +16,8 @@ import torchvision
 from torch import nn
 
 from hookmix.app.digits import DigitsCNN
-from hookmix.cutpoints import CutPointWarning, check_mix_points, cut_points, stage_names
-from hookmix.layers import resolve_layers
+from hookmix.cutpoints import CutPointWarning, cut_points, stage_names
+from hookmix.layers import check_mix_points, resolve_layers
 from tests.conftest import TabularMLP
 
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from hookmix.plan import PlanSampler, check_alpha
+from hookmix._checks import check_alpha
+from hookmix.plan import PlanSampler
 
 
 def test_lambda_follows_beta_distribution():

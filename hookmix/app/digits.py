@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hookmix._checks import is_int
+
 __all__ = [
     "DigitsCNN", "TransferSplit", "source_split", "pretrain_source", "digits_transfer", "digits_few_shot", "MAX_SHOTS",
 ]
@@ -51,7 +53,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not is_int(num_classes, 1):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
         self.num_classes = num_classes
         self.stem = self._conv_block(1, 16, pool=False)
@@ -144,7 +146,7 @@ def source_split() -> TransferSplit:
 
 
 def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}.")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must lie in [0, 2**63), got {seed}; use a small non-negative int such as 0.")
@@ -191,7 +193,7 @@ def pretrain_source(seed: int = 0, epochs: int = 10, progress: bool = False) -> 
     ``(seed, epochs)``: every call returns a fresh model, so fine-tuning it never alters the cache.
     """
     _check_seed(seed)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_int(epochs, 1):
         raise ValueError(f"epochs must be a positive int, got {epochs!r}; the default 10 reaches > 95 %.")
     if (seed, epochs) not in _SOURCE_STATES:
         _SOURCE_STATES[seed, epochs] = _train_source(seed, epochs, progress)
@@ -201,7 +203,7 @@ def pretrain_source(seed: int = 0, epochs: int = 10, progress: bool = False) -> 
 
 
 def _check_shots(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SHOTS:
+    if not is_int(k, 1) or k > MAX_SHOTS:
         raise ValueError(
             f"k must be an int in [1, {MAX_SHOTS}] (labelled examples per class), got {k!r}; "
             f"the smallest class has 174 examples and the rest are kept for validation."

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from hookmix._checks import modes_restored
 from hookmix._io import atomic_write
 from hookmix.app.digits import digits_transfer, pretrain_source
 from hookmix.app.imagefolder import load_image_folder
@@ -70,17 +71,14 @@ def _weights_id(path: Path) -> str:
 def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], name: str) -> None:
     """Run ``model`` (in eval mode, no grad) on one zero image (1, C, H, W), so that an input size the model
     cannot take fails here with a message instead of as a torch error in the middle of the extraction."""
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
+        with modes_restored(model, False), torch.no_grad():
+            model(torch.zeros(1, *input_size))
     except (RuntimeError, AssertionError) as exc:  # torch shape errors; timm asserts the image size
         raise ValueError(
             f"--input-size {' '.join(map(str, input_size))} does not fit --model {name} "
             f"({str(exc).splitlines()[0]}); give the C H W it expects (`hookmix layers {name}` uses its default)."
         ) from None
-    finally:
-        model.train(was_training)
 
 
 def _prepare(spec: JobSpec, seed: int) -> _Prepared:
