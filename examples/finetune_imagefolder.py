@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
-from hookmix import CacheKey, FeatureCache, FitConfig, fit, mean_ci, split, transform_fingerprint
+from hookmix import CacheKey, FeatureCache, FitConfig, MixSettings, fit, mean_ci, split, transform_fingerprint
 from hookmix.app.imagefolder import stratified_split
 
 METRICS = ("val_accuracy", "val_nll", "val_ece")
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict[str, float]]] = {"no mixup": [], "mixup": []}
     for seed in range(args.seeds):
         for arm in results:
-            config = FitConfig(epochs=args.epochs, lr=args.lr, alpha=args.alpha, mix=arm == "mixup", seed=seed)
+            config = FitConfig(epochs=args.epochs, lr=args.lr, mixing=MixSettings(alpha=args.alpha), mix=arm == "mixup",
+                               seed=seed)
             fresh = copy.deepcopy(head).requires_grad_(True)
             with torch.random.fork_rng():  # a new classifier per seed, the same for both arms
                 torch.manual_seed(seed)

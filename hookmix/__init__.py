@@ -13,6 +13,7 @@ from hookmix.layouts import LAYOUTS
 from hookmix.metrics import Reliability, evaluate, mean_ci, reliability
 from hookmix.mixer import GateWarning, HookMixer
 from hookmix.plan import MixPlan, PlanSampler
+from hookmix.settings import MixSettings
 from hookmix.split import split
 from hookmix.targets import MixStep
 
@@ -29,6 +30,7 @@ __all__ = [
     "LAYOUTS",
     "LayerInfo",
     "MixPlan",
+    "MixSettings",
     "MixStep",
     "PlanSampler",
     "Reliability",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,12 +34,11 @@ from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
-from hookmix._checks import check_class_indices, check_int, modes_restored
+from hookmix._checks import check_class_indices, check_int, is_number, modes_restored
 from hookmix._io import atomic_write, load_state
 from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
-from hookmix.plan import PlanSampler
-from hookmix.targets import check_label_smoothing
+from hookmix.settings import MixSettings
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -47,39 +46,36 @@ CHECKPOINT_STATE = "checkpoint.json"
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Settings of :func:`fit`: AdamW with a per-step cosine schedule, mixup / cutmix at the given layer
-    (``cutmix_alpha > 0``; ``alpha=0`` for cutmix only), no mixing from epoch ``stop_epoch`` on."""
+    """Settings of :func:`fit`: AdamW with a per-step cosine schedule, and how to mix (``mixing``, a
+    :class:`~hookmix.settings.MixSettings`: mixup / cutmix, λ per batch or row, ``stop_epoch``, label
+    smoothing, excluded classes). ``mix=False`` is the baseline: the same draws, nothing mixed. ``seed``
+    seeds the data order, the views and the mixer. Every setting is checked when the config is built,
+    so a bad one fails before a long feature extraction."""
 
     epochs: int = 20
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
-    alpha: float = 0.4
-    cutmix_alpha: float = 0.0
-    switch_prob: float = 0.5
-    stop_epoch: int | None = None
+    mixing: MixSettings = MixSettings()
     mix: bool = True
-    lam_mode: str = "batch"
-    exclude_classes: tuple[int, ...] | None = None
-    label_smoothing: float = 0.0
     seed: int = 0
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            check_int(name, value, 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
-                name == "lr" and value == 0
-            ):
+            if not is_number(value) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}.")
-        check_label_smoothing(self.label_smoothing)
-        # The sampler checks the mixing settings with the messages HookMixer gives; doing it here makes a
-        # bad setting fail when the config is built, not after a long feature extraction.
-        PlanSampler(("input",), alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, switch_prob=self.switch_prob,
-                    lam_mode=self.lam_mode, stop_epoch=self.stop_epoch, seed=self.seed)
+        if not isinstance(self.mixing, MixSettings):
+            raise TypeError(
+                f"mixing must be a hookmix.MixSettings, got {type(self.mixing).__name__}; e.g. "
+                "FitConfig(mixing=MixSettings(alpha=0.4))."
+            )
+        if not isinstance(self.mix, bool):
+            raise TypeError(f"mix must be True or False, got {type(self.mix).__name__} {self.mix!r}.")
+        check_int("seed", self.seed, 0)
 
 
 @dataclass
@@ -207,49 +203,21 @@ def fit(
     steps_per_epoch = math.ceil(n / config.batch_size)
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
-    criterion = nn.CrossEntropyLoss()
-    data_gen = torch.Generator().manual_seed(config.seed)
     result = FitResult(history=[])
-    with HookMixer(
-        model,
-        layer,
-        alpha=config.alpha,
-        cutmix_alpha=config.cutmix_alpha,
-        switch_prob=config.switch_prob,
-        stop_epoch=config.stop_epoch,
-        prob=1.0 if config.mix else 0.0,
-        lam_mode=config.lam_mode,
-        num_classes=num_classes,
-        exclude_classes=list(config.exclude_classes) if config.exclude_classes else None,
-        label_smoothing=config.label_smoothing,
-        seed=config.seed,
-    ) as mixer:
+    mixing = config.mixing if config.mix else replace(config.mixing, prob=0.0)
+    with HookMixer(model, layer, num_classes=num_classes, seed=config.seed, **asdict(mixing)) as mixer:
+        state = _TrainState(config, model, optimizer, scheduler, mixer, torch.Generator().manual_seed(config.seed),
+                            result)
         if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
-            _load_checkpoint(Path(checkpoint_dir), config, model, optimizer, scheduler, mixer, data_gen, result)
+            state.load(Path(checkpoint_dir))
         bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
         for epoch in bar:
-            mixer.set_epoch(epoch)
-            _freeze_mode(model)
-            order = torch.randperm(n, generator=data_gen)
-            view = torch.randint(views.shape[0], (n,), generator=data_gen)
-            total = torch.zeros(())
-            for start in range(0, n, config.batch_size):
-                idx = order[start : start + config.batch_size]
-                y = train_labels[idx]
-                step = mixer.plan(y)
-                loss = step.loss(criterion, _check_logits(model(views[view[idx], idx].float()), num_classes))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.detach() * len(idx)
-                if step.mixed:
-                    result.lams.append(float(step.lam[0]))
+            train_loss = _train_epoch(state, epoch, views, train_labels, num_classes)
             logits = predict(model, val_inputs, config.eval_batch_size)
             metrics = evaluate(logits, val_labels)
             row = {
                 "epoch": epoch + 1,
-                "train_loss": float(total) / n,
+                "train_loss": train_loss,
                 "val_nll": metrics["nll"],
                 "val_accuracy": metrics["accuracy"],
                 "val_ece": metrics["ece"],
@@ -259,85 +227,122 @@ def fit(
             result.val_logits = logits
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['val_accuracy']:.3f}")
             if checkpoint_dir is not None:
-                _save_checkpoint(Path(checkpoint_dir), config, model, optimizer, scheduler, mixer, data_gen, result)
+                state.save(Path(checkpoint_dir))
     if result.val_logits is None:
         result.val_logits = predict(model, val_inputs, config.eval_batch_size)
     return result
 
 
-def _save_checkpoint(
-    directory: Path,
-    config: FitConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    mixer: HookMixer,
-    data_gen: torch.Generator,
-    result: FitResult,
-) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    optim_state = optimizer.state_dict()
-    for index, state in optim_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = value.detach().contiguous()
-    mixer_state = mixer.state_dict()
-    tensors["rng.data"] = data_gen.get_state()
-    tensors["rng.mixer"] = mixer_state.pop("generator")
-    tensors["result.lams"] = torch.tensor(result.lams, dtype=torch.float32)
-    state = {
-        "format": 1,
-        "config": asdict(config),
-        "epoch": len(result.history),
-        "history": result.history,
-        "scheduler": scheduler.state_dict(),
-        "optimizer_groups": optim_state["param_groups"],
-        "mixer": mixer_state,
-    }
-    text = json.dumps(state, indent=1)
-    atomic_write(directory / CHECKPOINT_WEIGHTS, save(tensors, metadata={"state": text}))
-    atomic_write(directory / CHECKPOINT_STATE, text.encode())
+def _train_epoch(state: "_TrainState", epoch: int, views: torch.Tensor, labels: torch.Tensor, num_classes: int
+                 ) -> float:
+    """One epoch over ``views`` (V, N, ...) in a fresh order, one view drawn per example; the mean loss."""
+    model, mixer, optimizer = state.model, state.mixer, state.optimizer
+    mixer.set_epoch(epoch)
+    _freeze_mode(model)
+    n = labels.shape[0]
+    order = torch.randperm(n, generator=state.data_gen)
+    view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
+    criterion = nn.CrossEntropyLoss()
+    total = torch.zeros(())
+    for start in range(0, n, state.config.batch_size):
+        idx = order[start : start + state.config.batch_size]
+        step = mixer.plan(labels[idx])
+        loss = step.loss(criterion, _check_logits(model(views[view[idx], idx].float()), num_classes))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.scheduler.step()
+        total += loss.detach() * len(idx)
+        if step.mixed:
+            state.result.lams.append(float(step.lam[0]))
+    return float(total) / n
 
 
-def _load_checkpoint(
-    directory: Path,
-    config: FitConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    mixer: HookMixer,
-    data_gen: torch.Generator,
-    result: FitResult,
-) -> None:
-    try:
-        with safe_open(directory / CHECKPOINT_WEIGHTS, framework="pt") as file:
-            state = json.loads((file.metadata() or {}).get("state", "null"))
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise ValueError(f"{CHECKPOINT_WEIGHTS} carries no format-1 hookmix checkpoint state")
-    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: not safetensors (e.g. a pickle)
-        raise ValueError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from None
-    stored = state["config"]
-    wanted = json.loads(json.dumps(asdict(config)))
-    if stored != wanted:
-        diff = {k: (stored.get(k), wanted[k]) for k in wanted if stored.get(k) != wanted[k]}
-        raise ValueError(
-            f"the checkpoint in {directory} was trained with other settings {diff} (stored, requested); "
-            "resume with the same settings or use another --out directory."
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the mixing settings beside the others (their names do not clash): one flat diff."""
+    return {**{k: v for k, v in config.items() if k != "mixing"}, **(config.get("mixing") or {})}
+
+
+@dataclass
+class _TrainState:
+    """Everything a resumed :func:`fit` needs to continue bitwise: weights, optimizer and scheduler,
+    the data and mixer generators, and the result so far. It owns the checkpoint format: one
+    ``checkpoint.safetensors`` (tensors, and the JSON state in its metadata, written atomically) and a
+    readable ``checkpoint.json`` copy; reading never unpickles."""
+
+    config: FitConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    mixer: HookMixer
+    data_gen: torch.Generator
+    result: FitResult
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors and the JSON-serialisable state of this point of training."""
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        optim_state = self.optimizer.state_dict()
+        for index, entries in optim_state["state"].items():
+            for key, value in entries.items():
+                tensors[f"optim.{index}.{key}"] = value.detach().contiguous()
+        mixer_state = self.mixer.state_dict()
+        tensors["rng.data"] = self.data_gen.get_state()
+        tensors["rng.mixer"] = mixer_state.pop("generator")
+        tensors["result.lams"] = torch.tensor(self.result.lams, dtype=torch.float32)
+        state = {
+            "format": 1,
+            "config": asdict(self.config),
+            "epoch": len(self.result.history),
+            "history": self.result.history,
+            "scheduler": self.scheduler.state_dict(),
+            "optimizer_groups": optim_state["param_groups"],
+            "mixer": mixer_state,
+        }
+        return tensors, state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], source: str) -> None:
+        """Restore :meth:`state_dict`; ``source`` names where it came from in the errors."""
+        stored, wanted = _settings(state["config"]), _settings(json.loads(json.dumps(asdict(self.config))))
+        if stored != wanted:
+            diff = {k: (stored.get(k), wanted[k]) for k in wanted if stored.get(k) != wanted[k]}
+            raise ValueError(
+                f"{source} was trained with other settings {diff} (stored, requested); "
+                "resume with the same settings or use another --out directory."
+            )
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        load_state(
+            self.model, weights, f"{source} (another head shape?)",
+            "resume with the same model and layer, or use another --out directory",
         )
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    load_state(
-        model, weights, f"the checkpoint in {directory} (another head shape?)",
-        "resume with the same model and layer, or use another --out directory",
-    )
-    optim_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optim_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(optim_state)
-    scheduler.load_state_dict(state["scheduler"])
-    data_gen.set_state(tensors["rng.data"])
-    mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer"]})
-    result.history.extend(state["history"])
-    result.lams.extend(tensors["result.lams"].tolist())
+        optim_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(optim_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_gen.set_state(tensors["rng.data"])
+        self.mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer"]})
+        self.result.history.extend(state["history"])
+        self.result.lams.extend(tensors["result.lams"].tolist())
+
+    def save(self, directory: Path) -> None:
+        """Write the checkpoint of this point of training into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, state = self.state_dict()
+        text = json.dumps(state, indent=1)
+        atomic_write(directory / CHECKPOINT_WEIGHTS, save(tensors, metadata={"state": text}))
+        atomic_write(directory / CHECKPOINT_STATE, text.encode())
+
+    def load(self, directory: Path) -> None:
+        """Continue from the checkpoint in ``directory``; a ``ValueError`` naming it when it cannot be read
+        or does not fit."""
+        try:
+            with safe_open(directory / CHECKPOINT_WEIGHTS, framework="pt") as file:
+                state = json.loads((file.metadata() or {}).get("state", "null"))
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+            if not isinstance(state, dict) or state.get("format") != 1:
+                raise ValueError(f"{CHECKPOINT_WEIGHTS} carries no format-1 hookmix checkpoint state")
+        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: not safetensors (e.g. a pickle)
+            raise ValueError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from None
+        self.load_state_dict(tensors, state, f"the checkpoint in {directory}")

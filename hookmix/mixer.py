@@ -28,18 +28,18 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hookmix._checks import check_alpha, check_int, is_int
+from hookmix._checks import check_int, is_int
 from hookmix._tree import tensor_leaves
 from hookmix._wrappers import refuse_replicas, unwrap
 from hookmix.layers import INPUT, OUTPUT, check_resolved_mix_points, resolve_layers
 from hookmix.layouts import LAYOUTS, channel_axes, check_layout, layout_of
 from hookmix.mixing import Cut, mix_structure
 from hookmix.plan import MixPlan, PlanSampler, identity_plan
+from hookmix.settings import MixSettings
 from hookmix.targets import (
     KINDS,
     MixStep,
     check_classes,
-    check_label_smoothing,
     excluded_rows,
     infer_kind,
     validate_targets,
@@ -146,12 +146,16 @@ class HookMixer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         refuse_replicas(model)
         model = unwrap(model)
+        settings = MixSettings(
+            alpha=alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, lam_mode=lam_mode, prob=prob,
+            dominant=dominant, mode=mode, weights=weights, stop_step=stop_step, stop_epoch=stop_epoch,
+            label_smoothing=label_smoothing, exclude_classes=exclude_classes,
+        )
         if num_classes is not None:
             check_int("num_classes", num_classes, 2, " (or None)")
         if targets not in KINDS:
             raise ValueError(f"targets={targets!r} is not one of {KINDS}.")
-        check_label_smoothing(label_smoothing)
-        if label_smoothing and num_classes is None:
+        if settings.label_smoothing and num_classes is None:
             raise ValueError("label_smoothing needs num_classes=C to know the uniform share s / C.")
         check_int("batch_dim", batch_dim, 0, " (0 for batch-first, 1 for sequence-first)")
         if prefix_tokens is None:
@@ -160,24 +164,10 @@ class HookMixer:
         resolved = resolve_layers(model, layers)
         check_resolved_mix_points(model, resolved, strict, mode=mode, stacklevel=3)
         self._model = model
-        self._sampler = PlanSampler(
-            resolved,
-            alpha=alpha,
-            cutmix_alpha=cutmix_alpha,
-            switch_prob=switch_prob,
-            stop_step=stop_step,
-            stop_epoch=stop_epoch,
-            lam_mode=lam_mode,
-            prob=prob,
-            dominant=dominant,
-            mode=mode,
-            weights=weights,
-            seed=seed,
-        )
+        self._sampler = PlanSampler(resolved, settings, seed=seed)
         self.num_classes = num_classes
         self.target_kind = targets
-        self.label_smoothing = float(label_smoothing)
-        self._excluded = check_classes("exclude_classes", exclude_classes, num_classes)
+        self._excluded = check_classes(settings.exclude_classes, num_classes)
         self.batch_dim = batch_dim
         self.validate = bool(validate)
         self._layouts = check_layout(layout, resolved)
@@ -249,7 +239,7 @@ class HookMixer:
 
     def _layout(self, name: str, t: torch.Tensor) -> str | None:
         """The layout cutmix uses for ``t``, a leaf of layer ``name``'s output (``None``: interpolate it)."""
-        if self._sampler.cutmix_alpha == 0:
+        if self._sampler.settings.cutmix_alpha == 0:
             return None
         if self.batch_dim != 0:
             return "LNC" if self.batch_dim == 1 and t.dim() == 3 else None
@@ -390,7 +380,7 @@ class HookMixer:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        self._sampler.alpha = check_alpha(value, allow_zero=self._sampler.cutmix_alpha > 0)
+        self._sampler.alpha = value
 
     @property
     def epoch(self) -> int:
@@ -494,7 +484,8 @@ class HookMixer:
         kind = infer_kind(targets, self.num_classes) if self.target_kind == "auto" else self.target_kind
         index_max = None
         if self.validate:
-            index_max = validate_targets(targets, kind, self.num_classes, label_smoothing=self.label_smoothing)
+            smoothing = self._sampler.settings.label_smoothing
+            index_max = validate_targets(targets, kind, self.num_classes, label_smoothing=smoothing)
         return kind, index_max
 
     def _step(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None, index_max: int | None) -> MixStep:
@@ -503,8 +494,8 @@ class HookMixer:
             y=targets,
             kind=kind,
             num_classes=self.num_classes,
-            label_smoothing=self.label_smoothing if kind in ("index", "label", "multilabel") else 0.0,
-            uniform_lam=self._sampler.lam_mode == "batch" and self._excluded is None,
+            label_smoothing=self._sampler.settings.label_smoothing if kind in ("index", "label", "multilabel") else 0.0,
+            uniform_lam=self._sampler.settings.lam_mode == "batch" and self._excluded is None,
             index_max=index_max,
         )
 
@@ -536,6 +527,6 @@ class HookMixer:
 
     def __repr__(self) -> str:
         return (
-            f"HookMixer(layers={list(self.layers)}, alpha={self.alpha}, mode={self._sampler.mode!r}, "
+            f"HookMixer(layers={list(self.layers)}, alpha={self.alpha}, mode={self._sampler.settings.mode!r}, "
             f"steps={self.steps}, closed={self.closed})"
         )

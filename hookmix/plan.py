@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from hookmix._checks import check_alpha, check_int, check_probability
+from hookmix._checks import check_alpha, check_int
+from hookmix.settings import MixSettings
 
-LAM_MODES = ("batch", "sample")
 TOKEN_SLOTS = 1024
 """Virtual token slots R drawn per cutmix plan: token cutmix works on layers with up to R swappable tokens."""
 
@@ -103,72 +103,34 @@ def _random_cycle(batch_size: int, generator: torch.Generator) -> torch.Tensor:
     return perm
 
 
-def _check_stop(argument: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    return check_int(argument, value, 0, " (mixing stops from that index on) or None")
-
-
 class PlanSampler:
     """Draws :class:`MixPlan` s from a private ``torch.Generator``.
 
     Args:
         layers: candidate layer names; one is drawn per step (manifold mixup), or all are used together
-            when ``mode="all"``.
-        alpha: mixup λ ~ Beta(alpha, alpha); 0 turns mixup off (then ``cutmix_alpha`` must be > 0).
-        cutmix_alpha: cutmix λ ~ Beta(cutmix_alpha, cutmix_alpha); 0 (default) turns cutmix off.
-        switch_prob: with both on, the probability that a step uses cutmix rather than mixup (timm's
-            ``switch_prob``).
-        lam_mode: ``"batch"`` — one λ (and one cutmix box / token subset) for the whole batch, as in the
-            mixup paper and timm — or ``"sample"`` — one per row (vectorised, no Python loop).
-        prob: probability that a step mixes at all.
-        dominant: draw ``max(λ, 1-λ)`` so each row's own sample dominates (fastai's choice).
-        mode: ``"one"`` (one layer per step) or ``"all"`` (every layer, same plan, one forward).
-        weights: relative probability of each layer for ``mode="one"`` (uniform by default).
-        stop_step / stop_epoch: no mixing from this step / epoch on (e.g. plain training for the last
-            epochs); the epoch is what :meth:`set_epoch` was last told.
+            when ``settings.mode == "all"``.
+        settings: how to mix (:class:`~hookmix.settings.MixSettings`: α, cutmix, λ per batch or row,
+            probability, layer weights, schedule); ``alpha`` stays settable between steps.
         seed: seed of the generator; ``None`` draws a seed from the OS once.
 
     Every step draws the same things in the same order whether or not it ends up mixing, so a
-    schedule change never shifts the plans of later steps.
+    schedule change never shifts the plans of later steps. ``stop_epoch`` counts the epoch that
+    :meth:`set_epoch` was last told.
     """
 
     def __init__(
-        self,
-        layers: Sequence[str],
-        *,
-        alpha: float = 0.4,
-        cutmix_alpha: float = 0.0,
-        switch_prob: float = 0.5,
-        lam_mode: str = "batch",
-        prob: float = 1.0,
-        dominant: bool = False,
-        mode: str = "one",
-        weights: Sequence[float] | None = None,
-        stop_step: int | None = None,
-        stop_epoch: int | None = None,
-        seed: int | None = None,
+        self, layers: Sequence[str], settings: MixSettings = MixSettings(), *, seed: int | None = None
     ) -> None:
-        self.alpha = check_alpha(alpha, allow_zero=True)
-        self.cutmix_alpha = check_alpha(cutmix_alpha, "cutmix_alpha", allow_zero=True)
-        if self.alpha == 0 and self.cutmix_alpha == 0:
-            raise ValueError("alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
-                             "cutmix_alpha=1.0 (cutmix), or both.")
-        self.switch_prob = check_probability("switch_prob", switch_prob)
-        if lam_mode not in LAM_MODES:
-            raise ValueError(f"lam_mode={lam_mode!r} is not one of {LAM_MODES}; use 'batch' or 'sample'.")
-        if mode not in ("one", "all"):
-            raise ValueError(
-                f"mode={mode!r} is not 'one' (one layer drawn per step) or 'all' (every layer each step)."
-            )
+        if not isinstance(settings, MixSettings):
+            raise TypeError(f"settings must be a hookmix.MixSettings, got {type(settings).__name__}.")
         self.layers = tuple(layers)
-        self.lam_mode = lam_mode
-        self.prob = check_probability("prob", prob)
-        self.dominant = bool(dominant)
-        self.mode = mode
-        self._weights = self._check_weights(weights)
-        self.stop_step = _check_stop("stop_step", stop_step)
-        self.stop_epoch = _check_stop("stop_epoch", stop_epoch)
+        self.settings = settings
+        if settings.weights is not None and len(settings.weights) != len(self.layers):
+            raise ValueError(
+                f"weights has {len(settings.weights)} entries but layers resolved to {len(self.layers)} names "
+                f"{list(self.layers)}; give one weight per layer."
+            )
+        self._weights = torch.tensor(settings.weights or [1.0] * len(self.layers), dtype=torch.float64)
         self.epoch = 0
         self.generator = torch.Generator()
         self.seed = int(seed) if seed is not None else int(torch.seed())
@@ -176,57 +138,52 @@ class PlanSampler:
         self.steps = 0
         self.mixed_steps = 0
 
-    def _check_weights(self, weights: Sequence[float] | None) -> torch.Tensor:
-        if weights is None:
-            return torch.ones(len(self.layers), dtype=torch.float64)
-        if self.mode == "all":
-            raise ValueError("weights= only applies to mode='one' (one layer drawn per step); drop it for 'all'.")
-        w = torch.as_tensor(list(weights), dtype=torch.float64)
-        if w.shape != (len(self.layers),):
-            raise ValueError(
-                f"weights has {w.numel()} entries but layers resolved to {len(self.layers)} names "
-                f"{list(self.layers)}; give one weight per layer."
-            )
-        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights={list(weights)!r} must be finite, >= 0 and not all zero.")
-        return w
+    @property
+    def alpha(self) -> float:
+        """Mixup's λ ~ Beta(alpha, alpha); may change between steps (0 only while cutmix is on)."""
+        return self.settings.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.settings = replace(self.settings, alpha=check_alpha(value, allow_zero=self.settings.cutmix_alpha > 0))
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the sampler the current epoch (for ``stop_epoch``)."""
         self.epoch = check_int("epoch", epoch, 0)
 
     def _scheduled(self, step: int) -> bool:
-        return (self.stop_step is None or step < self.stop_step) and (
-            self.stop_epoch is None or self.epoch < self.stop_epoch
-        )
+        stop_step, stop_epoch = self.settings.stop_step, self.settings.stop_epoch
+        return (stop_step is None or step < stop_step) and (stop_epoch is None or self.epoch < stop_epoch)
 
     def _use_cutmix(self, coin: torch.Tensor) -> bool:
-        if self.cutmix_alpha == 0:
+        if self.settings.cutmix_alpha == 0:
             return False
-        return self.alpha == 0 or bool(coin < self.switch_prob)
+        return self.settings.alpha == 0 or bool(coin < self.settings.switch_prob)
 
     def draw(self, batch_size: int) -> MixPlan:
         """Draw the plan of the next step for a batch of ``batch_size`` rows (on the CPU)."""
-        step = self.steps
+        step, settings = self.steps, self.settings
         self.steps += 1
         g = self.generator
         coin, switch = torch.rand(2, generator=g, dtype=torch.float64)
         layer_index = torch.multinomial(self._weights, 1, generator=g)
         cutmix = self._use_cutmix(switch)
-        n_lam = batch_size if self.lam_mode == "sample" else 1
-        alpha = self.cutmix_alpha if cutmix else self.alpha
+        n_lam = batch_size if settings.lam_mode == "sample" else 1
+        alpha = settings.cutmix_alpha if cutmix else settings.alpha
         concentration = torch.full((n_lam, 2), alpha, dtype=torch.float64)
+        # Beta(α, α) is the first coordinate of Dirichlet(α, α). torch.distributions.Beta draws from the
+        # global RNG only; the private _sample_dirichlet is what it calls, and it takes our generator.
         lam = torch._sample_dirichlet(concentration, generator=g)[:, 0].float()
         perm = _random_cycle(batch_size, g)
         centers = token_scores = None
         if cutmix:
             centers = torch.rand(n_lam, 2, generator=g).expand(batch_size, 2).contiguous()
             token_scores = torch.rand(n_lam, TOKEN_SLOTS, generator=g).expand(batch_size, TOKEN_SLOTS).contiguous()
-        if batch_size < 2 or coin >= self.prob or not self._scheduled(step):
+        if batch_size < 2 or coin >= settings.prob or not self._scheduled(step):
             return identity_plan(batch_size, step)
-        if self.dominant:
+        if settings.dominant:
             lam = torch.maximum(lam, 1.0 - lam)
-        layers = self.layers if self.mode == "all" else (self.layers[int(layer_index)],)
+        layers = self.layers if settings.mode == "all" else (self.layers[int(layer_index)],)
         self.mixed_steps += 1
         return MixPlan(
             lam=lam.expand(batch_size).contiguous(),
@@ -239,7 +196,7 @@ class PlanSampler:
             token_scores=token_scores,
         )
 
-    _SETTINGS = ("alpha", "cutmix_alpha", "switch_prob", "prob", "stop_step", "stop_epoch", "epoch")
+    _SETTINGS = ("alpha", "cutmix_alpha", "switch_prob", "prob", "stop_step", "stop_epoch")
 
     def state_dict(self) -> dict[str, Any]:
         """Generator state, counters, schedule and settings: enough to continue the exact stream."""
@@ -249,29 +206,25 @@ class PlanSampler:
             "steps": self.steps,
             "mixed_steps": self.mixed_steps,
             "layers": list(self.layers),
-            "mode": self.mode,
-            "lam_mode": self.lam_mode,
-            **{name: getattr(self, name) for name in self._SETTINGS},
+            "mode": self.settings.mode,
+            "lam_mode": self.settings.lam_mode,
+            "epoch": self.epoch,
+            **{name: getattr(self.settings, name) for name in self._SETTINGS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; refuses a state saved for other layers or another mode."""
         for key in ("layers", "mode", "lam_mode"):
             stored = tuple(state[key]) if key == "layers" else state[key]
-            mine = self.layers if key == "layers" else getattr(self, key)
+            mine = self.layers if key == "layers" else getattr(self.settings, key)
             if stored != mine:
                 raise ValueError(
                     f"state_dict was saved with {key}={stored!r} but this mixer has {key}={mine!r}; "
                     "create the mixer with the same settings before loading."
                 )
+        self.settings = replace(self.settings, **{name: state[name] for name in self._SETTINGS})
         self.generator.set_state(state["generator"])
         self.seed = int(state["seed"])
         self.steps = int(state["steps"])
         self.mixed_steps = int(state["mixed_steps"])
-        self.alpha = check_alpha(state["alpha"], allow_zero=True)
-        self.cutmix_alpha = check_alpha(state["cutmix_alpha"], "cutmix_alpha", allow_zero=True)
-        self.switch_prob = check_probability("switch_prob", state["switch_prob"])
-        self.prob = check_probability("prob", state["prob"])
-        self.stop_step = _check_stop("stop_step", state["stop_step"])
-        self.stop_epoch = _check_stop("stop_epoch", state["stop_epoch"])
         self.set_epoch(int(state["epoch"]))

@@ -20,12 +20,12 @@ target smoothed over its two values, timm's ``Mixup`` for multi-label).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from hookmix._checks import check_class_indices, is_int, is_number
+from hookmix._checks import check_class_indices
 from hookmix.mixing import mix_tensor
 from hookmix.plan import MixPlan
 
@@ -145,30 +145,18 @@ def excluded_rows(y: torch.Tensor, kind: str, classes: torch.Tensor) -> torch.Te
     return present[:, classes.to(y.device)].any(dim=1)
 
 
-def check_label_smoothing(value: Any) -> float:
-    """Validate a label-smoothing share: a number in ``[0, 1)``."""
-    if not is_number(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"label_smoothing={value!r} must be a number in [0, 1).")
-    return float(value)
-
-
-def check_classes(argument: str, classes: Sequence[int] | None, num_classes: int | None) -> torch.Tensor | None:
-    """Validate ``exclude_classes`` against ``num_classes``; returns them as an int64 tensor."""
+def check_classes(classes: tuple[int, ...] | None, num_classes: int | None) -> torch.Tensor | None:
+    """``exclude_classes`` (types checked by :class:`~hookmix.settings.MixSettings`) against
+    ``num_classes``; returns them as an int64 tensor."""
     if classes is None:
         return None
-    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
-        raise TypeError(f"{argument} must be a list of class indices, got {type(classes).__name__}.")
-    bad = [c for c in classes if not is_int(c)]
-    if bad:
-        raise TypeError(f"{argument} must hold int class indices, got {bad!r}.")
-    out_of_range = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
+    out_of_range = [c for c in classes if num_classes is not None and c >= num_classes]
     if out_of_range:
-        limit = f"in [0, {num_classes - 1}]" if num_classes is not None else ">= 0"
         raise ValueError(
-            f"{argument}={list(classes)!r} has {out_of_range}, but class indices must be {limit}; list only "
-            "existing classes (or fix num_classes)."
+            f"exclude_classes={list(classes)!r} has {out_of_range}, but class indices must be in "
+            f"[0, {num_classes - 1}]; list only existing classes (or fix num_classes)."
         )
-    return torch.tensor(sorted(set(classes)), dtype=torch.long)
+    return torch.tensor(classes, dtype=torch.long)
 
 
 def _row_weights(criterion: Any, y: torch.Tensor) -> torch.Tensor:

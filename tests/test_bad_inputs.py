@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hookmix import CacheKey, FeatureCache, FitConfig, HookMixer, fit
+from hookmix import CacheKey, FeatureCache, FitConfig, HookMixer, MixSettings, fit
 from hookmix.app.cli import main
 from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.models import create_model, resolve_model
@@ -128,7 +128,7 @@ def checkpoint_of_other_head(tmp_path: Path) -> None:
 
 def checkpoint_of_other_settings(tmp_path: Path) -> None:
     fit_small(checkpoint_dir=tmp_path)
-    fit_small(config=FitConfig(epochs=1, alpha=1.0), checkpoint_dir=tmp_path, resume=True)
+    fit_small(config=FitConfig(epochs=1, mixing=MixSettings(alpha=1.0)), checkpoint_dir=tmp_path, resume=True)
 
 
 CACHE_KEY = CacheKey(model="test:pool", layer="pool", input_size=(3, 4, 4), transform="none")
@@ -285,13 +285,13 @@ CASES: dict[str, Bad] = {
                                        ("model (Linear)", "requires_grad=True", "requires_grad_(True)")),
     "epochs 0": Bad(lambda _: FitConfig(epochs=0), ValueError, ("epochs=0", "int >= 1")),
     "lr NaN": Bad(lambda _: FitConfig(lr=NAN), ValueError, ("lr=nan", "finite number > 0")),
-    "FitConfig alpha NaN": Bad(lambda _: FitConfig(alpha=NAN), ValueError, ("alpha=nan", "finite", "alpha=0.4")),
-    "FitConfig lam_mode": Bad(lambda _: FitConfig(lam_mode="row"), ValueError, ("lam_mode='row'", "'sample'")),
-    "FitConfig switch_prob": Bad(lambda _: FitConfig(cutmix_alpha=1.0, switch_prob=2), ValueError,
+    "FitConfig alpha NaN": Bad(lambda _: FitConfig(mixing=MixSettings(alpha=NAN)), ValueError, ("alpha=nan", "finite", "alpha=0.4")),
+    "FitConfig lam_mode": Bad(lambda _: FitConfig(mixing=MixSettings(lam_mode="row")), ValueError, ("lam_mode='row'", "'sample'")),
+    "FitConfig switch_prob": Bad(lambda _: FitConfig(mixing=MixSettings(cutmix_alpha=1.0, switch_prob=2)), ValueError,
                                  ("switch_prob=2",)),
-    "FitConfig label_smoothing": Bad(lambda _: FitConfig(label_smoothing=1.0), ValueError,
+    "FitConfig label_smoothing": Bad(lambda _: FitConfig(mixing=MixSettings(label_smoothing=1.0)), ValueError,
                                      ("label_smoothing=1.0", "[0, 1)")),
-    "fit alpha negative": Bad(lambda _: fit_small(config=FitConfig(epochs=1, alpha=-1.0)), ValueError,
+    "fit alpha negative": Bad(lambda _: fit_small(config=FitConfig(epochs=1, mixing=MixSettings(alpha=-1.0))), ValueError,
                               ("alpha=-1.0", "alpha=0.4")),
     "val labels out of range": Bad(lambda _: fit_small(val_y=torch.tensor([0, 7])), ValueError,
                                    ("val_labels", "[0, 7]", "num_classes=2", "relabel")),

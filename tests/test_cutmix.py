@@ -10,6 +10,7 @@ from torch import nn
 from hookmix import HookMixer
 from hookmix.mixing import cutmix_tensor
 from hookmix.plan import TOKEN_SLOTS, PlanSampler
+from hookmix.settings import MixSettings
 
 
 def boxes_and_fractions(x, lam, centers):
@@ -121,12 +122,12 @@ def test_exclusion_applies_to_cutmix():
 
 
 def test_switch_probability_between_mixup_and_cutmix():
-    sampler = PlanSampler(["x"], alpha=0.4, cutmix_alpha=1.0, switch_prob=0.3, seed=0)
+    sampler = PlanSampler(["x"], MixSettings(alpha=0.4, cutmix_alpha=1.0, switch_prob=0.3), seed=0)
     methods = [sampler.draw(4).method for _ in range(2000)]
     assert abs(methods.count("cutmix") / 2000 - 0.3) < 0.04
-    assert {PlanSampler(["x"], alpha=0, cutmix_alpha=1.0, seed=0).draw(4).method} == {"cutmix"}
+    assert {PlanSampler(["x"], MixSettings(alpha=0, cutmix_alpha=1.0), seed=0).draw(4).method} == {"cutmix"}
     with pytest.raises(ValueError, match="both methods off"):
-        PlanSampler(["x"], alpha=0)
+        PlanSampler(["x"], MixSettings(alpha=0))
 
 
 def test_mode_all_pastes_one_box_that_keeps_step_lam_at_every_layer():

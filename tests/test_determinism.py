@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hookmix import FitConfig, HookMixer, fit
+from hookmix import FitConfig, HookMixer, MixSettings, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_AT = 12, 5
 MIXED_LAYERS = ("bn", "block")
-FIT_CONFIG = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=5, lam_mode="sample")
+FIT_CONFIG = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=5, mixing=MixSettings(lam_mode="sample"))
 FORWARDS_PER_EPOCH = 5 + 1  # 40 examples / 8 per batch, plus one validation forward
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from hookmix.app.digits import digits_transfer, pretrain_source
 from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, fit
+from hookmix.settings import MixSettings
 from hookmix.split import split
 
 
@@ -28,7 +29,7 @@ def fresh_head(source):
 
 def test_cached_path_equals_hooked_full_forward(task):
     source, data, feats, val = task
-    config = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=3, lam_mode="sample")
+    config = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=3, mixing=MixSettings(lam_mode="sample"))
     _, head = fresh_head(source)
     cached = fit(head, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
     model, _ = fresh_head(source)
@@ -102,7 +103,7 @@ def test_resume_refuses_other_settings_and_other_head(task, tmp_path):
     fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
         checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="alpha"):
-        fit(fresh_head(source)[1], "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=2, alpha=1.0),
+        fit(fresh_head(source)[1], "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=2, mixing=MixSettings(alpha=1.0)),
             num_classes=5, checkpoint_dir=tmp_path, resume=True, progress=False)
     other = nn.Sequential(nn.Flatten(), nn.Linear(256, 5))
     with pytest.raises(ValueError, match="another head shape"):
@@ -158,7 +159,7 @@ def test_stop_epoch_and_cutmix_on_cached_maps(task):
     head.register_forward_pre_hook(lambda m, a: seen.append(["raw", a[0].clone()]) if torch.is_grad_enabled() else None)
     head.get_submodule("head.0").register_forward_pre_hook(
         lambda m, a: seen[-1].append(a[0].detach().clone()) if torch.is_grad_enabled() else None)
-    config = FitConfig(epochs=3, batch_size=16, alpha=0.0, cutmix_alpha=1.0, stop_epoch=2)
+    config = FitConfig(epochs=3, batch_size=16, mixing=MixSettings(alpha=0.0, cutmix_alpha=1.0, stop_epoch=2))
     result = fit(head, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
     assert len(seen) == 3 * 4 and len(result.lams) == 2 * 4  # 50 examples / 16 per batch, mixing in epochs 0, 1
     kept = []

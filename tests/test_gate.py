@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from hookmix import FitConfig, GateWarning, HookMixer, fit
+from hookmix import FitConfig, GateWarning, HookMixer, MixSettings, fit
 from tests.conftest import recover_mix
 
 
@@ -182,7 +182,7 @@ def test_cache_path_equals_the_hooked_loop_on_frozen_vit_and_swin(factory, layer
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3
-    config = FitConfig(epochs=2, batch_size=4, seed=1, lam_mode="sample")
+    config = FitConfig(epochs=2, batch_size=4, seed=1, mixing=MixSettings(lam_mode="sample"))
     hooked = factory()
     hooked_result = fit(hooked, layer, x, y, x[:4], y[:4], config, num_classes=3, progress=False)
     model = factory()

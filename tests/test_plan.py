@@ -5,10 +5,11 @@ import torch
 
 from hookmix._checks import check_alpha
 from hookmix.plan import PlanSampler
+from hookmix.settings import MixSettings
 
 
 def test_lambda_follows_beta_distribution():
-    sampler = PlanSampler(["x"], alpha=0.4, lam_mode="sample", seed=0)
+    sampler = PlanSampler(["x"], MixSettings(alpha=0.4, lam_mode="sample"), seed=0)
     lam = torch.cat([sampler.draw(500).lam for _ in range(20)])
     # Beta(0.4, 0.4): mean 1/2, variance 1 / (4 (2α + 1)) = 1/7.2
     assert abs(lam.mean().item() - 0.5) < 0.02
@@ -17,7 +18,7 @@ def test_lambda_follows_beta_distribution():
 
 
 def test_batch_mode_has_one_lambda_per_step():
-    plan = PlanSampler(["x"], alpha=1.0, seed=1).draw(9)
+    plan = PlanSampler(["x"], MixSettings(alpha=1.0), seed=1).draw(9)
     assert torch.all(plan.lam == plan.lam[0])
 
 
@@ -41,39 +42,39 @@ def test_batch_of_one_does_not_mix():
 
 
 def test_mix_probability_per_step():
-    sampler = PlanSampler(["x"], prob=0.3, seed=0)
+    sampler = PlanSampler(["x"], MixSettings(prob=0.3), seed=0)
     mixed = [sampler.draw(4).mixed for _ in range(2000)]
     assert abs(sum(mixed) / 2000 - 0.3) < 0.04
     assert sampler.mixed_steps == sum(mixed) and sampler.steps == 2000
-    assert not any(PlanSampler(["x"], prob=0.0, seed=0).draw(4).mixed for _ in range(50))
+    assert not any(PlanSampler(["x"], MixSettings(prob=0.0), seed=0).draw(4).mixed for _ in range(50))
 
 
 def test_dominant_keeps_own_sample_heavier():
-    sampler = PlanSampler(["x"], lam_mode="sample", dominant=True, seed=0)
+    sampler = PlanSampler(["x"], MixSettings(lam_mode="sample", dominant=True), seed=0)
     assert (sampler.draw(256).lam >= 0.5).all()
 
 
 def test_layer_draw_follows_weights_and_all_mode():
-    sampler = PlanSampler(["a", "b"], weights=[1, 3], seed=0)
+    sampler = PlanSampler(["a", "b"], MixSettings(weights=[1, 3]), seed=0)
     picks = [sampler.draw(4).layers for _ in range(2000)]
     assert all(len(p) == 1 for p in picks)
     assert abs(sum(p == ("b",) for p in picks) / 2000 - 0.75) < 0.04
-    assert PlanSampler(["a", "b"], mode="all", seed=0).draw(4).layers == ("a", "b")
+    assert PlanSampler(["a", "b"], MixSettings(mode="all"), seed=0).draw(4).layers == ("a", "b")
 
 
 def test_same_seed_same_plans_bitwise():
-    s1, s2 = PlanSampler(["a", "b"], lam_mode="sample", seed=7), PlanSampler(["a", "b"], lam_mode="sample", seed=7)
+    s1, s2 = PlanSampler(["a", "b"], MixSettings(lam_mode="sample"), seed=7), PlanSampler(["a", "b"], MixSettings(lam_mode="sample"), seed=7)
     for b in (5, 8, 3):
         p1, p2 = s1.draw(b), s2.draw(b)
         assert torch.equal(p1.lam, p2.lam) and torch.equal(p1.perm, p2.perm) and p1.layers == p2.layers
 
 
 def test_state_dict_resumes_the_same_stream():
-    full = PlanSampler(["a", "b"], seed=11, prob=0.7)
+    full = PlanSampler(["a", "b"], MixSettings(prob=0.7), seed=11)
     first = [full.draw(6) for _ in range(5)]
     state = full.state_dict()
     rest = [full.draw(6) for _ in range(5)]
-    resumed = PlanSampler(["a", "b"], seed=0, prob=0.7)
+    resumed = PlanSampler(["a", "b"], MixSettings(prob=0.7), seed=0)
     resumed.load_state_dict(state)
     assert resumed.steps == 5 and resumed.mixed_steps == sum(p.mixed for p in first)
     for expected in rest:
@@ -106,4 +107,4 @@ def test_bad_alpha(alpha):
 )
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PlanSampler(["a", "b"], **kwargs)
+        PlanSampler(["a", "b"], MixSettings(**kwargs))

@@ -54,11 +54,11 @@ def _cmd_layers(args: argparse.Namespace) -> None:
 
 def _fit_config(args: argparse.Namespace) -> "FitConfig":
     from hookmix.finetune import FitConfig
+    from hookmix.settings import MixSettings
 
-    return FitConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, mix=not args.no_mix,
-        exclude_classes=tuple(args.exclude_classes) if args.exclude_classes else None, seed=args.seed,
-    )
+    mixing = MixSettings(alpha=args.alpha, exclude_classes=tuple(args.exclude_classes) if args.exclude_classes else None)
+    return FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixing=mixing, mix=not args.no_mix,
+                     seed=args.seed)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -81,7 +81,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         f"{payload['model']} @ {payload['layer']}: {payload['train_examples']} train / {payload['val_examples']} val, "
         f"features {'x'.join(map(str, payload['feature_shape']))} ({payload['cache_bytes_per_example']:,} B/example)"
     )
-    mixing = f"mixup alpha={config.alpha}" if config.mix else "no mixup"
+    mixing = f"mixup alpha={config.mixing.alpha}" if config.mix else "no mixup"
     print(
         f"epoch {final['epoch']}: train loss {final['train_loss']:.4f}, val accuracy {final['val_accuracy']:.4f}, "
         f"NLL {final['val_nll']:.4f}, ECE {final['val_ece']:.4f} ({mixing})"

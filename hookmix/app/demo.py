@@ -25,6 +25,7 @@ from hookmix.app.digits import DigitsCNN, digits_transfer, pretrain_source
 from hookmix.cache import CacheKey, FeatureCache
 from hookmix.finetune import FitConfig, fit
 from hookmix.metrics import mean_ci, reliability
+from hookmix.settings import MixSettings
 from hookmix.split import split
 
 LAYER = "stage2"
@@ -91,7 +92,7 @@ def transfer_experiment(
         train = _features(backbone, data.train_x, data.train_y, f"digits5-9:k{k}:seed{seed}:train")
         val = _features(backbone, data.val_x, data.val_y, f"digits5-9:k{k}:seed{seed}:val")
         for mix in (False, True):
-            config = FitConfig(epochs=n_epochs, batch_size=16, lr=3e-2, alpha=alpha, mix=mix, seed=seed)
+            config = FitConfig(epochs=n_epochs, batch_size=16, lr=3e-2, mixing=MixSettings(alpha=alpha), mix=mix, seed=seed)
             result = fit(
                 _fresh_head(source, seed), "input", train.features, train.labels, val.features[0], val.labels,
                 config, num_classes=data.num_classes, progress=False,

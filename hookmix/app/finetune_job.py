@@ -131,7 +131,7 @@ def run_finetune(spec: JobSpec, config: FitConfig, resume: bool = False) -> dict
     from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
 
     prepared = _prepare(spec, config.seed)
-    check_classes("exclude_classes", config.exclude_classes, len(prepared.classes))  # before the extraction
+    check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
     backbone, head = split(prepared.model, prepared.layer)
     head.requires_grad_(True)
     start = time.perf_counter()
@@ -147,7 +147,7 @@ def run_finetune(spec: JobSpec, config: FitConfig, resume: bool = False) -> dict
     plot_history({label: result.history}, out / "curves.png")
     plot_reliability({label: reliability(result.val_logits, val.labels)}, out / "reliability.png")
     if result.lams:
-        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=config.alpha)
+        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=config.mixing.alpha)
     payload = {
         "model": prepared.model_id,
         "layer": prepared.layer,
