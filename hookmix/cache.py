@@ -14,55 +14,40 @@ at a relative rounding error of at most 2**-11 (about 5e-4; budget ~1e-3 when co
 beyond float16's range (|x| > 65504) are refused rather than stored as inf; pass
 ``dtype=torch.float32`` (bitwise equal to the backbone's output) or ``torch.bfloat16`` then.
 
-On disk (``path=...``) a cache is a directory of safetensors shards, ``shard-00000.safetensors``, ...,
-each holding ``features`` ``(V, n, *F)`` and ``labels`` ``(n, ...)`` for a contiguous range of ``n``
-examples, plus ``manifest.json`` (format version, the :class:`CacheKey` fields, dtype, shapes, count,
-views, bytes per example, and each shard's row range, byte size and sha256). Every file is written
-atomically (temp file in the same directory, then ``os.replace``) and the manifest is rewritten after
-each completed shard, so an interrupted extraction resumes from its last complete shard; a kill may
-leave a ``.*.tmp`` file behind, which is safe to delete. Loading reads only JSON and safetensors
-(never pickle), checks every shard's size and checksum, and refuses any mismatch with a
-``ValueError`` that says what differs and how to fix it. A loaded cache is concatenated into one
-in-memory tensor, so it suits datasets whose features fit in RAM; one directory serves one
-extraction at a time.
+On disk (``path=...``) a cache is a directory of safetensors shards and a JSON manifest, written shard by
+shard and read back only after checking every shard (:mod:`hookmix._cache_format`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import itertools
 import json
-import math
 import re
-import sys
-from collections.abc import Callable, Sized
-from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timezone
+from collections.abc import Sized
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hookmix._cache_format import (
+    FEATURE_DTYPES,
+    MANIFEST_NAME,
+    Manifest,
+    ShardWriter,
+    Sink,
+    bytes_per_example,
+    check_request,
+    dtype_name,
+    read_shard,
+)
 from hookmix._checks import check_int, is_int, modes_restored
-from hookmix._io import atomic_write
 
 __all__ = ["CacheKey", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
-
-FORMAT = "hookmix-feature-cache"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# One completed shard hands (start, stop, features (V, n, *F), labels (n, ...)) to a sink.
-_Sink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-
 
 def transform_fingerprint(transform: object) -> str:
     """A short, stable fingerprint of a preprocessing transform, for :attr:`CacheKey.transform`.
@@ -106,7 +91,7 @@ class CacheKey:
             if not value and name != "dataset":
                 raise ValueError(f"CacheKey {name}='' is empty; give a non-empty string, e.g. 'layer4'.")
         size = self.input_size
-        if not isinstance(size, (tuple, list)) or not size or not all(_is_positive_int(s) for s in size):
+        if not isinstance(size, (tuple, list)) or not size or not all(is_int(s, 1) for s in size):
             raise ValueError(
                 f"CacheKey input_size={size!r} must be a non-empty tuple of positive ints, "
                 "e.g. (3, 224, 224)."
@@ -123,231 +108,6 @@ class CacheKey:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _is_positive_int(value: object) -> bool:
-    return is_int(value, 1)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _bytes_per_example(views: int, feature_shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return views * math.prod(feature_shape) * dtype.itemsize
-
-
-def _shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def _hookmix_version() -> str:
-    try:
-        return importlib.metadata.version("hookmix")
-    except importlib.metadata.PackageNotFoundError:
-        return getattr(sys.modules.get("hookmix"), "__version__", "unknown")
-
-
-def _rebuild_hint(directory: Path) -> str:
-    return f"delete {directory} (or use another --cache directory) and extract again"
-
-
-@dataclass(frozen=True)
-class _Shard:
-    file: str
-    start: int
-    stop: int
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class _Manifest:
-    """The parsed ``manifest.json``; ``shards`` cover rows ``[0, rows_done)`` in order."""
-
-    key: CacheKey
-    dtype: torch.dtype
-    feature_shape: tuple[int, ...]
-    label_dtype: torch.dtype
-    label_shape: tuple[int, ...]
-    count: int
-    views: int
-    shards: tuple[_Shard, ...]
-    created: str
-    hookmix_version: str
-
-    @property
-    def rows_done(self) -> int:
-        return self.shards[-1].stop if self.shards else 0
-
-    @property
-    def complete(self) -> bool:
-        return self.rows_done == self.count
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "hookmix_version": self.hookmix_version,
-                "created": self.created,
-                "key": self.key.as_dict(),
-                "fingerprint": self.key.fingerprint(),
-                "dtype": _dtype_name(self.dtype),
-                "feature_shape": list(self.feature_shape),
-                "label_dtype": _dtype_name(self.label_dtype),
-                "label_shape": list(self.label_shape),
-                "count": self.count,
-                "views": self.views,
-                "bytes_per_example": _bytes_per_example(self.views, self.feature_shape, self.dtype),
-                "shards": [vars(shard) for shard in self.shards],
-            },
-            indent=2,
-        ).encode()
-
-    @classmethod
-    def read(cls, directory: Path) -> _Manifest:
-        """Parse and validate ``directory/manifest.json``; ``ValueError`` when missing or invalid."""
-        path = directory / MANIFEST_NAME
-        if not path.is_file():
-            raise ValueError(
-                f"no feature cache in {directory}: {MANIFEST_NAME} is missing; "
-                "run FeatureCache.extract(..., path=...) to create it."
-            )
-        try:
-            data = json.loads(path.read_bytes())
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            if _get(data, "format", str) != FORMAT or _get(data, "format_version", int) != FORMAT_VERSION:
-                raise ValueError(
-                    f"format {data['format']!r} version {data['format_version']!r} is not "
-                    f"{FORMAT!r} version {FORMAT_VERSION}"
-                )
-            key_data = _get(data, "key", dict)
-            manifest = cls(
-                key=CacheKey(**{f.name: _get(key_data, f.name, object) for f in fields(CacheKey)}),
-                dtype=_parse_dtype(_get(data, "dtype", str)),
-                feature_shape=_shape(_get(data, "feature_shape", list)),
-                label_dtype=_parse_dtype(_get(data, "label_dtype", str)),
-                label_shape=_shape(_get(data, "label_shape", list)),
-                count=_get(data, "count", int),
-                views=_get(data, "views", int),
-                shards=tuple(_parse_shard(s) for s in _get(data, "shards", list)),
-                created=_get(data, "created", str),
-                hookmix_version=_get(data, "hookmix_version", str),
-            )
-            manifest._check_layout()
-        except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(
-                f"{path} is not a valid feature cache manifest ({exc}); {_rebuild_hint(directory)}."
-            ) from exc
-        return manifest
-
-    def _check_layout(self) -> None:
-        if self.dtype not in FEATURE_DTYPES or self.count < 1 or self.views < 1:
-            raise ValueError(f"dtype={self.dtype}, count={self.count}, views={self.views} out of range")
-        previous_stop = 0
-        for index, shard in enumerate(self.shards):
-            if shard.file != _shard_name(index) or shard.start != previous_stop or not (
-                shard.start < shard.stop <= self.count
-            ):
-                raise ValueError(f"shard entry {index} {vars(shard)} breaks the contiguous shard layout")
-            previous_stop = shard.stop
-
-
-def _get(data: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in data:
-        raise ValueError(f"missing field {name!r}")
-    value = data[name]
-    if not (is_int(value) if kind is int else isinstance(value, kind)):
-        raise TypeError(f"field {name!r} should be {kind.__name__}, got {value!r}")
-    return value
-
-
-def _shape(values: list[Any]) -> tuple[int, ...]:
-    if not all(is_int(v, 0) for v in values):
-        raise ValueError(f"shape {values!r} must hold non-negative ints")
-    return tuple(values)
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return dtype
-
-
-def _parse_shard(data: object) -> _Shard:
-    if not isinstance(data, dict):
-        raise TypeError(f"shard entry should be an object, got {data!r}")
-    shard = _Shard(
-        file=_get(data, "file", str),
-        start=_get(data, "start", int),
-        stop=_get(data, "stop", int),
-        bytes=_get(data, "bytes", int),
-        sha256=_get(data, "sha256", str),
-    )
-    if not re.fullmatch(r"[0-9a-f]{64}", shard.sha256):
-        raise ValueError(f"shard {shard.file!r} has an invalid sha256 {shard.sha256!r}")
-    return shard
-
-
-def _check_request(
-    manifest: _Manifest,
-    directory: Path,
-    key: CacheKey,
-    *,
-    dtype: torch.dtype | None,
-    views: int | None,
-    count: int | None,
-) -> None:
-    """Refuse a stored cache whose key, dtype, views or count differ from the requested ones."""
-    if not isinstance(key, CacheKey):
-        raise TypeError(f"key must be a CacheKey, got {type(key).__name__} {key!r}.")
-    stored: dict[str, Any] = {f.name: getattr(manifest.key, f.name) for f in fields(CacheKey)}
-    requested: dict[str, Any] = {f.name: getattr(key, f.name) for f in fields(CacheKey)}
-    stored.update(dtype=_dtype_name(manifest.dtype), views=manifest.views, count=manifest.count)
-    requested.update(dtype=None if dtype is None else _dtype_name(dtype), views=views, count=count)
-    for name, want in requested.items():
-        if want is not None and stored[name] != want:
-            raise ValueError(
-                f"the feature cache in {directory} was built for {name}={stored[name]!r}, but "
-                f"{name}={want!r} was requested; use another --cache directory, or "
-                f"delete {directory} to extract again."
-            )
-
-
-def _read_shard(directory: Path, shard: _Shard, manifest: _Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify one shard (size, sha256, tensor names, dtypes, shapes) and return (features, labels)."""
-    path = directory / shard.file
-    fix = _rebuild_hint(directory)
-    if not path.is_file():
-        raise ValueError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.")
-    size = path.stat().st_size
-    if size != shard.bytes:
-        raise ValueError(
-            f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}."
-        )
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != shard.sha256:
-        raise ValueError(
-            f"shard {path} fails its checksum (sha256 {digest[:12]}..., {MANIFEST_NAME} says "
-            f"{shard.sha256[:12]}...): the file is corrupted or was altered; {fix}."
-        )
-    try:
-        tensors = load_safetensors(data)
-    except SafetensorError as exc:
-        raise ValueError(f"shard {path} is not a valid safetensors file ({exc}); {fix}.") from exc
-    rows = shard.stop - shard.start
-    expected = {
-        "features": (manifest.dtype, (manifest.views, rows, *manifest.feature_shape)),
-        "labels": (manifest.label_dtype, (rows, *manifest.label_shape)),
-    }
-    found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-    if found != expected:
-        raise ValueError(f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {fix}.")
-    return tensors["features"], tensors["labels"]
-
-
 def _backbone_device(backbone: nn.Module) -> torch.device:
     tensor = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -357,7 +117,7 @@ def _run_backbone(
     backbone: nn.Module,
     dataset: Dataset,
     ranges: list[tuple[int, int]],
-    sink: _Sink,
+    sink: Sink,
     *,
     views: int,
     dtype: torch.dtype,
@@ -455,61 +215,6 @@ def _assemble(
     return stacked.contiguous(), view_labels[0].contiguous()
 
 
-class _ShardWriter:
-    """A sink that writes each range as the next shard, then rewrites the manifest (both atomically)."""
-
-    def __init__(
-        self,
-        directory: Path,
-        key: CacheKey,
-        dtype: torch.dtype,
-        views: int,
-        count: int,
-        previous: _Manifest | None,
-    ) -> None:
-        self.directory = directory
-        self.key = key
-        self.dtype = dtype
-        self.views = views
-        self.count = count
-        self.manifest = previous
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.created = previous.created if previous else now
-
-    def __call__(self, start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
-        shards = self.manifest.shards if self.manifest else ()
-        manifest = _Manifest(
-            key=self.key,
-            dtype=self.dtype,
-            feature_shape=tuple(features.shape[2:]),
-            label_dtype=labels.dtype,
-            label_shape=tuple(labels.shape[1:]),
-            count=self.count,
-            views=self.views,
-            shards=shards,
-            created=self.created,
-            hookmix_version=_hookmix_version(),
-        )
-        if self.manifest is not None:
-            _check_consistent(self.manifest, manifest, self.directory)
-        data = save_safetensors({"features": features, "labels": labels})
-        name = _shard_name(len(shards))
-        atomic_write(self.directory / name, data)
-        shard = _Shard(name, start, stop, len(data), hashlib.sha256(data).hexdigest())
-        self.manifest = replace(manifest, shards=(*shards, shard))
-        atomic_write(self.directory / MANIFEST_NAME, self.manifest.to_json())
-
-
-def _check_consistent(before: _Manifest, now: _Manifest, directory: Path) -> None:
-    """Refuse new rows whose feature / label layout differs from the shards already stored."""
-    for name in ("feature_shape", "label_dtype", "label_shape"):
-        if getattr(before, name) != getattr(now, name):
-            raise ValueError(
-                f"rows from {before.rows_done} have {name}={getattr(now, name)}, but the shards already in "
-                f"{directory} have {name}={getattr(before, name)}; {_rebuild_hint(directory)}."
-            )
-
-
 @dataclass(eq=False, repr=False)
 class FeatureCache:
     """Backbone features of a whole dataset, extracted once, to train a head on for many epochs.
@@ -567,7 +272,7 @@ class FeatureCache:
     @property
     def bytes_per_example(self) -> int:
         """Feature bytes per example, all views together (labels excluded): ``V * prod(F) * itemsize``."""
-        return _bytes_per_example(self.views, self.feature_shape, self.dtype)
+        return bytes_per_example(self.views, self.feature_shape, self.dtype)
 
     @classmethod
     def extract(
@@ -627,16 +332,16 @@ class FeatureCache:
             return cls(features, labels, key, batches_run=batches)
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        previous = _Manifest.read(directory) if (directory / MANIFEST_NAME).exists() else None
+        previous = Manifest.read(directory, CacheKey) if (directory / MANIFEST_NAME).exists() else None
         if previous is not None:
-            _check_request(previous, directory, key, dtype=dtype, views=views, count=count)
+            check_request(previous, directory, key, dtype=dtype, views=views, count=count)
             if previous.complete:
                 return cls.load(directory, key, dtype=dtype, views=views)
             for shard in previous.shards:
-                _read_shard(directory, shard, previous)
+                read_shard(directory, shard, previous)
         done = previous.rows_done if previous else 0
         ranges = [(start, min(start + shard_size, count)) for start in range(done, count, shard_size)]
-        writer = _ShardWriter(directory, key, dtype, views, count, previous)
+        writer = ShardWriter(directory, key, dtype, views, count, previous)
         batches = _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
         cache = cls.load(directory, key, dtype=dtype, views=views)
         cache.batches_run = batches
@@ -653,8 +358,8 @@ class FeatureCache:
         incomplete extraction, a missing, truncated or altered shard, or an invalid manifest.
         """
         directory = Path(path)
-        manifest = _Manifest.read(directory)
-        _check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
+        manifest = Manifest.read(directory, CacheKey)
+        check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
         if not manifest.complete:
             raise ValueError(
                 f"the feature cache in {directory} is incomplete ({manifest.rows_done} of {manifest.count} "
@@ -665,7 +370,7 @@ class FeatureCache:
         features = torch.empty(shape, dtype=manifest.dtype)
         labels = torch.empty((manifest.count, *manifest.label_shape), dtype=manifest.label_dtype)
         for shard in manifest.shards:
-            features[:, shard.start : shard.stop], labels[shard.start : shard.stop] = _read_shard(
+            features[:, shard.start : shard.stop], labels[shard.start : shard.stop] = read_shard(
                 directory, shard, manifest
             )
         return cls(features, labels, manifest.key, path=directory)
@@ -677,16 +382,16 @@ class FeatureCache:
         --cache`` read the result; it serves to store caches built in parts (e.g. one per rank, see
         :func:`hookmix.distributed.extract_sharded`). Refuses a directory that already holds a cache.
         """
-        if not _is_positive_int(shard_size):
+        if not is_int(shard_size, 1):
             raise ValueError(f"shard_size={shard_size!r} must be a positive int.")
         if self.dtype not in FEATURE_DTYPES:
-            names = ", ".join(f"torch.{_dtype_name(d)}" for d in FEATURE_DTYPES)
+            names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
             raise ValueError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
         directory = Path(path)
         if (directory / MANIFEST_NAME).exists():
             raise ValueError(f"{directory} already holds a feature cache; delete it or save to another path.")
         directory.mkdir(parents=True, exist_ok=True)
-        writer = _ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
+        writer = ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
         for start in range(0, len(self), shard_size):
             stop = min(start + shard_size, len(self))
             writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
@@ -716,9 +421,9 @@ def _check_extract_args(
     if not isinstance(key, CacheKey):
         raise TypeError(f"key must be a CacheKey, got {type(key).__name__} {key!r}.")
     if dtype not in FEATURE_DTYPES:
-        names = ", ".join(f"torch.{_dtype_name(d)}" for d in FEATURE_DTYPES)
+        names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
         raise ValueError(f"dtype={dtype!r} is not a feature storage dtype; use one of {names}.")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("views", views)):
-        if not _is_positive_int(value):
+        if not is_int(value, 1):
             raise ValueError(f"{name}={value!r} must be a positive int.")
     check_int("num_workers", num_workers, 0, " (0 loads in the main process)")

@@ -31,9 +31,9 @@ from torch.utils.hooks import RemovableHandle
 from hookmix._checks import check_int, is_int
 from hookmix._tree import tensor_leaves
 from hookmix._wrappers import refuse_replicas, unwrap
+from hookmix.blend import Cut, mix_structure
 from hookmix.layers import INPUT, OUTPUT, check_resolved_mix_points, resolve_layers
 from hookmix.layouts import LAYOUTS, channel_axes, check_layout, layout_of
-from hookmix.mixing import Cut, mix_structure
 from hookmix.plan import MixPlan, PlanSampler, identity_plan
 from hookmix.settings import MixSettings
 from hookmix.targets import (

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hookmix._checks import check_class_indices
-from hookmix.mixing import mix_tensor
+from hookmix.blend import mix_tensor
 from hookmix.plan import MixPlan
 
 KINDS = ("auto", "index", "label", "multilabel", "regression")

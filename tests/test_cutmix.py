@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from hookmix import HookMixer
-from hookmix.mixing import cutmix_tensor
+from hookmix.blend import cutmix_tensor
 from hookmix.plan import TOKEN_SLOTS, PlanSampler
 from hookmix.settings import MixSettings
 

@@ -56,7 +56,8 @@ def _fit_config(args: argparse.Namespace) -> "FitConfig":
     from hookmix.finetune import FitConfig
     from hookmix.settings import MixSettings
 
-    mixing = MixSettings(alpha=args.alpha, exclude_classes=tuple(args.exclude_classes) if args.exclude_classes else None)
+    excluded = tuple(args.exclude_classes) if args.exclude_classes else None
+    mixing = MixSettings(alpha=args.alpha, exclude_classes=excluded)
     return FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixing=mixing, mix=not args.no_mix,
                      seed=args.seed)
 

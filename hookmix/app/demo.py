@@ -92,12 +92,13 @@ def transfer_experiment(
         train = _features(backbone, data.train_x, data.train_y, f"digits5-9:k{k}:seed{seed}:train")
         val = _features(backbone, data.val_x, data.val_y, f"digits5-9:k{k}:seed{seed}:val")
         for mix in (False, True):
-            config = FitConfig(epochs=n_epochs, batch_size=16, lr=3e-2, mixing=MixSettings(alpha=alpha), mix=mix, seed=seed)
+            mixing = MixSettings(alpha=alpha)
+            config = FitConfig(epochs=n_epochs, batch_size=16, lr=3e-2, mixing=mixing, mix=mix, seed=seed)
             result = fit(
                 _fresh_head(source, seed), "input", train.features, train.labels, val.features[0], val.labels,
                 config, num_classes=data.num_classes, progress=False,
             )
-            runs.append(Run(k, n_epochs, mix, seed, *(result.final[m] for m in METRICS)))
+            runs.append(Run(k=k, epochs=n_epochs, mix=mix, seed=seed, **{m: result.final[m] for m in METRICS}))
             if n_epochs == max(epochs):
                 entry = curves.setdefault(f"k={k} {'mixup' if mix else 'no mixup'}", Curves(result.history, [], [], []))
                 entry.logits.append(result.val_logits)

@@ -54,6 +54,8 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class _Prepared:
+    """The model, data and cache-key parts one fine-tuning job works on."""
+
     model: torch.nn.Module
     model_id: str
     layer: str
@@ -87,9 +89,14 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
             raise ValueError(f"--data digits uses the embedded {DIGITS_MODEL!r}; drop --model {spec.model}.")
         task = digits_transfer(spec.shots, seed)
         return _Prepared(
-            pretrain_source(seed=0), "hookmix:digits-cnn(seed0)", spec.layer or "stage2",
-            TensorDataset(task.train_x, task.train_y), TensorDataset(task.val_x, task.val_y),
-            task.class_names, tuple(task.train_x.shape[1:]), f"digits:k{spec.shots}:seed{seed}",
+            model=pretrain_source(seed=0),
+            model_id="hookmix:digits-cnn(seed0)",
+            layer=spec.layer or "stage2",
+            train=TensorDataset(task.train_x, task.train_y),
+            val=TensorDataset(task.val_x, task.val_y),
+            classes=task.class_names,
+            input_size=tuple(task.train_x.shape[1:]),
+            transform=f"digits:k{spec.shots}:seed{seed}",
         )
     if spec.model is None:
         raise ValueError("--model is required with an image folder, e.g. --model resnet50.")
@@ -110,8 +117,14 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
     else:
         model_id = f"{model_spec.id}:random-init-seed{seed}"
     return _Prepared(
-        model, model_id, spec.layer, folder.train, folder.val, folder.classes, input_size,
-        transform_fingerprint(folder.transform),
+        model=model,
+        model_id=model_id,
+        layer=spec.layer,
+        train=folder.train,
+        val=folder.val,
+        classes=folder.classes,
+        input_size=input_size,
+        transform=transform_fingerprint(folder.transform),
     )
 
 

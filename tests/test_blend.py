@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hookmix.mixing import mix_structure, mix_tensor
+from hookmix.blend import mix_structure, mix_tensor
 from hookmix.plan import MixPlan
 from tests.conftest import expected_mix
 

@@ -1,4 +1,4 @@
-"""Pure tensor functions that apply a plan's λ and partners to activations.
+"""Blend activations with a plan: interpolate towards the partner (mixup) or paste its positions (cutmix).
 
 These run inside the forward hook on every training step, so each is a couple of tensor ops: no Python
 loop over the batch, no host synchronisation, and one new tensor (the mixed output) per mixed leaf.
