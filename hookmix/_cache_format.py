@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from hookmix._checks import is_int
+from hookmix._errors import UsageError
 from hookmix._io import atomic_write
 
 FORMAT = "hookmix-feature-cache"
@@ -126,7 +127,7 @@ class Manifest:
         module imports this one); ``ValueError`` when missing or invalid."""
         path = directory / MANIFEST_NAME
         if not path.is_file():
-            raise ValueError(
+            raise UsageError(
                 f"no feature cache in {directory}: {MANIFEST_NAME} is missing; "
                 "run FeatureCache.extract(..., path=...) to create it."
             )
@@ -135,7 +136,7 @@ class Manifest:
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             if _get(data, "format", str) != FORMAT or _get(data, "format_version", int) != FORMAT_VERSION:
-                raise ValueError(
+                raise UsageError(
                     f"format {data['format']!r} version {data['format_version']!r} is not "
                     f"{FORMAT!r} version {FORMAT_VERSION}"
                 )
@@ -154,26 +155,26 @@ class Manifest:
             )
             manifest._check_layout()
         except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is not a valid feature cache manifest ({exc}); {rebuild_hint(directory)}."
             ) from exc
         return manifest
 
     def _check_layout(self) -> None:
         if self.dtype not in FEATURE_DTYPES or self.count < 1 or self.views < 1:
-            raise ValueError(f"dtype={self.dtype}, count={self.count}, views={self.views} out of range")
+            raise UsageError(f"dtype={self.dtype}, count={self.count}, views={self.views} out of range")
         previous_stop = 0
         for index, shard in enumerate(self.shards):
             if shard.file != shard_name(index) or shard.start != previous_stop or not (
                 shard.start < shard.stop <= self.count
             ):
-                raise ValueError(f"shard entry {index} {vars(shard)} breaks the contiguous shard layout")
+                raise UsageError(f"shard entry {index} {vars(shard)} breaks the contiguous shard layout")
             previous_stop = shard.stop
 
 
 def _get(data: dict[str, Any], name: str, kind: type) -> Any:
     if name not in data:
-        raise ValueError(f"missing field {name!r}")
+        raise UsageError(f"missing field {name!r}")
     value = data[name]
     if not (is_int(value) if kind is int else isinstance(value, kind)):
         raise TypeError(f"field {name!r} should be {kind.__name__}, got {value!r}")
@@ -182,14 +183,14 @@ def _get(data: dict[str, Any], name: str, kind: type) -> Any:
 
 def _shape(values: list[Any]) -> tuple[int, ...]:
     if not all(is_int(v, 0) for v in values):
-        raise ValueError(f"shape {values!r} must hold non-negative ints")
+        raise UsageError(f"shape {values!r} must hold non-negative ints")
     return tuple(values)
 
 
 def parse_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
+        raise UsageError(f"{name!r} is not a torch dtype")
     return dtype
 
 
@@ -204,7 +205,7 @@ def parse_shard(data: object) -> Shard:
         sha256=_get(data, "sha256", str),
     )
     if not re.fullmatch(r"[0-9a-f]{64}", shard.sha256):
-        raise ValueError(f"shard {shard.file!r} has an invalid sha256 {shard.sha256!r}")
+        raise UsageError(f"shard {shard.file!r} has an invalid sha256 {shard.sha256!r}")
     return shard
 
 
@@ -226,7 +227,7 @@ def check_request(
     requested.update(dtype=None if dtype is None else dtype_name(dtype), views=views, count=count)
     for name, want in requested.items():
         if want is not None and stored[name] != want:
-            raise ValueError(
+            raise UsageError(
                 f"the feature cache in {directory} was built for {name}={stored[name]!r}, but "
                 f"{name}={want!r} was requested; use another --cache directory, or "
                 f"delete {directory} to extract again."
@@ -238,23 +239,23 @@ def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch
     path = directory / shard.file
     fix = rebuild_hint(directory)
     if not path.is_file():
-        raise ValueError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.")
+        raise UsageError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.")
     size = path.stat().st_size
     if size != shard.bytes:
-        raise ValueError(
+        raise UsageError(
             f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}."
         )
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != shard.sha256:
-        raise ValueError(
+        raise UsageError(
             f"shard {path} fails its checksum (sha256 {digest[:12]}..., {MANIFEST_NAME} says "
             f"{shard.sha256[:12]}...): the file is corrupted or was altered; {fix}."
         )
     try:
         tensors = load_safetensors(data)
     except SafetensorError as exc:
-        raise ValueError(f"shard {path} is not a valid safetensors file ({exc}); {fix}.") from exc
+        raise UsageError(f"shard {path} is not a valid safetensors file ({exc}); {fix}.") from exc
     rows = shard.stop - shard.start
     expected = {
         "features": (manifest.dtype, (manifest.views, rows, *manifest.feature_shape)),
@@ -262,7 +263,7 @@ def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch
     }
     found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     if found != expected:
-        raise ValueError(f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {fix}.")
+        raise UsageError(f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {fix}.")
     return tensors["features"], tensors["labels"]
 
 
@@ -315,7 +316,7 @@ def check_consistent(before: Manifest, now: Manifest, directory: Path) -> None:
     """Refuse new rows whose feature / label layout differs from the shards already stored."""
     for name in ("feature_shape", "label_dtype", "label_shape"):
         if getattr(before, name) != getattr(now, name):
-            raise ValueError(
+            raise UsageError(
                 f"rows from {before.rows_done} have {name}={getattr(now, name)}, but the shards already in "
                 f"{directory} have {name}={getattr(before, name)}; {rebuild_hint(directory)}."
             )

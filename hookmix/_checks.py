@@ -13,7 +13,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["check_alpha", "check_class_indices", "check_int", "check_probability", "is_int", "is_number",
+from hookmix._errors import UsageError
+
+__all__ = ["UsageError", "check_alpha", "check_class_indices", "check_int", "check_probability", "is_int", "is_number",
            "modes_restored"]
 
 
@@ -30,7 +32,7 @@ def is_number(value: Any) -> bool:
 def check_int(name: str, value: Any, minimum: int, note: str = "") -> int:
     """``value`` when :func:`is_int` with ``minimum``; else ``ValueError("{name}=... must be an int >= N{note}.")``."""
     if not is_int(value, minimum):
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}{note}.")
+        raise UsageError(f"{name}={value!r} must be an int >= {minimum}{note}.")
     return value
 
 
@@ -39,7 +41,7 @@ def check_probability(name: str, value: Any) -> float:
     if not is_number(value):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__} {value!r}.")
     if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}={value!r} is outside [0, 1]; use e.g. {name}=1.0 to mix every step.")
+        raise UsageError(f"{name}={value!r} is outside [0, 1]; use e.g. {name}=1.0 to mix every step.")
     return float(value)
 
 
@@ -48,7 +50,7 @@ def check_alpha(alpha: Any, argument: str = "alpha", allow_zero: bool = False) -
     if not is_number(alpha):
         raise TypeError(f"{argument} must be a positive number, got {type(alpha).__name__} {alpha!r}.")
     if not math.isfinite(alpha) or alpha < 0 or (alpha == 0 and not allow_zero):
-        raise ValueError(
+        raise UsageError(
             f"{argument}={alpha!r} must be a finite number > 0 (λ ~ Beta({argument}, {argument})); "
             "alpha=0.4 is a good default, lower values keep one sample dominant."
         )
@@ -61,7 +63,7 @@ def check_class_indices(y: torch.Tensor, num_classes: int | None, name: str, fix
     low, high = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
     if low < 0 or (num_classes is not None and high >= num_classes):
         valid = f">= 0 and below num_classes={num_classes}, i.e. in [0, {num_classes - 1}]" if num_classes else ">= 0"
-        raise ValueError(
+        raise UsageError(
             f"{name} must hold class indices {valid}, got values in [{low}, {high}] (it contains "
             f"{low if low < 0 else high}); {fix}."
         )

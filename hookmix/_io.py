@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hookmix._errors import UsageError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -45,4 +47,4 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, fi
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         first = (details[0] if details else str(exc)).rstrip(".")
         first = first if len(first) <= 300 else first[:300] + " ..."
-        raise ValueError(f"{source} does not fit this {type(model).__name__}: {first}; {fix}.") from None
+        raise UsageError(f"{source} does not fit this {type(model).__name__}: {first}; {fix}.") from None

@@ -5,13 +5,15 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from hookmix._errors import UsageError
+
 
 def refuse_replicas(model: nn.Module) -> None:
     """Raise for ``DataParallel`` over several devices: its replicas run one forward each on a slice of
     the batch, while a mix plan (λ, partners) is drawn for the whole batch."""
     while model is not unwrap_once(model):
         if isinstance(model, DataParallel) and len(model.device_ids) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"DataParallel over devices {list(model.device_ids)} splits each batch across replicas, but a mix "
                 "plan pairs rows of the whole batch, so the replicas cannot mix correctly. Use "
                 "DistributedDataParallel (torchrun; one process per device, each mixing its own batch, see "

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from hookmix._errors import UsageError
 from hookmix._tree import map_tensors
 from hookmix.plan import MixPlan
 
@@ -81,7 +82,7 @@ def _token_subset(free: int, lam: torch.Tensor, scores: torch.Tensor) -> Cut:
     """Of ``free`` tokens each row swaps the ``round((1 - lam) * free)`` whose virtual slots score lowest."""
     slots = scores.shape[1]
     if free < 1 or free > slots:
-        raise ValueError(
+        raise UsageError(
             f"token cutmix needs 1..{slots} tokens after the prefix token(s), got {free}; set prefix_tokens= "
             "to the model's class/register tokens."
         )
@@ -102,7 +103,7 @@ def _scaled(cut: Cut, grid: tuple[int, ...], is_box: bool) -> Cut:
         bounds = tuple((low * k, high * k) for (low, high), k in zip(cut.bounds, factors))
         return Cut(grid=grid, bounds=bounds, kept=cut.kept)
     here = Cut(grid=grid, swapped=None if is_box else torch.empty(0))
-    raise ValueError(
+    raise UsageError(
         f"cutmix pastes one cut per forward, first {cut.describe()}, which cannot be scaled exactly to "
         f"{here.describe()}: the layers would keep different areas than the targets use. With mode='all' "
         "list layers that share one grid (e.g. the blocks of one stage) or whose grids are whole multiples "

@@ -46,6 +46,7 @@ from hookmix._cache_format import (
     read_shard,
 )
 from hookmix._checks import check_int, is_int, modes_restored
+from hookmix._errors import UsageError
 
 __all__ = ["CacheKey", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
 
@@ -89,10 +90,10 @@ class CacheKey:
             if not isinstance(value, str):
                 raise TypeError(f"CacheKey {name} must be a string, got {type(value).__name__} {value!r}.")
             if not value and name != "dataset":
-                raise ValueError(f"CacheKey {name}='' is empty; give a non-empty string, e.g. 'layer4'.")
+                raise UsageError(f"CacheKey {name}='' is empty; give a non-empty string, e.g. 'layer4'.")
         size = self.input_size
         if not isinstance(size, (tuple, list)) or not size or not all(is_int(s, 1) for s in size):
-            raise ValueError(
+            raise UsageError(
                 f"CacheKey input_size={size!r} must be a non-empty tuple of positive ints, "
                 "e.g. (3, 224, 224)."
             )
@@ -184,10 +185,10 @@ def _store(out: Any, rows: int, dtype: torch.dtype, first_index: int) -> torch.T
             "that returns the feature tensor you want cached."
         )
     if out.ndim < 1 or out.shape[0] != rows:
-        raise ValueError(f"backbone returned shape {tuple(out.shape)} for a batch of {rows} examples.")
+        raise UsageError(f"backbone returned shape {tuple(out.shape)} for a batch of {rows} examples.")
     stored = out.detach().to(dtype=dtype).cpu()
     if not torch.isfinite(stored).all() and torch.isfinite(out).all():
-        raise ValueError(
+        raise UsageError(
             f"features of examples {first_index}..{first_index + rows - 1} exceed the range of {dtype} "
             f"(max |x| = {out.abs().max().item():.4g}); pass dtype=torch.float32 or torch.bfloat16."
         )
@@ -201,14 +202,14 @@ def _assemble(
     try:
         stacked = torch.stack([torch.cat(view) for view in features])
     except RuntimeError as exc:
-        raise ValueError(
+        raise UsageError(
             f"backbone feature shapes differ between batches near example {start} ({exc}); "
             "every row must have one fixed feature shape."
         ) from exc
     view_labels = [torch.cat(view) for view in labels]
     for view, other in enumerate(view_labels[1:], start=1):
         if not torch.equal(other, view_labels[0]):
-            raise ValueError(
+            raise UsageError(
                 f"view {view} of examples from {start} got different labels than view 0; views are "
                 "passes over the same examples and may differ only in their (augmented) inputs."
             )
@@ -236,11 +237,11 @@ class FeatureCache:
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, torch.Tensor) or self.features.ndim < 2:
-            raise ValueError(f"features must be a (V, N, *F) tensor, got {_describe(self.features)}.")
+            raise UsageError(f"features must be a (V, N, *F) tensor, got {_describe(self.features)}.")
         if not isinstance(self.labels, torch.Tensor) or self.labels.ndim < 1:
-            raise ValueError(f"labels must be an (N, ...) tensor, got {_describe(self.labels)}.")
+            raise UsageError(f"labels must be an (N, ...) tensor, got {_describe(self.labels)}.")
         if self.labels.shape[0] != self.features.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"labels has {self.labels.shape[0]} rows but features {tuple(self.features.shape)} "
                 f"has N={self.features.shape[1]}; they must describe the same examples."
             )
@@ -361,7 +362,7 @@ class FeatureCache:
         manifest = Manifest.read(directory, CacheKey)
         check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
         if not manifest.complete:
-            raise ValueError(
+            raise UsageError(
                 f"the feature cache in {directory} is incomplete ({manifest.rows_done} of {manifest.count} "
                 "examples; its extraction was interrupted); call FeatureCache.extract with the same key "
                 "and path to resume it."
@@ -383,13 +384,13 @@ class FeatureCache:
         :func:`hookmix.distributed.extract_sharded`). Refuses a directory that already holds a cache.
         """
         if not is_int(shard_size, 1):
-            raise ValueError(f"shard_size={shard_size!r} must be a positive int.")
+            raise UsageError(f"shard_size={shard_size!r} must be a positive int.")
         if self.dtype not in FEATURE_DTYPES:
             names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
-            raise ValueError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
+            raise UsageError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
         directory = Path(path)
         if (directory / MANIFEST_NAME).exists():
-            raise ValueError(f"{directory} already holds a feature cache; delete it or save to another path.")
+            raise UsageError(f"{directory} already holds a feature cache; delete it or save to another path.")
         directory.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
         for start in range(0, len(self), shard_size):
@@ -417,13 +418,13 @@ def _check_extract_args(
     if not isinstance(dataset, Sized):
         raise TypeError(f"dataset must be a map-style Dataset with len(), got {type(dataset).__name__}.")
     if len(dataset) == 0:
-        raise ValueError("dataset is empty (len(dataset) == 0); there is nothing to extract.")
+        raise UsageError("dataset is empty (len(dataset) == 0); there is nothing to extract.")
     if not isinstance(key, CacheKey):
         raise TypeError(f"key must be a CacheKey, got {type(key).__name__} {key!r}.")
     if dtype not in FEATURE_DTYPES:
         names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
-        raise ValueError(f"dtype={dtype!r} is not a feature storage dtype; use one of {names}.")
+        raise UsageError(f"dtype={dtype!r} is not a feature storage dtype; use one of {names}.")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("views", views)):
         if not is_int(value, 1):
-            raise ValueError(f"{name}={value!r} must be a positive int.")
+            raise UsageError(f"{name}={value!r} must be a positive int.")
     check_int("num_workers", num_workers, 0, " (0 loads in the main process)")

@@ -28,6 +28,7 @@ import torchvision
 from torch import fx, nn
 
 from hookmix._checks import modes_restored
+from hookmix._errors import UsageError
 
 __all__ = [
     "CutPointWarning",
@@ -46,7 +47,7 @@ class CutPointWarning(UserWarning):
     """A layer chosen for mixing is not a cut point, or the model could not be analysed."""
 
 
-class UntraceableError(ValueError):
+class UntraceableError(UsageError):
     """torch.fx cannot trace the model, so its cut points are unknown; ``reason`` is the tracer's."""
 
     def __init__(self, model_type: str, reason: str) -> None:
@@ -355,7 +356,7 @@ def stage_names(model: nn.Module) -> list[str]:
         points = cut_points(model)
     except UntraceableError as err:
         if not listed:
-            raise ValueError(
+            raise UsageError(
                 f"layers='stages' needs timm's feature_info or the cut-point analysis, which is not possible: "
                 f"{err} Name the layers instead (`hookmix layers MODEL` lists them)."
             ) from None
@@ -364,7 +365,7 @@ def stage_names(model: nn.Module) -> list[str]:
         blocks = [name for name in _blocks(model, points.names) if not points.produces_output(name)]
         stages = [name for name in blocks if name in listed] or _shallowest_level(blocks)
     if not stages:
-        raise ValueError(
+        raise UsageError(
             f"layers='stages': no block (module with submodules) of {type(model).__name__} is a stage; name the "
             "layers instead (`hookmix layers MODEL --mixable` lists the cut points)."
         )

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from hookmix._checks import check_int, is_int
+from hookmix._errors import UsageError
 from hookmix._wrappers import unwrap
 from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache
 
@@ -112,7 +113,7 @@ def _extract_parts_and_merge(backbone: nn.Module, dataset: Dataset, key: CacheKe
     """Each rank extracts its block of rows into ``directory/.parts``; rank 0 then writes the merged cache."""
     count = len(dataset)  # type: ignore[arg-type]
     if count < world:
-        raise ValueError(f"dataset has {count} examples for {world} ranks; extract it without a process group.")
+        raise UsageError(f"dataset has {count} examples for {world} ranks; extract it without a process group.")
     blocks = _row_blocks(count, world)
     parts = [(directory / PARTS_DIR / f"rows-{start}-{stop}", replace(key, dataset=f"{key.dataset}[{start}:{stop}]"))
              for start, stop in blocks]

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hookmix._checks import check_class_indices, check_int, is_number, modes_restored
+from hookmix._errors import UsageError
 from hookmix._io import atomic_write, load_state
 from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
@@ -67,7 +68,7 @@ class FitConfig:
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not is_number(value) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}.")
+                raise UsageError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}.")
         if not isinstance(self.mixing, MixSettings):
             raise TypeError(
                 f"mixing must be a hookmix.MixSettings, got {type(self.mixing).__name__}; e.g. "
@@ -117,7 +118,7 @@ def _freeze_mode(model: nn.Module) -> None:
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(
+        raise UsageError(
             f"model ({type(model).__name__}) has no parameter with requires_grad=True: nothing to train; "
             "unfreeze the head (head.requires_grad_(True))."
         )
@@ -132,7 +133,7 @@ def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str, num_class
             f"{type(labels).__name__}; convert with torch.as_tensor(...)."
         )
     if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(
+        raise UsageError(
             f"{name}_labels must be (N,) integer class indices with N >= 1, got {labels.dtype} "
             f"{tuple(labels.shape)}; use labels.long()."
         )
@@ -141,7 +142,7 @@ def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str, num_class
         return inputs.unsqueeze(0)
     if inputs.dim() > 1 and inputs.shape[1] == labels.shape[0]:
         return inputs
-    raise ValueError(
+    raise UsageError(
         f"{name}_inputs {tuple(inputs.shape)} do not match {labels.shape[0]} {name}_labels: give (N, ...) or "
         "(V, N, ...) with V cached views."
     )
@@ -150,7 +151,7 @@ def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str, num_class
 def _check_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``output`` when it is (B, num_classes) logits; a ``ValueError`` naming both shapes otherwise."""
     if output.dim() != 2 or output.shape[1] != num_classes:
-        raise ValueError(
+        raise UsageError(
             f"model returns {tuple(output.shape)} for a batch of {output.shape[0]} but num_classes={num_classes}; "
             f"give a head with {num_classes} outputs (B, {num_classes}), or the right num_classes."
         )
@@ -196,7 +197,7 @@ def fit(
     """
     check_int("num_classes", num_classes, 2, " (the head's number of outputs)")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir=DIR, the directory the checkpoint was written to.")
+        raise UsageError("resume=True needs checkpoint_dir=DIR, the directory the checkpoint was written to.")
     views = _check_data(train_inputs, train_labels, "train", num_classes)
     _check_data(val_inputs, val_labels, "val", num_classes)
     n = train_labels.shape[0]
@@ -305,7 +306,7 @@ class _TrainState:
         stored, wanted = _settings(state["config"]), _settings(json.loads(json.dumps(asdict(self.config))))
         if stored != wanted:
             diff = {k: (stored.get(k), wanted[k]) for k in wanted if stored.get(k) != wanted[k]}
-            raise ValueError(
+            raise UsageError(
                 f"{source} was trained with other settings {diff} (stored, requested); "
                 "resume with the same settings or use another --out directory."
             )
@@ -342,7 +343,7 @@ class _TrainState:
                 state = json.loads((file.metadata() or {}).get("state", "null"))
                 tensors = {key: file.get_tensor(key) for key in file.keys()}
             if not isinstance(state, dict) or state.get("format") != 1:
-                raise ValueError(f"{CHECKPOINT_WEIGHTS} carries no format-1 hookmix checkpoint state")
+                raise UsageError(f"{CHECKPOINT_WEIGHTS} carries no format-1 hookmix checkpoint state")
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: not safetensors (e.g. a pickle)
-            raise ValueError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from None
+            raise UsageError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from None
         self.load_state_dict(tensors, state, f"the checkpoint in {directory}")

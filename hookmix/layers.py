@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hookmix._checks import modes_restored
+from hookmix._errors import UsageError
 from hookmix._tree import first_tensor
 from hookmix.cutpoints import CutPointWarning, UntraceableError, cut_points, stage_names
 
@@ -46,9 +47,9 @@ def _close_hint(name: str, candidates: Sequence[str]) -> str:
     return f"top-level layers are: {', '.join(top)}" if top else "the model has no submodules"
 
 
-def unknown_layer_error(argument: str, name: str, candidates: Sequence[str]) -> ValueError:
-    """A ``ValueError`` for a layer name that is not in ``candidates``, listing the closest ones."""
-    return ValueError(
+def unknown_layer_error(argument: str, name: str, candidates: Sequence[str]) -> UsageError:
+    """A :class:`~hookmix.UsageError` for a layer name that is not in ``candidates``, listing the closest ones."""
+    return UsageError(
         f"{argument}={name!r} is not a layer of this model; {_close_hint(name, candidates)}. "
         "Use hookmix.list_layers(model, example_input) or `hookmix layers MODEL` to see every name."
     )
@@ -85,7 +86,7 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], argument: str = 
     elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         items = list(spec)
         if not items:
-            raise ValueError(f"{argument}=[] is empty; name at least one layer, e.g. {argument}='layer4'.")
+            raise UsageError(f"{argument}=[] is empty; name at least one layer, e.g. {argument}='layer4'.")
     else:
         raise TypeError(
             f"{argument} must be a layer name, a glob or a list of them, got {type(spec).__name__} {spec!r}."
@@ -105,7 +106,7 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], argument: str = 
             matches = [n for n in names if regex.match(n)]
             if not matches:
                 stem = item.replace("*", "").replace("?", "")
-                raise ValueError(
+                raise UsageError(
                     f"{argument}={item!r} matches no layer of this model ('*' stays inside one dotted "
                     f"part, '**' crosses dots); {_close_hint(stem, names)}."
                 )
@@ -242,7 +243,7 @@ def check_resolved_mix_points(
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}.")
     if mode not in ("one", "all"):
-        raise ValueError(f"mode={mode!r} must be 'one' (one layer per step) or 'all' (every layer each step).")
+        raise UsageError(f"mode={mode!r} must be 'one' (one layer per step) or 'all' (every layer each step).")
     names = [name for name in resolved if name not in PSEUDO_LAYERS]
     if not names or (mode == "all" and any(name in PSEUDO_LAYERS for name in resolved)):
         return
@@ -250,7 +251,7 @@ def check_resolved_mix_points(
         points = cut_points(model, training=True)
     except UntraceableError as err:
         if strict:
-            raise ValueError(
+            raise UsageError(
                 f"strict=True needs the cut-point analysis of {names}, which is not possible: {err} Pass "
                 "strict=False to mix at these layers unchecked."
             ) from None
@@ -270,6 +271,6 @@ def check_resolved_mix_points(
         if (reason := points.why_not(name)) is not None
     ]
     if strict and problems:
-        raise ValueError(" ".join(problems) + " Choose cut points, or pass strict=False to mix there anyway.")
+        raise UsageError(" ".join(problems) + " Choose cut points, or pass strict=False to mix there anyway.")
     for problem in problems:
         warnings.warn(f"{problem} Pass strict=True to make this an error.", CutPointWarning, stacklevel=stacklevel)

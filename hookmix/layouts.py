@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from hookmix._errors import UsageError
 from hookmix.cutpoints import CutPoints, UntraceableError, cut_points
 from hookmix.layers import INPUT, OUTPUT
 
@@ -84,7 +85,7 @@ def check_layout(layout: Any, layers: Sequence[str]) -> dict[str, str]:
     elif isinstance(layout, Mapping):
         unknown = sorted(set(layout) - set(layers))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"layout names {unknown}, which are not among the mixed layers {list(layers)}; key it by those names."
             )
         given = dict(layout)
@@ -94,7 +95,7 @@ def check_layout(layout: Any, layers: Sequence[str]) -> dict[str, str]:
         )
     bad = {name: value for name, value in given.items() if value not in LAYOUTS}
     if bad:
-        raise ValueError(f"layout {bad!r} is not one of {LAYOUTS}; e.g. layout='NHWC' for timm Swin stages.")
+        raise UsageError(f"layout {bad!r} is not one of {LAYOUTS}; e.g. layout='NHWC' for timm Swin stages.")
     return given
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hookmix._checks import check_class_indices, is_int, is_number
+from hookmix._errors import UsageError
 
 __all__ = ["Reliability", "accuracy", "nll", "ece", "reliability", "mean_ci", "evaluate"]
 
@@ -26,23 +27,23 @@ def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             "convert with torch.as_tensor(...)."
         )
     if logits.ndim != 2 or not logits.is_floating_point():
-        raise ValueError(
+        raise UsageError(
             f"logits must be a floating-point (B, C) tensor, got shape {tuple(logits.shape)} and dtype "
             f"{logits.dtype}; flatten extra dimensions and cast with .float()."
         )
     if y.ndim != 1 or y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-        raise ValueError(
+        raise UsageError(
             f"y must be an integer (B,) tensor of class indices, got shape {tuple(y.shape)} and dtype {y.dtype}; "
             "pass hard labels (e.g. soft_targets.argmax(1)), cast with .long()."
         )
     if logits.shape[0] != y.shape[0] or logits.shape[0] == 0:
-        raise ValueError(
+        raise UsageError(
             f"logits has {logits.shape[0]} rows but y has {y.shape[0]} labels; "
             "pass one row per label, at least one."
         )
     check_class_indices(y, logits.shape[1], "y", "relabel y or check the number of classes (the logits' columns)")
     if torch.isnan(logits).any():
-        raise ValueError("logits contains NaN; the model diverged or the input holds NaN.")
+        raise UsageError("logits contains NaN; the model diverged or the input holds NaN.")
     return y.to(logits.device)
 
 
@@ -94,7 +95,7 @@ def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reli
     """
     y = _check_logits_labels(logits, y)
     if not is_int(n_bins, 1):
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
+        raise UsageError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
     confidence, predicted = logits.detach().double().softmax(dim=1).max(dim=1)
     correct = (predicted == y).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=confidence.device)
@@ -176,9 +177,9 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
         raise TypeError(f"values must be a sequence of numbers, got {type(values).__name__}; pass a list.")
     numbers = [float(v) for v in values]
     if not numbers or not all(math.isfinite(v) for v in numbers):
-        raise ValueError(f"values must be a non-empty list of finite numbers, got {list(values)!r}.")
+        raise UsageError(f"values must be a non-empty list of finite numbers, got {list(values)!r}.")
     if not is_number(level) or not 0.0 < level < 1.0:
-        raise ValueError(f"level must be a confidence level in (0, 1), got {level!r}; e.g. level=0.95.")
+        raise UsageError(f"level must be a confidence level in (0, 1), got {level!r}; e.g. level=0.95.")
     n = len(numbers)
     mean = math.fsum(numbers) / n
     if n == 1:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hookmix._checks import check_int, is_int
+from hookmix._errors import UsageError
 from hookmix._tree import tensor_leaves
 from hookmix._wrappers import refuse_replicas, unwrap
 from hookmix.blend import Cut, mix_structure
@@ -154,9 +155,9 @@ class HookMixer:
         if num_classes is not None:
             check_int("num_classes", num_classes, 2, " (or None)")
         if targets not in KINDS:
-            raise ValueError(f"targets={targets!r} is not one of {KINDS}.")
+            raise UsageError(f"targets={targets!r} is not one of {KINDS}.")
         if settings.label_smoothing and num_classes is None:
-            raise ValueError("label_smoothing needs num_classes=C to know the uniform share s / C.")
+            raise UsageError("label_smoothing needs num_classes=C to know the uniform share s / C.")
         check_int("batch_dim", batch_dim, 0, " (0 for batch-first, 1 for sequence-first)")
         if prefix_tokens is None:
             prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
@@ -248,7 +249,7 @@ class HookMixer:
         given = self._layouts.get(name)
         if given is not None:
             if len(given) != t.dim():
-                raise ValueError(
+                raise UsageError(
                     f"layout={given!r} was given for layer {name!r}, but it produced a {t.dim()}-D tensor "
                     f"{tuple(t.shape)}; give a {t.dim()}-letter layout "
                     f"({', '.join(repr(x) for x in LAYOUTS if len(x) == t.dim())})."
@@ -256,7 +257,7 @@ class HookMixer:
             return given
         found = layout_of(self._axes.get(name), t.dim())
         if found is None:
-            raise ValueError(
+            raise UsageError(
                 f"cutmix at layer {name!r} needs to know which axes of its output {tuple(t.shape)} are positions and "
                 f"which are channels, and {type(self._model).__name__} does not say (hookmix reads it from the traced "
                 f"graph or timm's output_fmt). Pass layout={{{name!r}: 'NCHW'}} (or 'NHWC', 'NCL', 'NLC' for tokens) "
@@ -276,7 +277,7 @@ class HookMixer:
             layout=functools.partial(self._layout, name), cut=replay if replaying else self._cut,
         )
         if count == 0:
-            raise ValueError(
+            raise UsageError(
                 f"layer {name!r} produced {_describe(obj)}: no floating tensor has the plan's batch size "
                 f"{plan.batch_size} on batch_dim={self.batch_dim}. The plan's batch size comes from the "
                 "targets given to plan(); pass this batch's targets, set batch_dim for sequence-first "
@@ -345,7 +346,7 @@ class HookMixer:
             return None
         mixing = [(plan, cut) for plan, cut in replays if plan is not None and plan.mixed and name in plan.layers]
         if len(replays) > 1 and mixing:
-            raise ValueError(
+            raise UsageError(
                 f"layer {name!r} is being recomputed inside a backward (gradient checkpointing) that runs through "
                 f"{len(replays)} forwards of the model at once, so hookmix cannot tell which plan to mix it with. "
                 "Call backward after each forward (e.g. loss.backward() per micro-batch when accumulating "
@@ -414,14 +415,14 @@ class HookMixer:
         armed, problem = self._armed, self._problem
         self._armed = self._problem = None
         if armed is not None:
-            raise ValueError(
+            raise UsageError(
                 f"the plan of step {armed.step} was never used: no training forward of the "
                 f"{type(self._model).__name__} given to HookMixer ran since the last plan(). Call the model "
                 "exactly once after each mixer.plan(y), in train mode with grad enabled; a forward of "
                 "another module (a wrapper, a submodule) does not count."
             )
         if problem is not None:
-            raise ValueError(problem)
+            raise UsageError(problem)
 
     def plan(
         self,
@@ -444,23 +445,23 @@ class HookMixer:
         Raises ``ValueError`` if the previous plan was never used by a forward or never reached its layer.
         """
         if self.closed:
-            raise ValueError("this HookMixer is closed (its hooks were removed); create a new one.")
+            raise UsageError("this HookMixer is closed (its hooks were removed); create a new one.")
         self._check_previous()
         kind, index_max = self._target_kind(targets)
         if targets is not None:
             if batch_size is not None and batch_size != targets.shape[0]:
-                raise ValueError(
+                raise UsageError(
                     f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them."
                 )
             batch_size = targets.shape[0]
         elif not is_int(batch_size, 1):
-            raise ValueError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
+            raise UsageError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
         if device is None:
             device = targets.device if targets is not None else self._model_device()
         if not self._gate():
             return self._step(identity_plan(batch_size, self._sampler.steps, device), targets, kind, index_max)
         if self._excluded is not None and (targets is None or kind == "regression"):
-            raise ValueError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
+            raise UsageError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
         plan = self._sampler.draw(batch_size).to(device)
         if self._excluded is not None and plan.mixed:
             excluded = excluded_rows(targets, kind, self._excluded).to(device)

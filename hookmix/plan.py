@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from hookmix._checks import check_alpha, check_int
+from hookmix._errors import UsageError
 from hookmix.settings import MixSettings
 
 TOKEN_SLOTS = 1024
@@ -126,7 +127,7 @@ class PlanSampler:
         self.layers = tuple(layers)
         self.settings = settings
         if settings.weights is not None and len(settings.weights) != len(self.layers):
-            raise ValueError(
+            raise UsageError(
                 f"weights has {len(settings.weights)} entries but layers resolved to {len(self.layers)} names "
                 f"{list(self.layers)}; give one weight per layer."
             )
@@ -218,7 +219,7 @@ class PlanSampler:
             stored = tuple(state[key]) if key == "layers" else state[key]
             mine = self.layers if key == "layers" else getattr(self.settings, key)
             if stored != mine:
-                raise ValueError(
+                raise UsageError(
                     f"state_dict was saved with {key}={stored!r} but this mixer has {key}={mine!r}; "
                     "create the mixer with the same settings before loading."
                 )

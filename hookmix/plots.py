@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hookmix._checks import is_number
+from hookmix._errors import UsageError
 from hookmix._io import atomic_write
 from hookmix.metrics import Reliability
 
@@ -51,7 +52,7 @@ def _png_path(path: str | os.PathLike[str]) -> Path:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}.")
     target = Path(path)
     if target.suffix.lower() != ".png":
-        raise ValueError(f"path={str(path)!r} must end in .png (the plots are written as PNG).")
+        raise UsageError(f"path={str(path)!r} must end in .png (the plots are written as PNG).")
     return target
 
 
@@ -69,18 +70,18 @@ def _runs(history: History | Mapping[str, History]) -> dict[str, History]:
     """Normalise one history or ``{label: history}`` into labelled runs, validating every record."""
     runs = dict(history) if isinstance(history, Mapping) else {"": history}
     if not runs:
-        raise ValueError("history={} holds no runs; pass a list of per-epoch dicts or {label: list}.")
+        raise UsageError("history={} holds no runs; pass a list of per-epoch dicts or {label: list}.")
     required = ("epoch", *(key for key, _ in HISTORY_PANELS))
     for label, records in runs.items():
         if isinstance(records, (str, bytes)) or not isinstance(records, Sequence) or not records:
-            raise ValueError(
+            raise UsageError(
                 f"history{f'[{label!r}]' if label else ''} must be a non-empty list of per-epoch dicts, "
                 f"got {records!r}."
             )
         for record in records:
             missing = [key for key in required if not isinstance(record, Mapping) or key not in record]
             if missing:
-                raise ValueError(
+                raise UsageError(
                     f"history{f'[{label!r}]' if label else ''} has a record {record!r} without "
                     f"{', '.join(missing)}; every epoch needs {', '.join(required)}."
                 )
@@ -117,7 +118,7 @@ def plot_reliability(curves: Mapping[str, Reliability], path: str | os.PathLike[
     and each legend entry shows the model's ECE. Writes a PNG to ``path`` and returns it.
     """
     if not isinstance(curves, Mapping) or not curves:
-        raise ValueError(
+        raise UsageError(
             f"curves must be a non-empty dict {{label: Reliability}}, got {curves!r}; "
             "build each value with hookmix.metrics.reliability(logits, y)."
         )
@@ -163,14 +164,14 @@ def plot_lambda_hist(
         raise TypeError(f"lams must be a torch.Tensor or numpy array, got {type(lams).__name__}.")
     values = np.asarray(lams.detach().cpu() if isinstance(lams, torch.Tensor) else lams, dtype=float).ravel()
     if values.size == 0:
-        raise ValueError("lams is empty; pass the λ values drawn during training (at least one).")
+        raise UsageError("lams is empty; pass the λ values drawn during training (at least one).")
     if not np.all((values >= 0.0) & (values <= 1.0)):
-        raise ValueError(
+        raise UsageError(
             f"lams must hold mixing coefficients in [0, 1], got values in [{values.min()}, {values.max()}]."
         )
     bad_alpha = not is_number(alpha) or not 0 < alpha < math.inf
     if alpha is not None and bad_alpha:
-        raise ValueError(f"alpha must be a positive finite number (of Beta(α, α)) or None, got {alpha!r}.")
+        raise UsageError(f"alpha must be a positive finite number (of Beta(α, α)) or None, got {alpha!r}.")
     figure = _new_figure(6.0, 4.0)
     ax = figure.subplots()
     bins = np.linspace(0.0, 1.0, 31)

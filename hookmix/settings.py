@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from hookmix._checks import check_alpha, check_int, check_probability, is_int, is_number
+from hookmix._errors import UsageError
 
 __all__ = ["LAM_MODES", "MODES", "MixSettings"]
 
@@ -60,14 +61,14 @@ class MixSettings:
         settle("alpha", check_alpha(self.alpha, allow_zero=True))
         settle("cutmix_alpha", check_alpha(self.cutmix_alpha, "cutmix_alpha", allow_zero=True))
         if self.alpha == 0 and self.cutmix_alpha == 0:
-            raise ValueError("alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
+            raise UsageError("alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
                              "cutmix_alpha=1.0 (cutmix), or both.")
         settle("switch_prob", check_probability("switch_prob", self.switch_prob))
         settle("prob", check_probability("prob", self.prob))
         if self.lam_mode not in LAM_MODES:
-            raise ValueError(f"lam_mode={self.lam_mode!r} is not one of {LAM_MODES}; use 'batch' or 'sample'.")
+            raise UsageError(f"lam_mode={self.lam_mode!r} is not one of {LAM_MODES}; use 'batch' or 'sample'.")
         if self.mode not in MODES:
-            raise ValueError(
+            raise UsageError(
                 f"mode={self.mode!r} is not 'one' (one layer drawn per step) or 'all' (every layer each step)."
             )
         if not isinstance(self.dominant, bool):
@@ -77,7 +78,7 @@ class MixSettings:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0, " (mixing stops from that index on) or None")
         if not is_number(self.label_smoothing) or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be a number in [0, 1).")
+            raise UsageError(f"label_smoothing={self.label_smoothing!r} must be a number in [0, 1).")
         settle("label_smoothing", float(self.label_smoothing))
         settle("exclude_classes", self._checked_classes())
 
@@ -85,12 +86,12 @@ class MixSettings:
         if self.weights is None:
             return None
         if self.mode == "all":
-            raise ValueError("weights= only applies to mode='one' (one layer drawn per step); drop it for 'all'.")
+            raise UsageError("weights= only applies to mode='one' (one layer drawn per step); drop it for 'all'.")
         weights = tuple(self.weights) if isinstance(self.weights, Sequence) else None
         if weights is None or not all(is_number(w) for w in weights):
             raise TypeError(f"weights must be a list of numbers, one per layer, got {self.weights!r}.")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights={list(weights)!r} must be finite, >= 0 and not all zero.")
+            raise UsageError(f"weights={list(weights)!r} must be finite, >= 0 and not all zero.")
         return tuple(float(w) for w in weights)
 
     def _checked_classes(self) -> tuple[int, ...] | None:
@@ -104,7 +105,7 @@ class MixSettings:
             raise TypeError(f"exclude_classes must hold int class indices, got {bad!r}.")
         negative = [c for c in classes if c < 0]
         if negative:
-            raise ValueError(
+            raise UsageError(
                 f"exclude_classes={list(classes)!r} has {negative}, but class indices must be >= 0; list only "
                 "existing classes (or fix num_classes)."
             )

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
 from hookmix._checks import modes_restored
+from hookmix._errors import UsageError
 from hookmix.cutpoints import CutPoints, UntraceableError, cut_points
 from hookmix.layers import PSEUDO_LAYERS, module_names, unknown_layer_error
 
@@ -114,7 +115,7 @@ def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     names = module_names(model)
     if layer in PSEUDO_LAYERS:
         top = [name for name in names if "." not in name]
-        raise ValueError(
+        raise UsageError(
             f"layer={layer!r} is a pseudo-layer, not a cut point: the backbone or the head would be the "
             f"whole model. Name a module to cut after; top-level modules are: {', '.join(top[:8])}."
         )
@@ -125,14 +126,14 @@ def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
         try:
             points = cut_points(model, training=mode)
         except UntraceableError as err:
-            raise ValueError(
+            raise UsageError(
                 f"split() {err} Split the model by hand into two modules, a backbone (input -> layer output) "
                 "and a head (layer output -> model output), and pass those to the cache / head trainer directly."
             ) from err
         reason = points.why_not(layer)
         if reason is not None:
             in_mode = " in train mode" if mode else ""
-            raise ValueError(
+            raise UsageError(
                 f"layer={layer!r} cannot split {type(model).__name__}{in_mode}: it {reason}; "
                 f"{points.suggestion(layer)}."
             )

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hookmix._checks import check_class_indices
+from hookmix._errors import UsageError
 from hookmix.blend import mix_tensor
 from hookmix.plan import MixPlan
 
@@ -52,7 +53,7 @@ def infer_kind(y: torch.Tensor, num_classes: int | None) -> str:
             "indices, which must be integers; pass y.long(), or targets='regression' for real-valued targets."
         )
     if num_classes is not None and y.is_floating_point() and y.dim() == 2:
-        raise ValueError(
+        raise UsageError(
             f"targets have shape {tuple(y.shape)} but num_classes={num_classes}: one-hot / soft labels need "
             f"(B, {num_classes}); fix num_classes, or pass targets='regression' for real-valued vectors."
         )
@@ -78,7 +79,7 @@ def validate_targets(
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(y).__name__}.")
     if y.dim() not in (1, 2) or y.shape[0] == 0:
-        raise ValueError(
+        raise UsageError(
             f"{argument} has shape {tuple(y.shape)}; expected (B,) class indices or regression values, "
             "or (B, C) one-hot / multi-label / soft labels / regression vectors, with B >= 1."
         )
@@ -93,7 +94,7 @@ def validate_targets(
         return check_class_indices(y, num_classes, f"class-index {argument}", fix)[1]
     low, high, finite, row_min, row_max = _stats(y)
     if not finite:
-        raise ValueError(f"{argument} contains NaN or inf; clean the data before training.")
+        raise UsageError(f"{argument} contains NaN or inf; clean the data before training.")
     if kind in ("label", "multilabel"):
         _check_labels(y, kind, num_classes, argument, (low, high), (row_min, row_max), label_smoothing)
     return None
@@ -110,22 +111,22 @@ def _check_labels(
 ) -> None:
     """The checks of (B, C) label targets, given their range of ``values`` and of ``row_sums``."""
     if y.dim() != 2:
-        raise ValueError(
+        raise UsageError(
             f"label {argument} must have shape (B, C), got {tuple(y.shape)}; class indices (B,) need an integer dtype."
         )
     if num_classes is not None and y.shape[1] != num_classes:
-        raise ValueError(
+        raise UsageError(
             f"label {argument} have {y.shape[1]} columns but num_classes={num_classes}; give (B, "
             f"{num_classes}) labels or num_classes={y.shape[1]}."
         )
     low, high = values
     if low < 0 or high > 1:
-        raise ValueError(
+        raise UsageError(
             f"label {argument} hold values in [{low:g}, {high:g}] but one-hot / multi-label / soft "
             "labels must lie in [0, 1]; use targets='regression' for unbounded targets."
         )
     if kind == "label" and label_smoothing and max(abs(row_sums[0] - 1), abs(row_sums[1] - 1)) > _ROW_SUM_TOL:
-        raise ValueError(
+        raise UsageError(
             f"label {argument} have rows summing to [{row_sums[0]:g}, {row_sums[1]:g}], so they are not one-hot "
             "or soft labels, which label_smoothing spreads as s / C. For multi-label targets pass "
             "targets='multilabel': each label is then smoothed as a binary target, y * (1 - s) + s / 2."
@@ -152,7 +153,7 @@ def check_classes(classes: tuple[int, ...] | None, num_classes: int | None) -> t
         return None
     out_of_range = [c for c in classes if num_classes is not None and c >= num_classes]
     if out_of_range:
-        raise ValueError(
+        raise UsageError(
             f"exclude_classes={list(classes)!r} has {out_of_range}, but class indices must be in "
             f"[0, {num_classes - 1}]; list only existing classes (or fix num_classes)."
         )
@@ -206,7 +207,7 @@ class MixStep:
 
     def _require_targets(self) -> torch.Tensor:
         if self.y is None:
-            raise ValueError("this step was planned without targets; call mixer.plan(y) to mix targets too.")
+            raise UsageError("this step was planned without targets; call mixer.plan(y) to mix targets too.")
         return self.y
 
     def _dense(self) -> torch.Tensor:
@@ -216,7 +217,7 @@ class MixStep:
             return y.float()
         if self.kind == "index":
             if self.num_classes is None:
-                raise ValueError(
+                raise UsageError(
                     "soft targets from class indices need the number of classes: "
                     "create the mixer with num_classes=C."
                 )
@@ -237,7 +238,7 @@ class MixStep:
 
     def _check_width(self, output: torch.Tensor) -> None:
         if self.index_max is not None and output.dim() >= 2 and self.index_max >= output.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"the targets hold class index {self.index_max} but the output has {output.shape[1]} columns "
                 f"{tuple(output.shape)}, so that class has no logit; give the model {self.index_max + 1} or more "
                 "outputs, or relabel the classes to [0, C)."
@@ -276,7 +277,7 @@ class MixStep:
         if self.uniform_lam or not isinstance(reduction, str):
             loss_a, loss_b = criterion(output, y), criterion(output, y_b)
             if loss_a.dim() == 0 and not self.uniform_lam:
-                raise ValueError(
+                raise UsageError(
                     "criterion returns one scalar for the batch, but this step has a different λ per row "
                     "(lam_mode='sample' or exclude_classes); give a criterion that returns per-row losses "
                     "(reduction='none') or one with a `reduction` attribute."

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hookmix import CacheKey, FeatureCache, FitConfig, HookMixer, MixSettings, fit
+from hookmix import CacheKey, FeatureCache, FitConfig, HookMixer, MixSettings, UsageError, fit
 from hookmix.app.cli import main
 from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.models import create_model, resolve_model
@@ -354,7 +354,8 @@ def check(case: Bad, tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         case.call(tmp_path)
     message = str(info.value)
-    assert type(info.value) is case.error, f"{type(info.value).__name__}: {message}"
+    expected = UsageError if case.error is ValueError else case.error  # hookmix's ValueErrors are UsageErrors
+    assert type(info.value) is expected, f"{type(info.value).__name__}: {message}"
     missing = [part for part in case.says if part not in message]
     assert not missing, f"the message does not name {missing}: {message}"
     assert "\n" not in message

@@ -132,3 +132,38 @@ def test_demo_small(tmp_path, capsys):
     assert "| 5 | 5 | yes |" in out and "±" in out
     for name in ("metrics.json", "curves_k5.png", "reliability_k5.png", "lambda_hist.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("args", [["--help"], ["finetune", "--epochs", "0"]], ids=["help", "argument_error"])
+def test_help_and_argument_errors_answer_at_once_without_torch(args):
+    code = (
+        "import json, sys, time\n"
+        "start = time.perf_counter()\n"
+        "from hookmix.app.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as exit:\n    status = exit.code\n"
+        "loaded = [m for m in ('torch', 'torchvision', 'timm') if m in sys.modules]\n"
+        "print(json.dumps([status, loaded, time.perf_counter() - start]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    status, loaded, seconds = json.loads(result.stdout.splitlines()[-1])
+    assert status == (0 if args == ["--help"] else 2) and loaded == [] and seconds < 0.5, result.stdout
+
+
+def test_a_library_bug_keeps_its_traceback_and_a_usage_error_is_one_line(monkeypatch, capsys):
+    import hookmix.app.cli as cli
+    from hookmix import UsageError
+
+    def bug(args):
+        raise ValueError("not the user's fault")
+
+    monkeypatch.setattr(cli, "_cmd_demo", bug)
+    with pytest.raises(ValueError, match="not the user's fault"):
+        cli.main(["demo"])
+
+    def mistake(args):
+        raise UsageError("--data x is not a directory")
+
+    monkeypatch.setattr(cli, "_cmd_demo", mistake)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "hookmix: error: --data x is not a directory\n"

@@ -3,8 +3,9 @@
 Heavy imports (torch, timm, torchvision) happen inside the commands, so ``--help`` and usage errors
 answer at once.
 
-Usage errors (bad arguments, unknown model or layer names) exit with code 2 and a one-line
-``hookmix: error: ...`` message, never a traceback.
+Usage errors (bad arguments, unknown model or layer names, unusable files: :class:`~hookmix.UsageError`
+and missing files) exit with code 2 and a one-line ``hookmix: error: ...`` message; any other exception
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
+
+from hookmix._errors import UsageError
 
 if TYPE_CHECKING:
     from hookmix.finetune import FitConfig
@@ -38,13 +41,13 @@ def _cmd_layers(args: argparse.Namespace) -> None:
     model = create_model(args.model)
     size = tuple(args.input_size) if args.input_size else default_input_size(model)
     if len(size) != 3:
-        raise ValueError(f"--input-size takes C H W (3 numbers), got {len(size)}: {' '.join(map(str, size))}.")
+        raise UsageError(f"--input-size takes C H W (3 numbers), got {len(size)}: {' '.join(map(str, size))}.")
     try:
         cut_points(model)
         note = "cut: yes = every path from the input to the output passes through it (sound to mix or split at)"
     except UntraceableError as err:
         if args.mixable:
-            raise ValueError(f"--mixable needs the cut-point analysis, which is not possible: {err}") from None
+            raise UsageError(f"--mixable needs the cut-point analysis, which is not possible: {err}") from None
         note = f"cut: ? = not analysed: {err}"
     rows = list_layers(model, torch.zeros(1, *size))
     print(f"{args.model}: input 1x{'x'.join(map(str, size))}, {rows[0].params:,} parameters")
@@ -74,7 +77,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     config = _fit_config(args)
     for flag, path in (("--out", spec.out_dir), ("--cache", spec.cache_dir)):
         if path is not None and path.exists() and not path.is_dir():
-            raise ValueError(f"{flag} {path} is a file; give a directory (it is created when missing).")
+            raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing).")
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     payload = run_finetune(spec, config, resume=args.resume)
     final = payload["final"]
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError) as exc:  # a user's mistake: one line; anything else keeps its traceback
         parser.exit(2, f"hookmix: error: {exc}\n")
     return 0
 

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hookmix._checks import is_int
+from hookmix._errors import UsageError
 
 __all__ = [
     "DigitsCNN", "TransferSplit", "source_split", "pretrain_source", "digits_transfer", "digits_few_shot", "MAX_SHOTS",
@@ -54,7 +55,7 @@ class DigitsCNN(nn.Module):
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
         if not is_int(num_classes, 1):
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+            raise UsageError(f"num_classes must be a positive int, got {num_classes!r}.")
         self.num_classes = num_classes
         self.stem = self._conv_block(1, 16, pool=False)
         self.stage1 = self._conv_block(16, 32, pool=True)
@@ -149,7 +150,7 @@ def _check_seed(seed: int) -> None:
     if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}.")
     if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must lie in [0, 2**63), got {seed}; use a small non-negative int such as 0.")
+        raise UsageError(f"seed must lie in [0, 2**63), got {seed}; use a small non-negative int such as 0.")
 
 
 @contextlib.contextmanager
@@ -194,7 +195,7 @@ def pretrain_source(seed: int = 0, epochs: int = 10, progress: bool = False) -> 
     """
     _check_seed(seed)
     if not is_int(epochs, 1):
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}; the default 10 reaches > 95 %.")
+        raise UsageError(f"epochs must be a positive int, got {epochs!r}; the default 10 reaches > 95 %.")
     if (seed, epochs) not in _SOURCE_STATES:
         _SOURCE_STATES[seed, epochs] = _train_source(seed, epochs, progress)
     model = DigitsCNN(num_classes=len(SOURCE_CLASSES))
@@ -204,7 +205,7 @@ def pretrain_source(seed: int = 0, epochs: int = 10, progress: bool = False) -> 
 
 def _check_shots(k: int) -> None:
     if not is_int(k, 1) or k > MAX_SHOTS:
-        raise ValueError(
+        raise UsageError(
             f"k must be an int in [1, {MAX_SHOTS}] (labelled examples per class), got {k!r}; "
             f"the smallest class has 174 examples and the rest are kept for validation."
         )

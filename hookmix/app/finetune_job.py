@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from hookmix._checks import modes_restored
+from hookmix._errors import UsageError
 from hookmix._io import atomic_write
 from hookmix.app.digits import digits_transfer, pretrain_source
 from hookmix.app.imagefolder import load_image_folder
@@ -77,7 +78,7 @@ def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], 
         with modes_restored(model, False), torch.no_grad():
             model(torch.zeros(1, *input_size))
     except (RuntimeError, AssertionError) as exc:  # torch shape errors; timm asserts the image size
-        raise ValueError(
+        raise UsageError(
             f"--input-size {' '.join(map(str, input_size))} does not fit --model {name} "
             f"({str(exc).splitlines()[0]}); give the C H W it expects (`hookmix layers {name}` uses its default)."
         ) from None
@@ -86,7 +87,7 @@ def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], 
 def _prepare(spec: JobSpec, seed: int) -> _Prepared:
     if spec.data == DIGITS:
         if spec.model not in (None, DIGITS_MODEL):
-            raise ValueError(f"--data digits uses the embedded {DIGITS_MODEL!r}; drop --model {spec.model}.")
+            raise UsageError(f"--data digits uses the embedded {DIGITS_MODEL!r}; drop --model {spec.model}.")
         task = digits_transfer(spec.shots, seed)
         return _Prepared(
             model=pretrain_source(seed=0),
@@ -99,9 +100,9 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
             transform=f"digits:k{spec.shots}:seed{seed}",
         )
     if spec.model is None:
-        raise ValueError("--model is required with an image folder, e.g. --model resnet50.")
+        raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
     if spec.layer is None:
-        raise ValueError("--layer is required with an image folder, e.g. --layer layer4 (see `hookmix layers MODEL`).")
+        raise UsageError("--layer is required with an image folder, e.g. --layer layer4 (see `hookmix layers MODEL`).")
     model_spec = resolve_model(spec.model)
     model = create_model(spec.model, pretrained=spec.pretrained, weights=spec.weights, seed=seed)
     input_size = spec.input_size or default_input_size(model)

@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from hookmix._errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,7 +36,7 @@ def _load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as file:
             return Image.open(file).convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"unreadable image {path}: {exc}. Remove or replace the file and run again.") from None
+        raise UsageError(f"unreadable image {path}: {exc}. Remove or replace the file and run again.") from None
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,11 @@ def load_image_folder(
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"--data {root} is not a directory; give a folder with one sub-folder per class.")
+        raise UsageError(f"--data {root} is not a directory; give a folder with one sub-folder per class.")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
+        raise UsageError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
     if input_size[0] not in (1, 3):
-        raise ValueError(
+        raise UsageError(
             f"--input-size {' '.join(map(str, input_size))} asks for {input_size[0]} channels, but images are read "
             "as RGB: use C=3 (or 1 for grayscale)."
         )
@@ -68,11 +70,11 @@ def load_image_folder(
     try:
         folder = datasets.ImageFolder(root, transform=transform, loader=_load_rgb)
     except FileNotFoundError as exc:
-        raise ValueError(
+        raise UsageError(
             f"--data {root} holds no images in class sub-folders ({exc}); expected root/<class>/<image>.png."
         ) from None
     if len(folder.classes) < 2:
-        raise ValueError(
+        raise UsageError(
             f"--data {root} has a single class {folder.classes}; classification needs at least two "
             "sub-folders of images."
         )
@@ -90,7 +92,7 @@ def stratified_split(folder: datasets.ImageFolder, val_fraction: float, seed: in
     for label, name in enumerate(folder.classes):
         members = torch.nonzero(targets == label).flatten()
         if len(members) < 2:
-            raise ValueError(
+            raise UsageError(
                 f"class {name!r} in {folder.root} has {len(members)} image; each class needs at least 2 "
                 "(one for training, one for validation)."
             )

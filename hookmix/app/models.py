@@ -19,6 +19,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from hookmix._errors import UsageError
 from hookmix._io import load_state
 
 SOURCES = ("torchvision", "timm")
@@ -55,7 +56,7 @@ def resolve_model(name: str) -> ModelSpec:
     catalogue = _catalogue()
     source, _, bare = name.rpartition(":")
     if source and source not in SOURCES:
-        raise ValueError(f"model={name!r}: unknown library prefix {source!r}; use 'torchvision:' or 'timm:'.")
+        raise UsageError(f"model={name!r}: unknown library prefix {source!r}; use 'torchvision:' or 'timm:'.")
     for lib in (source,) if source else SOURCES:
         if bare in catalogue[lib]:
             return ModelSpec(lib, bare)
@@ -64,7 +65,7 @@ def resolve_model(name: str) -> ModelSpec:
     hint = (
         f"closest names: {', '.join(close)}" if close else "see torchvision.models.list_models() / timm.list_models()"
     )
-    raise ValueError(f"model={name!r} is not a {source or 'torchvision or timm'} model; {hint}.")
+    raise UsageError(f"model={name!r} is not a {source or 'torchvision or timm'} model; {hint}.")
 
 
 def create_model(
@@ -84,7 +85,7 @@ def create_model(
     """
     spec = resolve_model(name)
     if pretrained and weights is not None:
-        raise ValueError("give pretrained=True or weights=PATH, not both.")
+        raise UsageError("give pretrained=True or weights=PATH, not both.")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if spec.source == "timm":
@@ -109,11 +110,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch raise several types for a bad file
         reason = str(exc).split(". ")[0].splitlines()[0]  # torch goes on to suggest weights_only=False: never
-        raise ValueError(f"cannot load weights from {path} ({reason}); {_WEIGHTS_FIX}") from None
+        raise UsageError(f"cannot load weights from {path} ({reason}); {_WEIGHTS_FIX}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors; {_WEIGHTS_FIX}")
+        raise UsageError(f"weights file {path} does not hold a state dict of tensors; {_WEIGHTS_FIX}")
     return state
 
 
@@ -125,7 +126,7 @@ def set_num_classes(model: nn.Module, num_classes: int) -> None:
         return
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to resize to {num_classes} classes.")
+        raise UsageError(f"{type(model).__name__} has no nn.Linear classifier to resize to {num_classes} classes.")
     parent_name, _, child = linears[-1].rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import lightning.pytorch as pl
 import torch
 
+from hookmix._errors import UsageError
 from hookmix.distributed import rank_seed
 from hookmix.mixer import HookMixer
 from hookmix.targets import MixStep
@@ -90,7 +91,7 @@ class HookMixCallback(pl.Callback):
     def step(self) -> MixStep:
         """The current training batch's :class:`~hookmix.MixStep` (``step.loss(criterion, out)``, ``step.targets``)."""
         if self._step is None:
-            raise ValueError(
+            raise UsageError(
                 "no training step was planned: HookMixCallback.step exists only inside training_step "
                 "of trainer.fit (use the plain loss in validation_step / test_step)."
             )
@@ -155,5 +156,5 @@ class HookMixCallback(pl.Callback):
 
     def _require_mixer(self) -> HookMixer:
         if self.mixer is None:
-            raise ValueError("HookMixCallback has no mixer: it is created in setup(stage='fit'); use trainer.fit.")
+            raise UsageError("HookMixCallback has no mixer: it is created in setup(stage='fit'); use trainer.fit.")
         return self.mixer

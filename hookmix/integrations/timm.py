@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hookmix._errors import UsageError
 from hookmix._wrappers import unwrap
 from hookmix.mixer import HookMixer
 from hookmix.targets import MixStep
@@ -67,12 +68,12 @@ class HookMixup:
         **mixer_options: Any,
     ) -> None:
         if cutmix_minmax is not None:
-            raise ValueError(
+            raise UsageError(
                 f"cutmix_minmax={cutmix_minmax!r} is not supported at a layer; leave it None and set "
                 "cutmix_alpha (the box area follows λ ~ Beta(cutmix_alpha, cutmix_alpha))."
             )
         if mode not in _LAM_MODES:
-            raise ValueError(f"mode={mode!r} is not one of timm's modes {sorted(_LAM_MODES)}.")
+            raise UsageError(f"mode={mode!r} is not one of timm's modes {sorted(_LAM_MODES)}.")
         self._model = unwrap(model)
         self.mixer = HookMixer(
             self._model,
@@ -100,7 +101,7 @@ class HookMixup:
             target: ``(B,)`` class indices (or ``(B, num_classes)`` labels) of the batch.
         """
         if isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.shape[0] != target.shape[0]:
-            raise ValueError(
+            raise UsageError(
                 f"x has {x.shape[0]} rows but target has {target.shape[0]}; pass the batch's input and targets."
             )
         if self.mixup_enabled:
