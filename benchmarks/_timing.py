@@ -30,6 +30,5 @@ def interleaved_medians(
         for name, fn in variants.items():
             times[name].append(fn())
         if verbose:
-            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()),
-                  flush=True)
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -36,8 +36,7 @@ from hookmix.distributed import rank_seed
 Step = Callable[[], None]
 
 
-def train_step(model: nn.Module, run: nn.Module, mixer: HookMixer | None, x: torch.Tensor, y: torch.Tensor
-               ) -> Step:
+def train_step(model: nn.Module, run: nn.Module, mixer: HookMixer | None, x: torch.Tensor, y: torch.Tensor) -> Step:
     """One SGD train step of ``run`` (``model`` or a wrapper of it), mixed when ``mixer`` is given."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
@@ -61,13 +60,14 @@ def paired_medians(steps: dict[str, Step], rounds: int) -> dict[str, float]:
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     for index in range(rounds):
-        for name in (("plain", "hooked") if index % 2 == 0 else ("hooked", "plain")):
+        for name in ("plain", "hooked") if index % 2 == 0 else ("hooked", "plain"):
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
     ratios = [h / p for h, p in zip(times["hooked"], times["plain"])]
     return {name: statistics.median(values) for name, values in times.items()} | {
-        "hooked/plain": statistics.median(ratios)}
+        "hooked/plain": statistics.median(ratios)
+    }
 
 
 def make_model(name: str) -> nn.Module:
@@ -80,8 +80,9 @@ def batch(rows: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(rows, 3, size, size, generator=g), torch.randint(0, 10, (rows,), generator=g)
 
 
-def plain_and_hooked(model: nn.Module, run: Callable[[nn.Module], nn.Module], layer: str, x: torch.Tensor,
-                     y: torch.Tensor, seed: int) -> dict[str, Step]:
+def plain_and_hooked(
+    model: nn.Module, run: Callable[[nn.Module], nn.Module], layer: str, x: torch.Tensor, y: torch.Tensor, seed: int
+) -> dict[str, Step]:
     """Train steps of two copies of ``model`` (each wrapped by ``run``): one plain, one hooked at ``layer``."""
     plain, hooked = model, copy.deepcopy(model)
     wrapped_hooked = run(hooked)
@@ -112,8 +113,7 @@ def _ddp_rank(rank: int, args: argparse.Namespace, store: str, out: str) -> None
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         x, y = batch(args.ddp_batch, args.size, seed=rank)
-        steps = plain_and_hooked(make_model(args.model), DistributedDataParallel, args.layer, x, y,
-                                 seed=rank_seed(0))
+        steps = plain_and_hooked(make_model(args.model), DistributedDataParallel, args.layer, x, y, seed=rank_seed(0))
         for step in steps.values():
             step()
         medians = paired_medians(steps, args.rounds)
@@ -158,8 +158,10 @@ def main() -> None:
         for name in ("single plain", "single hooked", "ddp plain", "ddp hooked"):
             print(f"  {name:<14} {r[name] * 1000:8.1f} ms")
         print(f"  DDP 2-process / single process (hooked) = {r['ddp hooked'] / r['single hooked']:.3f}")
-        print(f"  hooked / plain (median of paired steps): single {r['single hooked/plain']:.3f}, "
-              f"DDP {r['ddp hooked/plain']:.3f}")
+        print(
+            f"  hooked / plain (median of paired steps): single {r['single hooked/plain']:.3f}, "
+            f"DDP {r['ddp hooked/plain']:.3f}"
+        )
     if args.part in ("all", "compile"):
         r = bench_compile(args)
         print(f"torch.compile (inductor), B={args.batch}, CPU threads={torch.get_num_threads()}:")

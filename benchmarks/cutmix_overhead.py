@@ -43,8 +43,9 @@ def hook_cost(activation: torch.Tensor, y: torch.Tensor, prefix_tokens: int, rou
             layer(a).sum().backward()
             return time.perf_counter() - start
 
-        med = interleaved_medians({"armed": functools.partial(timed, True),
-                                   "plain": functools.partial(timed, False)}, rounds, verbose=False)
+        med = interleaved_medians(
+            {"armed": functools.partial(timed, True), "plain": functools.partial(timed, False)}, rounds, verbose=False
+        )
     return med["armed"] - med["plain"]
 
 
@@ -69,16 +70,24 @@ def compare(name: str, model: nn.Module, layer: str, x: torch.Tensor, rounds: in
             return step.loss(criterion, model(x))
 
         med = interleaved_medians(
-            {"plain": functools.partial(train_step, optimizer, plain),
-             "cutmix": functools.partial(train_step, optimizer, cutmix)},
+            {
+                "plain": functools.partial(train_step, optimizer, plain),
+                "cutmix": functools.partial(train_step, optimizer, cutmix),
+            },
             rounds,
         )
-    print(f"{name} @ {layer}: plain {med['plain'] * 1000:.1f} ms, cutmix {med['cutmix'] * 1000:.1f} ms, "
-          f"cutmix / plain = {med['cutmix'] / med['plain']:.3f} (goal <= 1.02)", flush=True)
+    print(
+        f"{name} @ {layer}: plain {med['plain'] * 1000:.1f} ms, cutmix {med['cutmix'] * 1000:.1f} ms, "
+        f"cutmix / plain = {med['cutmix'] / med['plain']:.3f} (goal <= 1.02)",
+        flush=True,
+    )
     cost = hook_cost(activation, y, getattr(model, "num_prefix_tokens", 0))
-    print(f"  the hook's own work on a {tuple(activation.shape)} activation, forward + backward: "
-          f"{cost * 1000:.2f} ms = {cost / med['plain']:.4f} of the plain step, "
-          f"i.e. cutmix / plain = {1 + cost / med['plain']:.4f} without the noise\n", flush=True)
+    print(
+        f"  the hook's own work on a {tuple(activation.shape)} activation, forward + backward: "
+        f"{cost * 1000:.2f} ms = {cost / med['plain']:.4f} of the plain step, "
+        f"i.e. cutmix / plain = {1 + cost / med['plain']:.4f} without the noise\n",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -52,12 +52,20 @@ def main() -> None:
     start = time.perf_counter()
     cache = FeatureCache.extract(backbone, TensorDataset(x, y), key, batch_size=args.batch, progress=False)
     extract_s = time.perf_counter() - start
-    val_cache = FeatureCache.extract(backbone, TensorDataset(val_x, val_y), key, batch_size=args.batch,
-                                     progress=False)
+    val_cache = FeatureCache.extract(backbone, TensorDataset(val_x, val_y), key, batch_size=args.batch, progress=False)
     config = FitConfig(epochs=args.epochs, batch_size=32, seed=0)
     start = time.perf_counter()
-    fit(head, "input", cache.features, cache.labels, val_cache.features[0], val_cache.labels, config,
-        num_classes=10, progress=False)
+    fit(
+        head,
+        "input",
+        cache.features,
+        cache.labels,
+        val_cache.features[0],
+        val_cache.labels,
+        config,
+        num_classes=10,
+        progress=False,
+    )
     head_s = time.perf_counter() - start
     cache_s = extract_s + head_s
 

@@ -83,17 +83,23 @@ def main() -> None:
     layer4_bytes = args.batch * 2048 * (args.size // 32) ** 2 * 4
     extra = memory["hooked"] - memory["plain"]
     print()
-    print(f"ResNet50 train step, B={args.batch}, {args.size}px, CPU threads={torch.get_num_threads()}, "
-          f"median of {args.rounds}:")
+    print(
+        f"ResNet50 train step, B={args.batch}, {args.size}px, CPU threads={torch.get_num_threads()}, "
+        f"median of {args.rounds}:"
+    )
     for name, t in med.items():
         print(f"  {name:<11} {t * 1000:8.1f} ms")
     print(f"  hooked / plain      = {med['hooked'] / med['plain']:.3f}   (goal <= 1.02)")
     print(f"  hooked / timm-input = {med['hooked'] / med['timm-input']:.3f}   (goal <= 1.02)")
-    print(f"  saved-for-backward: plain {memory['plain'] / 2**20:.1f} MiB, hooked {memory['hooked'] / 2**20:.1f} MiB, "
-          f"extra {extra / 2**20:.1f} MiB = {extra / layer4_bytes:.2f} x one layer4 activation "
-          f"({layer4_bytes / 2**20:.1f} MiB; goal <= 1)")
-    print(f"  torch._dynamo.explain, hook armed: {explanation.graph_break_count} graph breaks, "
-          f"{explanation.graph_count} graphs (goal 0 breaks)")
+    print(
+        f"  saved-for-backward: plain {memory['plain'] / 2**20:.1f} MiB, hooked {memory['hooked'] / 2**20:.1f} MiB, "
+        f"extra {extra / 2**20:.1f} MiB = {extra / layer4_bytes:.2f} x one layer4 activation "
+        f"({layer4_bytes / 2**20:.1f} MiB; goal <= 1)"
+    )
+    print(
+        f"  torch._dynamo.explain, hook armed: {explanation.graph_break_count} graph breaks, "
+        f"{explanation.graph_count} graphs (goal 0 breaks)"
+    )
     for reason in explanation.break_reasons[:3]:
         print(f"    break: {reason.reason}")
 

@@ -46,8 +46,9 @@ def members(cls: type) -> list[tuple[str, object]]:
         if not klass.__module__.startswith("hookmix"):
             continue
         for name, value in vars(klass).items():
-            if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, (property, classmethod,
-                                                                                              staticmethod))):
+            if not name.startswith("_") and (
+                inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod))
+            ):
                 found[name] = value
     return list(found.items())
 
@@ -72,8 +73,12 @@ def render_object(module: str, name: str, obj: object) -> list[str]:
 
 
 def render() -> str:
-    lines = ["# hookmix API reference", "", "Generated from the docstrings by `python docs/gen_api.py`; "
-             "`make test` fails when it is out of date.", ""]
+    lines = [
+        "# hookmix API reference",
+        "",
+        "Generated from the docstrings by `python docs/gen_api.py`; `make test` fails when it is out of date.",
+        "",
+    ]
     for module_name in MODULES:
         module = importlib.import_module(module_name)
         lines += [f"## `{module_name}`", "", doc(module).split("\n\n")[0], ""]

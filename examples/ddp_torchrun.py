@@ -78,8 +78,13 @@ def main() -> None:
         if args.cache is not None:
             backbone, _ = split(unwrap(model).eval(), args.cut)
             rows = f"[:{args.samples}]" if args.samples else ""
-            key = CacheKey(model=f"ddp_torchrun:seed={args.seed},epochs={args.epochs}", layer=args.cut,
-                           input_size=tuple(train_x.shape[1:]), transform="none", dataset=f"digits0-4:train{rows}")
+            key = CacheKey(
+                model=f"ddp_torchrun:seed={args.seed},epochs={args.epochs}",
+                layer=args.cut,
+                input_size=tuple(train_x.shape[1:]),
+                transform="none",
+                dataset=f"digits0-4:train{rows}",
+            )
             cache = extract_sharded(backbone, train, key, path=args.cache, batch_size=64)
             if rank == 0:
                 print(f"cached features {tuple(cache.features.shape)} in {args.cache}")

@@ -39,8 +39,13 @@ def main() -> None:
         train = train[: args.samples]
     dls = DataLoaders.from_dsets(train, list(zip(split.val_x, split.val_y)), bs=args.batch_size, device="cpu")
     torch.manual_seed(args.seed)
-    learn = Learner(dls, DigitsCNN(num_classes=split.num_classes), loss_func=CrossEntropyLossFlat(),
-                    metrics=accuracy, cbs=HookMixUp(args.layer, alpha=args.alpha, seed=args.seed))
+    learn = Learner(
+        dls,
+        DigitsCNN(num_classes=split.num_classes),
+        loss_func=CrossEntropyLossFlat(),
+        metrics=accuracy,
+        cbs=HookMixUp(args.layer, alpha=args.alpha, seed=args.seed),
+    )
     learn.fit_one_cycle(args.epochs, args.lr)
     _, val_accuracy = learn.validate()
     print(f"val accuracy {val_accuracy:.3f} after {args.epochs} epochs")

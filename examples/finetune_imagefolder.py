@@ -4,7 +4,7 @@ The Python-API version of ``hookmix finetune``, comparing both arms on one featu
 
 1. ``timm.create_model(--model, pretrained=--pretrained)`` (random init unless asked: nothing downloads
    by default) and timm's own eval transform for it;
-2. ``hookmix.split`` at ``--layer`` (a cut point, e.g. ``layer4`` of a ResNet, ``stages.3`` of a ConvNeXt);
+2. ``hookmix.splitting`` at ``--layer`` (a cut point, e.g. ``layer4`` of a ResNet, ``stages.3`` of a ConvNeXt);
 3. ``hookmix.FeatureCache.extract``: the frozen backbone runs once over the images (``--cache DIR`` keeps
    the features on disk and reuses them on the next run);
 4. ``hookmix.fit`` trains a fresh copy of the head on the cached features, with feature mixup and without,
@@ -71,25 +71,42 @@ def main(argv: list[str] | None = None) -> None:
     weights = "pretrained" if args.pretrained else "random-init"
     caches = {}
     for part, rows in (("train", train_rows), ("val", val_rows)):
-        key = CacheKey(f"timm:{args.model}:{weights}", args.layer, data_config["input_size"],
-                       transform_fingerprint(transform), f"{args.data.resolve()}:{part}")
+        key = CacheKey(
+            f"timm:{args.model}:{weights}",
+            args.layer,
+            data_config["input_size"],
+            transform_fingerprint(transform),
+            f"{args.data.resolve()}:{part}",
+        )
         path = args.cache / part if args.cache else None
         caches[part] = FeatureCache.extract(backbone, Subset(folder, rows), key, path=path)
     train, val = caches["train"], caches["val"]
-    print(f"{len(folder.classes)} classes, {len(train)} training / {len(val)} validation images, "
-          f"features {tuple(train.feature_shape)} at {args.layer}")
+    print(
+        f"{len(folder.classes)} classes, {len(train)} training / {len(val)} validation images, "
+        f"features {tuple(train.feature_shape)} at {args.layer}"
+    )
 
     results: dict[str, list[dict[str, float]]] = {"no mixup": [], "mixup": []}
     for seed in range(args.seeds):
         for arm in results:
-            config = FitConfig(epochs=args.epochs, lr=args.lr, mixing=MixSettings(alpha=args.alpha), mix=arm == "mixup",
-                               seed=seed)
+            config = FitConfig(
+                epochs=args.epochs, lr=args.lr, mixing=MixSettings(alpha=args.alpha), mix=arm == "mixup", seed=seed
+            )
             fresh = copy.deepcopy(head).requires_grad_(True)
             with torch.random.fork_rng():  # a new classifier per seed, the same for both arms
                 torch.manual_seed(seed)
                 fresh.get_submodule(classifier).reset_parameters()
-            run = fit(fresh, "input", train.features, train.labels, val.features[0], val.labels, config,
-                      num_classes=len(folder.classes), progress=False)
+            run = fit(
+                fresh,
+                "input",
+                train.features,
+                train.labels,
+                val.features[0],
+                val.labels,
+                config,
+                num_classes=len(folder.classes),
+                progress=False,
+            )
             results[arm].append(run.final)
 
     print(f"\n{args.model} @ {args.layer}, {args.epochs} epochs, alpha {args.alpha}, {args.seeds} seeds, mean ± 95% CI")

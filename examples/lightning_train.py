@@ -64,16 +64,29 @@ def main() -> None:
     train_x, train_y = split.train_x, split.train_y
     if args.samples:
         train_x, train_y = train_x[: args.samples], train_y[: args.samples]
-    train = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(args.seed))
+    train = DataLoader(
+        TensorDataset(train_x, train_y),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     val = DataLoader(TensorDataset(split.val_x, split.val_y), batch_size=256)
     pl.seed_everything(args.seed, verbose=False)
     model = DigitsClassifier(args.layer, args.alpha, split.num_classes, args.seed, args.lr)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=args.out,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=args.out,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train, val, ckpt_path=args.resume)
-    print(f"val accuracy {trainer.callback_metrics['val_acc']:.3f} after {args.epochs} epochs; "
-          f"checkpoints in {args.out / 'checkpoints'}")
+    print(
+        f"val accuracy {trainer.callback_metrics['val_acc']:.3f} after {args.epochs} epochs; "
+        f"checkpoints in {args.out / 'checkpoints'}"
+    )
 
 
 if __name__ == "__main__":

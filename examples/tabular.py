@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--categorical", type=int, default=6, help="columns binned into categories")
     parser.add_argument("--fastai", action="store_true", help="use fastai's TabularModel (needs fastai)")
     args = parser.parse_args(argv)
-    print(f"breast-cancer table, {args.categorical} binned columns + {30 - args.categorical} continuous, "
-          f"{'fastai TabularModel' if args.fastai else 'plain PyTorch model'}, {args.seeds} seeds, "
-          f"{args.epochs} epochs, mean ± 95% CI")
+    print(
+        f"breast-cancer table, {args.categorical} binned columns + {30 - args.categorical} continuous, "
+        f"{'fastai TabularModel' if args.fastai else 'plain PyTorch model'}, {args.seeds} seeds, "
+        f"{args.epochs} epochs, mean ± 95% CI"
+    )
     print("| mixup | accuracy | NLL | ECE |\n|:---:|---:|---:|---:|")
     for mix in (False, True):
         runs = [train_once(args, seed, mix) for seed in range(args.seeds)]

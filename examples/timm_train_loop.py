@@ -23,8 +23,9 @@ from hookmix.app.digits import source_split
 from hookmix.integrations.timm import HookMixup
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                    mixup_fn: HookMixup) -> float:
+def train_one_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, mixup_fn: HookMixup
+) -> float:
     """timm's ``train_one_epoch`` core; returns the mean training loss (on mixed targets)."""
     model.train()
     total, count = 0.0, 0
@@ -67,14 +68,19 @@ def main() -> None:
     train_y = split.train_y
     if args.samples:
         train_x, train_y = train_x[: args.samples], train_y[: args.samples]
-    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        TensorDataset(train_x, train_y),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, num_classes=split.num_classes, in_chans=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=split.num_classes)
+    mixup_args = dict(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=split.num_classes
+    )
     with HookMixup(model, args.layer, seed=args.seed, **mixup_args) as mixup_fn:
         for epoch in range(args.epochs):
             if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:

@@ -40,7 +40,7 @@ _WHERE = {
     "MixPlan": "plan",
     "PlanSampler": "plan",
     "MixSettings": "settings",
-    "split": "split",
+    "split": "splitting",
     "MixStep": "targets",
     "UsageError": "_errors",
 }
@@ -101,5 +101,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ se
     from hookmix.mixer import GateWarning, HookMixer
     from hookmix.plan import MixPlan, PlanSampler
     from hookmix.settings import MixSettings
-    from hookmix.split import split
+    from hookmix.splitting import split
     from hookmix.targets import MixStep

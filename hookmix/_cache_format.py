@@ -36,6 +36,26 @@ from hookmix._checks import is_int
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
 
+__all__ = [
+    "bytes_per_example",
+    "check_consistent",
+    "check_request",
+    "dtype_name",
+    "FEATURE_DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "hookmix_version",
+    "Manifest",
+    "MANIFEST_NAME",
+    "parse_dtype",
+    "parse_shard",
+    "read_shard",
+    "rebuild_hint",
+    "Shard",
+    "shard_name",
+    "ShardWriter",
+]
+
 FORMAT = "hookmix-feature-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -165,8 +185,10 @@ class Manifest:
             raise UsageError(f"dtype={self.dtype}, count={self.count}, views={self.views} out of range")
         previous_stop = 0
         for index, shard in enumerate(self.shards):
-            if shard.file != shard_name(index) or shard.start != previous_stop or not (
-                shard.start < shard.stop <= self.count
+            if (
+                shard.file != shard_name(index)
+                or shard.start != previous_stop
+                or not (shard.start < shard.stop <= self.count)
             ):
                 raise UsageError(f"shard entry {index} {vars(shard)} breaks the contiguous shard layout")
             previous_stop = shard.stop
@@ -242,9 +264,7 @@ def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch
         raise UsageError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.")
     size = path.stat().st_size
     if size != shard.bytes:
-        raise UsageError(
-            f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}."
-        )
+        raise UsageError(f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}.")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != shard.sha256:
@@ -320,5 +340,3 @@ def check_consistent(before: Manifest, now: Manifest, directory: Path) -> None:
                 f"rows from {before.rows_done} have {name}={getattr(now, name)}, but the shards already in "
                 f"{directory} have {name}={getattr(before, name)}; {rebuild_hint(directory)}."
             )
-
-

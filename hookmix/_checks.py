@@ -15,8 +15,16 @@ from torch import nn
 
 from hookmix._errors import UsageError
 
-__all__ = ["UsageError", "check_alpha", "check_class_indices", "check_int", "check_probability", "is_int", "is_number",
-           "modes_restored"]
+__all__ = [
+    "UsageError",
+    "check_alpha",
+    "check_class_indices",
+    "check_int",
+    "check_probability",
+    "is_int",
+    "is_number",
+    "modes_restored",
+]
 
 
 def is_int(value: Any, minimum: int | None = None) -> bool:

@@ -12,6 +12,8 @@ from torch import nn
 
 from hookmix._errors import UsageError
 
+__all__ = ["atomic_write", "load_state"]
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+__all__ = ["first_tensor", "map_tensors", "tensor_leaves"]
+
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Return ``obj`` rebuilt with ``fn`` applied to every tensor leaf (containers keep their type)."""

@@ -7,6 +7,8 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from hookmix._errors import UsageError
 
+__all__ = ["refuse_replicas", "unwrap", "unwrap_once"]
+
 
 def refuse_replicas(model: nn.Module) -> None:
     """Raise for ``DataParallel`` over several devices: its replicas run one forward each on a slice of

@@ -16,6 +16,8 @@ from hookmix._errors import UsageError
 from hookmix._tree import map_tensors
 from hookmix.plan import MixPlan
 
+__all__ = ["Cut", "cutmix_tensor", "mix_structure", "mix_tensor", "mixable"]
+
 
 def mix_tensor(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
     """``lam * x + (1 - lam) * x[perm]`` along ``batch_dim``.
@@ -213,7 +215,13 @@ def mix_structure(
         if where is None or plan.method != "cutmix":
             return mix_tensor(t, plan.lam if cut is None else cut.kept, plan.perm, batch_dim)
         mixed, cut = cutmix_tensor(
-            t, plan.drawn, plan.perm, plan.centers, plan.token_scores, layout=where, prefix_tokens=prefix_tokens,
+            t,
+            plan.drawn,
+            plan.perm,
+            plan.centers,
+            plan.token_scores,
+            layout=where,
+            prefix_tokens=prefix_tokens,
             cut=cut,
         )
         return mixed

@@ -50,6 +50,7 @@ from hookmix._errors import UsageError
 
 __all__ = ["CacheKey", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
 
+
 def transform_fingerprint(transform: object) -> str:
     """A short, stable fingerprint of a preprocessing transform, for :attr:`CacheKey.transform`.
 
@@ -94,8 +95,7 @@ class CacheKey:
         size = self.input_size
         if not isinstance(size, (tuple, list)) or not size or not all(is_int(s, 1) for s in size):
             raise UsageError(
-                f"CacheKey input_size={size!r} must be a non-empty tuple of positive ints, "
-                "e.g. (3, 224, 224)."
+                f"CacheKey input_size={size!r} must be a non-empty tuple of positive ints, e.g. (3, 224, 224)."
             )
         object.__setattr__(self, "input_size", tuple(size))
 
@@ -148,9 +148,11 @@ def _run_backbone(
     features: list[list[torch.Tensor]] = [[] for _ in range(views)]
     labels: list[list[torch.Tensor]] = [[] for _ in range(views)]
     batches = 0
-    with modes_restored(backbone, False), torch.no_grad(), tqdm(
-        total=total, desc="extracting features", unit="ex", disable=not progress
-    ) as bar:
+    with (
+        modes_restored(backbone, False),
+        torch.no_grad(),
+        tqdm(total=total, desc="extracting features", unit="ex", disable=not progress) as bar,
+    ):
         for (range_index, view, indices), batch in zip(plan, loader):
             x, y = _split_batch(batch)
             out = backbone(x.to(device, non_blocking=True))

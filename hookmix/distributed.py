@@ -108,18 +108,32 @@ def extract_sharded(
     return FeatureCache.load(directory, key, dtype=dtype, views=views)
 
 
-def _extract_parts_and_merge(backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: Path, rank: int,
-                             world: int, progress: bool, common: dict[str, Any]) -> None:
+def _extract_parts_and_merge(
+    backbone: nn.Module,
+    dataset: Dataset,
+    key: CacheKey,
+    directory: Path,
+    rank: int,
+    world: int,
+    progress: bool,
+    common: dict[str, Any],
+) -> None:
     """Each rank extracts its block of rows into ``directory/.parts``; rank 0 then writes the merged cache."""
     count = len(dataset)  # type: ignore[arg-type]
     if count < world:
         raise UsageError(f"dataset has {count} examples for {world} ranks; extract it without a process group.")
     blocks = _row_blocks(count, world)
-    parts = [(directory / PARTS_DIR / f"rows-{start}-{stop}", replace(key, dataset=f"{key.dataset}[{start}:{stop}]"))
-             for start, stop in blocks]
+    parts = [
+        (directory / PARTS_DIR / f"rows-{start}-{stop}", replace(key, dataset=f"{key.dataset}[{start}:{stop}]"))
+        for start, stop in blocks
+    ]
     own_dir, own_key = parts[rank]
     FeatureCache.extract(
-        backbone, Subset(dataset, range(*blocks[rank])), own_key, path=own_dir, progress=progress and rank == 0,
+        backbone,
+        Subset(dataset, range(*blocks[rank])),
+        own_key,
+        path=own_dir,
+        progress=progress and rank == 0,
         **common,
     )
     dist.barrier()

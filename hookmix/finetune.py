@@ -41,6 +41,8 @@ from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
 from hookmix.settings import MixSettings
 
+__all__ = ["CHECKPOINT_STATE", "CHECKPOINT_WEIGHTS", "fit", "FitConfig", "FitResult", "predict"]
+
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
 
@@ -207,8 +209,9 @@ def fit(
     result = FitResult(history=[])
     mixing = config.mixing if config.mix else replace(config.mixing, prob=0.0)
     with HookMixer(model, layer, num_classes=num_classes, seed=config.seed, **asdict(mixing)) as mixer:
-        state = _TrainState(config, model, optimizer, scheduler, mixer, torch.Generator().manual_seed(config.seed),
-                            result)
+        state = _TrainState(
+            config, model, optimizer, scheduler, mixer, torch.Generator().manual_seed(config.seed), result
+        )
         if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
             state.load(Path(checkpoint_dir))
         bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
@@ -234,8 +237,9 @@ def fit(
     return result
 
 
-def _train_epoch(state: "_TrainState", epoch: int, views: torch.Tensor, labels: torch.Tensor, num_classes: int
-                 ) -> float:
+def _train_epoch(
+    state: "_TrainState", epoch: int, views: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> float:
     """One epoch over ``views`` (V, N, ...) in a fresh order, one view drawn per example; the mean loss."""
     model, mixer, optimizer = state.model, state.mixer, state.optimizer
     mixer.set_epoch(epoch)
@@ -312,7 +316,9 @@ class _TrainState:
             )
         weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         load_state(
-            self.model, weights, f"{source} (another head shape?)",
+            self.model,
+            weights,
+            f"{source} (another head shape?)",
             "resume with the same model and layer, or use another --out directory",
         )
         optim_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_groups"]}

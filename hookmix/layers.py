@@ -30,7 +30,13 @@ PSEUDO_LAYERS = (INPUT, OUTPUT)
 STAGES = "stages"
 
 __all__ = [
-    "LayerInfo", "list_layers", "format_layers", "resolve_layers", "module_names", "unknown_layer_error", "STAGES"
+    "LayerInfo",
+    "list_layers",
+    "format_layers",
+    "resolve_layers",
+    "module_names",
+    "unknown_layer_error",
+    "STAGES",
 ]
 
 

@@ -53,23 +53,84 @@ _CHANNELS_FIRST_MODULES: tuple[type, ...] = (
 )
 _CHANNELS_LAST_MODULES: tuple[type, ...] = (nn.Linear,)
 _ELEMENTWISE_MODULES: tuple[type, ...] = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU, nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.ELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.PReLU,
+    nn.modules.dropout._DropoutNd,
 )
 _CHANNELS_FIRST_FUNCTIONS = {
-    F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.batch_norm, F.instance_norm,
-    F.group_norm, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    F.batch_norm,
+    F.instance_norm,
+    F.group_norm,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
 }
 _CHANNELS_LAST_FUNCTIONS = {F.linear}
 _ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, torch.add, torch.sub,
-    torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.cat, F.relu, F.gelu, F.silu, F.sigmoid, F.hardswish,
-    F.dropout, F.relu6, F.leaky_relu, F.mish,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.cat,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.sigmoid,
+    F.hardswish,
+    F.dropout,
+    F.relu6,
+    F.leaky_relu,
+    F.mish,
 }
 _ELEMENTWISE_METHODS = {
-    "add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float",
-    "half", "bfloat16", "to", "type_as",
+    "add",
+    "add_",
+    "sub",
+    "mul",
+    "mul_",
+    "div",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
 }
 
 
@@ -189,11 +250,14 @@ class _Reader:
                 module = next(iter(module), None)  # what reads the input is the first module of the sequence
             if isinstance(module, _CHANNELS_FIRST_MODULES) or user.target in _CHANNELS_FIRST_FUNCTIONS:
                 axes.add(_FIRST)
-            elif (isinstance(module, _CHANNELS_LAST_MODULES) or _is_last_axis_norm(module)
-                  or user.target in _CHANNELS_LAST_FUNCTIONS or _is_last_axis_norm_call(user)):
+            elif (
+                isinstance(module, _CHANNELS_LAST_MODULES)
+                or _is_last_axis_norm(module)
+                or user.target in _CHANNELS_LAST_FUNCTIONS
+                or _is_last_axis_norm_call(user)
+            ):
                 axes.add(_LAST)
-            elif (_keeps_layout(module) or user.target in _ELEMENTWISE_FUNCTIONS
-                  or user.target in _ELEMENTWISE_METHODS):
+            elif _keeps_layout(module) or user.target in _ELEMENTWISE_FUNCTIONS or user.target in _ELEMENTWISE_METHODS:
                 frontier.extend(user.users)
         return axes.pop() if len(axes) == 1 else None
 
@@ -244,9 +308,7 @@ def _is_last_axis_norm(module: nn.Module | None) -> bool:
     """torch's own LayerNorm / RMSNorm over one trailing axis (subclasses such as timm's LayerNorm2d permute)."""
     norms = tuple(cls for cls in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if cls is not None)
     return (
-        isinstance(module, norms)
-        and type(module).__module__.startswith("torch.")
-        and len(module.normalized_shape) == 1
+        isinstance(module, norms) and type(module).__module__.startswith("torch.") and len(module.normalized_shape) == 1
     )
 
 

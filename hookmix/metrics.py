@@ -19,6 +19,7 @@ from hookmix._errors import UsageError
 
 __all__ = ["Reliability", "accuracy", "nll", "ece", "reliability", "mean_ci", "evaluate"]
 
+
 def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Validate ``logits`` ``(B, C)`` against labels ``y`` ``(B,)``; return ``y`` on the logits' device."""
     if not isinstance(logits, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -38,8 +39,7 @@ def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         )
     if logits.shape[0] != y.shape[0] or logits.shape[0] == 0:
         raise UsageError(
-            f"logits has {logits.shape[0]} rows but y has {y.shape[0]} labels; "
-            "pass one row per label, at least one."
+            f"logits has {logits.shape[0]} rows but y has {y.shape[0]} labels; pass one row per label, at least one."
         )
     check_class_indices(y, logits.shape[1], "y", "relabel y or check the number of classes (the logits' columns)")
     if torch.isnan(logits).any():

@@ -46,6 +46,8 @@ from hookmix.targets import (
     validate_targets,
 )
 
+__all__ = ["GateWarning", "HookMixer"]
+
 
 def _describe(obj: Any) -> str:
     leaves = tensor_leaves(obj)
@@ -148,9 +150,18 @@ class HookMixer:
         refuse_replicas(model)
         model = unwrap(model)
         settings = MixSettings(
-            alpha=alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, lam_mode=lam_mode, prob=prob,
-            dominant=dominant, mode=mode, weights=weights, stop_step=stop_step, stop_epoch=stop_epoch,
-            label_smoothing=label_smoothing, exclude_classes=exclude_classes,
+            alpha=alpha,
+            cutmix_alpha=cutmix_alpha,
+            switch_prob=switch_prob,
+            lam_mode=lam_mode,
+            prob=prob,
+            dominant=dominant,
+            mode=mode,
+            weights=weights,
+            stop_step=stop_step,
+            stop_epoch=stop_epoch,
+            label_smoothing=label_smoothing,
+            exclude_classes=exclude_classes,
         )
         if num_classes is not None:
             check_int("num_classes", num_classes, 2, " (or None)")
@@ -273,8 +284,12 @@ class HookMixer:
         if not plan.mixed:
             return obj
         mixed, count, cut = mix_structure(
-            obj, plan, batch_dim=self.batch_dim, prefix_tokens=self.prefix_tokens,
-            layout=functools.partial(self._layout, name), cut=replay if replaying else self._cut,
+            obj,
+            plan,
+            batch_dim=self.batch_dim,
+            prefix_tokens=self.prefix_tokens,
+            layout=functools.partial(self._layout, name),
+            cut=replay if replaying else self._cut,
         )
         if count == 0:
             raise UsageError(
@@ -450,9 +465,7 @@ class HookMixer:
         kind, index_max = self._target_kind(targets)
         if targets is not None:
             if batch_size is not None and batch_size != targets.shape[0]:
-                raise UsageError(
-                    f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them."
-                )
+                raise UsageError(f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them.")
             batch_size = targets.shape[0]
         elif not is_int(batch_size, 1):
             raise UsageError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")

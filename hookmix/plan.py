@@ -19,6 +19,8 @@ from hookmix._checks import check_alpha, check_int
 from hookmix._errors import UsageError
 from hookmix.settings import MixSettings
 
+__all__ = ["identity_plan", "MixPlan", "PlanSampler", "TOKEN_SLOTS"]
+
 TOKEN_SLOTS = 1024
 """Virtual token slots R drawn per cutmix plan: token cutmix works on layers with up to R swappable tokens."""
 
@@ -73,7 +75,11 @@ class MixPlan:
 
         lam = move(self.lam)
         return replace(
-            self, lam=lam, perm=move(self.perm), centers=move(self.centers), token_scores=move(self.token_scores),
+            self,
+            lam=lam,
+            perm=move(self.perm),
+            centers=move(self.centers),
+            token_scores=move(self.token_scores),
             drawn=lam if self.drawn is self.lam else move(self.drawn),
         )
 

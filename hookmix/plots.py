@@ -152,9 +152,7 @@ def _beta_density(x: np.ndarray, alpha: float) -> np.ndarray:
     return np.exp(log_norm + (alpha - 1.0) * (np.log(x) + np.log1p(-x)))
 
 
-def plot_lambda_hist(
-    lams: torch.Tensor | np.ndarray, path: str | os.PathLike[str], alpha: float | None = None
-) -> Path:
+def plot_lambda_hist(lams: torch.Tensor | np.ndarray, path: str | os.PathLike[str], alpha: float | None = None) -> Path:
     """Histogram (as a density) of drawn mixing coefficients λ, optionally with the Beta(α, α) density.
 
     ``lams`` holds values in ``[0, 1]`` of any shape (e.g. ``(B,)`` per batch, concatenated over steps).

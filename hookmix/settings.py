@@ -61,8 +61,10 @@ class MixSettings:
         settle("alpha", check_alpha(self.alpha, allow_zero=True))
         settle("cutmix_alpha", check_alpha(self.cutmix_alpha, "cutmix_alpha", allow_zero=True))
         if self.alpha == 0 and self.cutmix_alpha == 0:
-            raise UsageError("alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
-                             "cutmix_alpha=1.0 (cutmix), or both.")
+            raise UsageError(
+                "alpha=0 and cutmix_alpha=0 turn both methods off; give alpha=0.4 (mixup) or "
+                "cutmix_alpha=1.0 (cutmix), or both."
+            )
         settle("switch_prob", check_probability("switch_prob", self.switch_prob))
         settle("prob", check_probability("prob", self.prob))
         if self.lam_mode not in LAM_MODES:

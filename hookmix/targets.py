@@ -30,6 +30,8 @@ from hookmix._errors import UsageError
 from hookmix.blend import mix_tensor
 from hookmix.plan import MixPlan
 
+__all__ = ["check_classes", "excluded_rows", "infer_kind", "KINDS", "MixStep", "validate_targets"]
+
 KINDS = ("auto", "index", "label", "multilabel", "regression")
 _ROW_SUM_TOL = 1e-3
 
@@ -89,8 +91,10 @@ def validate_targets(
                 f"class-index {argument} must be an integer tensor of shape (B,), got dtype {y.dtype} shape "
                 f"{tuple(y.shape)}; use y.long(), or targets='regression' / 'label' for other targets."
             )
-        fix = ("relabel them, and drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot "
-               "be mixed; or pass the right num_classes")
+        fix = (
+            "relabel them, and drop rows meant to be ignored (e.g. ignore_index=-100) before plan(): they cannot "
+            "be mixed; or pass the right num_classes"
+        )
         return check_class_indices(y, num_classes, f"class-index {argument}", fix)[1]
     low, high, finite, row_min, row_max = _stats(y)
     if not finite:
@@ -218,8 +222,7 @@ class MixStep:
         if self.kind == "index":
             if self.num_classes is None:
                 raise UsageError(
-                    "soft targets from class indices need the number of classes: "
-                    "create the mixer with num_classes=C."
+                    "soft targets from class indices need the number of classes: create the mixer with num_classes=C."
                 )
             y = F.one_hot(y.long(), self.num_classes)
         y = y.float()

@@ -252,8 +252,14 @@ def test_resume_recomputes_only_missing_shards_and_equals_an_uninterrupted_run(t
     backbone, forwards = make_backbone(), []
     backbone.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
     resumed = FeatureCache.extract(
-        backbone, dataset, KEY, path=tmp_path / "resumed", batch_size=BATCH, shard_size=SHARD,
-        dtype=torch.float32, progress=False,
+        backbone,
+        dataset,
+        KEY,
+        path=tmp_path / "resumed",
+        batch_size=BATCH,
+        shard_size=SHARD,
+        dtype=torch.float32,
+        progress=False,
     )
     assert resumed.batches_run == 3 and forwards == [8, 8, 2]  # rows 32..49 only
     assert {p: (tmp_path / "resumed" / p).stat().st_mtime_ns for p in kept} == kept
@@ -362,9 +368,12 @@ def test_cache_key_validation_and_stable_fingerprint() -> None:
     assert base.fingerprint() == CacheKey("m", "l", [3, 8, 8], "t").fingerprint()
     assert base.fingerprint() != CacheKey("m", "l", (3, 8, 9), "t").fingerprint()
     # sha256 of the canonical JSON: the same in every process and Python version
-    assert KEY.fingerprint() == hashlib.sha256(
-        b'{"dataset":"","input_size":[3,16,16],"layer":"pool","model":"test:tiny-conv","transform":"none"}'
-    ).hexdigest()[:16]
+    assert (
+        KEY.fingerprint()
+        == hashlib.sha256(
+            b'{"dataset":"","input_size":[3,16,16],"layer":"pool","model":"test:tiny-conv","transform":"none"}'
+        ).hexdigest()[:16]
+    )
     with pytest.raises(ValueError, match="input_size=\\(3, 0\\)"):
         CacheKey("m", "l", (3, 0), "t")
     with pytest.raises(ValueError, match="layer=''"):

@@ -80,8 +80,9 @@ def test_an_unplanned_forward_is_recomputed_unmixed() -> None:
         checkpointed.zero_grad()
         nn.functional.cross_entropy(checkpointed(x), y).backward()  # no plan: trains unmixed
     nn.functional.cross_entropy(plain(x), y).backward()
-    assert_same_gradients({n: p.grad for n, p in checkpointed.named_parameters()},
-                          {n: p.grad for n, p in plain.named_parameters()})
+    assert_same_gradients(
+        {n: p.grad for n, p in checkpointed.named_parameters()}, {n: p.grad for n, p in plain.named_parameters()}
+    )
 
 
 def test_two_forwards_in_one_checkpointed_backward_are_refused_naming_checkpointing() -> None:

@@ -15,7 +15,9 @@ from tests.conftest import write_folder
 def run_cli(*args):
     """Run the real console entry point in a subprocess (exit code, stdout, stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "hookmix.app.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "hookmix.app.cli", *args],
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     return proc.returncode, proc.stdout, proc.stderr
@@ -62,8 +64,26 @@ def test_usage_errors_exit_2_with_one_line(args, message):
 
 def test_finetune_on_image_folder_writes_report_and_reuses_cache(tmp_path, capsys):
     data = write_folder(tmp_path / "imgs")
-    args = ["finetune", "--data", str(data), "--model", "resnet18", "--layer", "layer4", "--input-size", "3", "32",
-            "32", "--epochs", "2", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--quiet"]
+    args = [
+        "finetune",
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--layer",
+        "layer4",
+        "--input-size",
+        "3",
+        "32",
+        "32",
+        "--epochs",
+        "2",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["classes"] == ["cat", "dog", "eel"] and report["train_examples"] == 9
@@ -104,8 +124,24 @@ def test_bad_image_folders(tmp_path, case):
         message = "unreadable image"
     else:
         message = "is not a directory"
-    code, _, err = run_cli("finetune", "--data", str(root), "--model", "resnet18", "--layer", "layer4",
-                           "--input-size", "3", "32", "32", "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet")
+    code, _, err = run_cli(
+        "finetune",
+        "--data",
+        str(root),
+        "--model",
+        "resnet18",
+        "--layer",
+        "layer4",
+        "--input-size",
+        "3",
+        "32",
+        "32",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+    )
     assert code == 2 and message in err and "Traceback" not in err, err
 
 

@@ -13,8 +13,14 @@ def conv_net() -> nn.Sequential:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 5),
         )
 
 
@@ -23,8 +29,9 @@ def batch(rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 3, 8, 8, generator=g), torch.randint(0, 5, (rows,), generator=g)
 
 
-def train_step(model: nn.Module, run: nn.Module, mixer: HookMixer, x: torch.Tensor, y: torch.Tensor
-               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def train_step(
+    model: nn.Module, run: nn.Module, mixer: HookMixer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One hooked step through ``run`` (the model or its compiled wrapper): loss and parameter grads."""
     model.zero_grad()
     loss = mixer.plan(y).loss(nn.CrossEntropyLoss(), run(x))

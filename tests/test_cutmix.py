@@ -111,8 +111,9 @@ def test_vit_token_cutmix_respects_num_prefix_tokens():
 
 def test_exclusion_applies_to_cutmix():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1))
-    with HookMixer(model, "0", alpha=0, cutmix_alpha=1.0, lam_mode="sample", num_classes=3,
-                   exclude_classes=[2], seed=0) as mixer:
+    with HookMixer(
+        model, "0", alpha=0, cutmix_alpha=1.0, lam_mode="sample", num_classes=3, exclude_classes=[2], seed=0
+    ) as mixer:
         for _ in range(5):
             y = torch.randint(0, 3, (6,))
             step = mixer.plan(y)
@@ -134,8 +135,13 @@ def test_mode_all_pastes_one_box_that_keeps_step_lam_at_every_layer():
     """Layers of one grid paste the first layer's box; a later layer twice as fine pastes it scaled by 2.
     Before, a later layer cut a new box from the corrected λ: drawn 0.40, step.lam 0.49, later layer kept 0.75."""
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Upsample(scale_factor=2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
     seen = {}
     for name in ("0", "1", "2"):
@@ -143,7 +149,8 @@ def test_mode_all_pastes_one_box_that_keeps_step_lam_at_every_layer():
     with HookMixer(model, ["0", "1", "2"], mode="all", alpha=0, cutmix_alpha=1.0, lam_mode="sample", seed=0) as mixer:
         for name, reader in (("0", "1"), ("1", "2"), ("2", "3")):
             model.get_submodule(reader).register_forward_pre_hook(
-                lambda m, a, n=name: seen.__setitem__(f"mixed{n}", a[0].detach().clone()))
+                lambda m, a, n=name: seen.__setitem__(f"mixed{n}", a[0].detach().clone())
+            )
         for _ in range(3):
             step = mixer.plan(batch_size=6)
             model(torch.randn(6, 3, 7, 7))

@@ -35,48 +35,67 @@ def _numbered(prefix: str, count: int) -> list[str]:
 
 RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 DENSENET_STAGES = [
-    "features.denseblock1", "features.transition1", "features.denseblock2", "features.transition2",
-    "features.denseblock3", "features.transition3", "features.denseblock4",
+    "features.denseblock1",
+    "features.transition1",
+    "features.denseblock2",
+    "features.transition2",
+    "features.denseblock3",
+    "features.transition3",
+    "features.denseblock4",
 ]
 CASES: dict[str, Case] = {
     "tv_resnet18": Case(
-        lambda: torchvision.models.resnet18(num_classes=10), RESNET_STAGES, ("maxpool", "layer3.1", "fc"),
+        lambda: torchvision.models.resnet18(num_classes=10),
+        RESNET_STAGES,
+        ("maxpool", "layer3.1", "fc"),
         ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample", "layer1.0.conv1"),
     ),
     "tv_resnet50": Case(
-        lambda: torchvision.models.resnet50(num_classes=10), RESNET_STAGES, ("layer3.5", "avgpool"),
+        lambda: torchvision.models.resnet50(num_classes=10),
+        RESNET_STAGES,
+        ("layer3.5", "avgpool"),
         ("layer4.0.conv2", "layer3.5.bn3"),
     ),
     "tv_mobilenet_v3_small": Case(
-        lambda: torchvision.models.mobilenet_v3_small(num_classes=10), _numbered("features.", 13),
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+        _numbered("features.", 13),
         ("features.4.block",),  # 24 -> 40 channels, stride 2: no skip connection
         ("features.5.block", "features.5.block.2"),
     ),
     "tv_convnext_tiny": Case(
-        lambda: torchvision.models.convnext_tiny(num_classes=10), _numbered("features.", 8), ("features.5.3",),
+        lambda: torchvision.models.convnext_tiny(num_classes=10),
+        _numbered("features.", 8),
+        ("features.5.3",),
         ("features.1.0.block", "features.5.3.block.3", "features.5.3.stochastic_depth"),
     ),
     "tv_densenet121": Case(
-        lambda: torchvision.models.densenet121(num_classes=10), DENSENET_STAGES, ("features.norm5",),
+        lambda: torchvision.models.densenet121(num_classes=10),
+        DENSENET_STAGES,
+        ("features.norm5",),
         ("features.denseblock2.denselayer3", "features.denseblock2.denselayer3.conv2"),
     ),
     "timm_resnet18": Case(
-        lambda: timm.create_model("resnet18", num_classes=10), RESNET_STAGES, ("act1", "layer2.1"),
+        lambda: timm.create_model("resnet18", num_classes=10),
+        RESNET_STAGES,
+        ("act1", "layer2.1"),
         ("layer4.0.conv2", "layer2.1.act1"),
     ),
     "timm_convnext_atto": Case(
-        lambda: timm.create_model("convnext_atto", num_classes=10), _numbered("stages.", 4),
+        lambda: timm.create_model("convnext_atto", num_classes=10),
+        _numbered("stages.", 4),
         ("stages.1.blocks.0", "stages.1.downsample"),
         ("stages.1.blocks.0.conv_dw", "stages.1.blocks.0.mlp"),
     ),
     "timm_efficientnet_b0": Case(
         lambda: timm.create_model("efficientnet_b0", num_classes=10),
-        ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"], ("blocks.1.1", "conv_head"),
+        ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"],
+        ("blocks.1.1", "conv_head"),
         ("blocks.1.1.conv_pw", "blocks.4.2.se"),
     ),
     "timm_vit_tiny": Case(
         lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8),
-        _numbered("blocks.", 12), ("blocks.3", "norm"),
+        _numbered("blocks.", 12),
+        ("blocks.3", "norm"),
         ("blocks.3.attn", "blocks.3.mlp", "blocks.3.norm1"),
     ),
 }
@@ -106,15 +125,31 @@ def test_stages_and_blocks_are_cut_points_mid_residual_modules_are_not(name: str
 @pytest.mark.parametrize(
     ("name", "layer", "reason", "nearest"),
     [
-        ("tv_resnet18", "layer4.0.conv2", "the output of layer4.0.downsample reaches the add in layer4.0",
-         ("layer3", "layer4.0")),
-        ("tv_resnet18", "layer4.1.conv2", "the output of layer4.0 reaches the add in layer4.1",
-         ("layer4.0", "layer4.1")),
-        ("timm_vit_tiny", "blocks.3.attn", "the output of blocks.2 reaches the add in blocks.3",
-         ("blocks.2", "blocks.3")),
-        ("tv_densenet121", "features.denseblock2.denselayer3",
-         "the output of features.transition1 and the output of features.denseblock2.denselayer1 reach the cat in "
-         "features.denseblock2.denselayer4", ("features.transition1", "features.denseblock2")),
+        (
+            "tv_resnet18",
+            "layer4.0.conv2",
+            "the output of layer4.0.downsample reaches the add in layer4.0",
+            ("layer3", "layer4.0"),
+        ),
+        (
+            "tv_resnet18",
+            "layer4.1.conv2",
+            "the output of layer4.0 reaches the add in layer4.1",
+            ("layer4.0", "layer4.1"),
+        ),
+        (
+            "timm_vit_tiny",
+            "blocks.3.attn",
+            "the output of blocks.2 reaches the add in blocks.3",
+            ("blocks.2", "blocks.3"),
+        ),
+        (
+            "tv_densenet121",
+            "features.denseblock2.denselayer3",
+            "the output of features.transition1 and the output of features.denseblock2.denselayer1 reach the cat in "
+            "features.denseblock2.denselayer4",
+            ("features.transition1", "features.denseblock2"),
+        ),
     ],
 )
 def test_bypassing_path_and_nearest_cut_points_are_named(
@@ -193,7 +228,8 @@ def test_layers_mixed_together_are_judged_together() -> None:
     with pytest.warns(CutPointWarning) as one_per_step:
         check_mix_points(model, ["embeds.*", "cont"])
     assert [str(w.message).split(":")[0] for w in together] == [
-        "layer 'embeds.0' is not a cut point of TabularMLP", "layer 'cont' is not a cut point of TabularMLP"
+        "layer 'embeds.0' is not a cut point of TabularMLP",
+        "layer 'cont' is not a cut point of TabularMLP",
     ]
     assert len(one_per_step) == 3
     with pytest.raises(ValueError, match="mode='both' must be 'one'"):
@@ -235,8 +271,7 @@ def test_cut_points_and_stages_do_not_warn() -> None:
 
 def test_strict_refuses_every_non_cut_point_at_once() -> None:
     with pytest.raises(ValueError) as info:
-        check_mix_points(_model("timm_convnext_atto"), ["stages.1.blocks.0.mlp", "stages.2", "output"],
-                         strict=True)
+        check_mix_points(_model("timm_convnext_atto"), ["stages.1.blocks.0.mlp", "stages.2", "output"], strict=True)
     message = str(info.value)
     assert message.count("is not a cut point") == 1 and "'stages.1.blocks.0.mlp'" in message
     assert "nearest cut points: stages.1.downsample (before it), stages.1.blocks.0 (after it)" in message

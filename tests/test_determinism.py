@@ -37,14 +37,22 @@ class Loop:
     def __init__(self, seed: int = 123) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            self.model = nn.Sequential(OrderedDict(
-                stem=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(),
-                block=nn.Conv2d(8, 8, 3, padding=1), act2=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
-                flat=nn.Flatten(), fc=nn.Linear(8, 5),
-            ))
+            self.model = nn.Sequential(
+                OrderedDict(
+                    stem=nn.Conv2d(3, 8, 3, padding=1),
+                    bn=nn.BatchNorm2d(8),
+                    act=nn.ReLU(),
+                    block=nn.Conv2d(8, 8, 3, padding=1),
+                    act2=nn.ReLU(),
+                    pool=nn.AdaptiveAvgPool2d(1),
+                    flat=nn.Flatten(),
+                    fc=nn.Linear(8, 5),
+                )
+            )
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
-        self.mixer = HookMixer(self.model, list(MIXED_LAYERS), lam_mode="sample", prob=0.8, exclude_classes=[4],
-                               num_classes=5, seed=seed)
+        self.mixer = HookMixer(
+            self.model, list(MIXED_LAYERS), lam_mode="sample", prob=0.8, exclude_classes=[4], num_classes=5, seed=seed
+        )
         self.data = torch.Generator().manual_seed(7)
         self.seen: dict[str, torch.Tensor] = {}
         for name in MIXED_LAYERS:  # registered after the mixer's hooks, so they see the mixed outputs
@@ -68,8 +76,12 @@ class Loop:
             loss.backward()
             self.optimizer.step()
             layer = MIXED_LAYERS.index(step.layers[0]) if step.mixed else -1
-            trace |= {f"{i}.lam": step.lam.clone(), f"{i}.perm": step.perm.clone(), f"{i}.layer": torch.tensor(layer),
-                      f"{i}.loss": loss.detach()}
+            trace |= {
+                f"{i}.lam": step.lam.clone(),
+                f"{i}.perm": step.perm.clone(),
+                f"{i}.layer": torch.tensor(layer),
+                f"{i}.loss": loss.detach(),
+            }
             trace |= {f"{i}.{name}": self.seen[name] for name in MIXED_LAYERS}
         return trace
 
@@ -77,8 +89,15 @@ class Loop:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def save(self, path: Path) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "mixer": self.mixer.state_dict(), "data": self.data.get_state()}, path)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "mixer": self.mixer.state_dict(),
+                "data": self.data.get_state(),
+            },
+            path,
+        )
 
     def load(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)  # the mixer's state needs no unpickling of code
@@ -105,8 +124,19 @@ def fit_run(directory: Path | None, resume: bool = False) -> tuple[dict[str, tor
                 os.kill(os.getpid(), signal.SIGKILL)
 
         head.register_forward_pre_hook(crash_in_epoch_3)
-    result = fit(head, "input", train_x, train_y, val_x, val_y, FIT_CONFIG, num_classes=4,
-                 checkpoint_dir=directory, resume=resume, progress=False)
+    result = fit(
+        head,
+        "input",
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        FIT_CONFIG,
+        num_classes=4,
+        checkpoint_dir=directory,
+        resume=resume,
+        progress=False,
+    )
     return dict(head.state_dict()), {"history": result.history, "lams": result.lams}
 
 
@@ -152,9 +182,14 @@ def processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = "import sys; from tests.test_determinism import run_worker; run_worker(sys.argv[1], sys.argv[2])"
 
     def start(mode: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", code, mode, str(directory)], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return subprocess.Popen(
+            [sys.executable, "-c", code, mode, str(directory)],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
 
     for batch in (("full", "first"), ("resume",)):
         procs = {mode: start(mode) for mode in batch}
@@ -176,8 +211,10 @@ def test_hookmixer_loop_saved_and_continued_in_a_new_process_is_bitwise_identica
     early = {k for k in steps if int(k.split(".")[0]) < SAVE_AT}
     assert_bitwise_equal({k: full[k] for k in early}, {k: first[k] for k in early})  # two processes, same seed
     assert_bitwise_equal({k: full[k] for k in steps - early}, {k: v for k, v in resumed.items() if k in steps})
-    assert_bitwise_equal({k: v for k, v in full.items() if k.startswith("param.")},
-                         {k: v for k, v in resumed.items() if k.startswith("param.")})
+    assert_bitwise_equal(
+        {k: v for k, v in full.items() if k.startswith("param.")},
+        {k: v for k, v in resumed.items() if k.startswith("param.")},
+    )
     assert {int(full[f"{i}.layer"]) for i in range(STEPS)} >= {0, 1}  # both layers were drawn
     for mode in ("full", "first", "resume"):
         assert (processes / f"{mode}_rng_untouched").read_text() == "True"

@@ -81,15 +81,22 @@ def _ddp_train(rank: int, tmp: str) -> None:
         loss = step.loss(nn.CrossEntropyLoss(), ddp(x))
         optimizer.zero_grad()
         loss.backward()
-        steps.append({"lam": step.lam, "raw": seen["raw"], "mixed": seen["mixed"],
-                      "grads": [p.grad.clone() for p in model.parameters()]})
+        steps.append(
+            {
+                "lam": step.lam,
+                "raw": seen["raw"],
+                "mixed": seen["mixed"],
+                "grads": [p.grad.clone() for p in model.parameters()],
+            }
+        )
         optimizer.step()
     torch.save({"steps": steps, "params": [p.detach() for p in model.parameters()]}, f"{tmp}/rank{rank}.pt")
 
 
 def _extract(rank: int, tmp: str) -> None:
-    cache = extract_sharded(backbone(), images(), KEY, path=f"{tmp}/cache", dtype=torch.float32, batch_size=4,
-                            shard_size=5, progress=False)
+    cache = extract_sharded(
+        backbone(), images(), KEY, path=f"{tmp}/cache", dtype=torch.float32, batch_size=4, shard_size=5, progress=False
+    )
     torch.save({"features": cache.features, "labels": cache.labels}, f"{tmp}/extract{rank}.pt")
 
 
@@ -135,7 +142,11 @@ def test_sharded_extraction_equals_one_process_and_is_one_standard_cache(tmp_pat
     torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
     assert torch.equal(stored.labels, single.labels)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
     again = extract_sharded(backbone(), images(), KEY, path=tmp_path / "cache", dtype=torch.float32, progress=False)
     assert again.batches_run == 0 and not (tmp_path / "cache" / PARTS_DIR).exists()
 
@@ -171,12 +182,28 @@ def test_unwrap_looks_through_data_parallel_and_compile() -> None:
 @pytest.mark.slow
 def test_example_runs_under_torchrun(tmp_path: Path) -> None:
     script = ROOT / "examples" / "ddp_torchrun.py"
-    assert "--layer" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
-                                       check=True).stdout
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               script, "--epochs", "1", "--samples", "64", "--cache", tmp_path / "cache"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (
+        "--layer"
+        in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        script,
+        "--epochs",
+        "1",
+        "--samples",
+        "64",
+        "--cache",
+        tmp_path / "cache",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr
     assert "val accuracy" in result.stdout
     assert "cached features (1, 64, 64, 2, 2)" in result.stdout and (tmp_path / "cache" / "manifest.json").exists()

@@ -33,8 +33,9 @@ VALIDATION_CONTEXTS = {
 }
 
 
-def validate(model: nn.Module, name: str, x: torch.Tensor, mixer: HookMixer | None = None,
-             y: torch.Tensor | None = None) -> torch.Tensor:
+def validate(
+    model: nn.Module, name: str, x: torch.Tensor, mixer: HookMixer | None = None, y: torch.Tensor | None = None
+) -> torch.Tensor:
     """One validation forward in the mode/grad context ``name`` (calling ``mixer.plan`` first, as a shared
     train/validation step does); the model goes back to train mode."""
     model.train(name.startswith("train"))
@@ -62,8 +63,9 @@ def test_validation_between_plan_and_forward_neither_mixes_nor_consumes_the_plan
         model(x)  # the training forward still gets the armed plan
         assert mixer.steps == 1
     bn_out = model[1](model[0](x)).detach()
-    torch.testing.assert_close(hidden["mixed"], torch.lerp(bn_out[step.perm], bn_out, step.lam.view(-1, 1)),
-                               rtol=1e-4, atol=1e-5)  # BN in train mode: batch statistics of this x
+    torch.testing.assert_close(
+        hidden["mixed"], torch.lerp(bn_out[step.perm], bn_out, step.lam.view(-1, 1)), rtol=1e-4, atol=1e-5
+    )  # BN in train mode: batch statistics of this x
 
 
 def test_validation_with_shared_step_code_leaves_the_training_plans_unchanged() -> None:

@@ -23,11 +23,18 @@ def run(script: Path, *args: str, cwd: Path | None = None) -> subprocess.Complet
 
 def test_there_is_an_example_for_each_loop_the_readme_names() -> None:
     assert {p.stem for p in EXAMPLES} >= {
-        "finetune_imagefolder", "timm_train_loop", "lightning_train", "fastai_train", "tabular", "ddp_torchrun"}
+        "finetune_imagefolder",
+        "timm_train_loop",
+        "lightning_train",
+        "fastai_train",
+        "tabular",
+        "ddp_torchrun",
+    }
 
 
-def run_in_process(script: Path, *args: str, capsys: pytest.CaptureFixture[str],
-                   monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+def run_in_process(
+    script: Path, *args: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
     """Run ``script`` as ``__main__`` in this process (torch is imported once, not per script)."""
     monkeypatch.setattr(sys, "argv", [str(script), *args])
     monkeypatch.syspath_prepend(str(script.parent))
@@ -47,8 +54,24 @@ def test_help(script: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pyt
 @pytest.mark.slow
 def test_finetune_imagefolder_compares_both_arms_on_one_cache(tmp_path: Path) -> None:
     data = write_folder(tmp_path / "imgs", per_class=5, size=40)
-    args = ("--data", str(data), "--model", "resnet18", "--layer", "layer4", "--input-size", "32",
-            "--epochs", "3", "--seeds", "2", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"))
+    args = (
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--layer",
+        "layer4",
+        "--input-size",
+        "32",
+        "--epochs",
+        "3",
+        "--seeds",
+        "2",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "run"),
+    )
     result = run(ROOT / "examples" / "finetune_imagefolder.py", *args)
     assert result.returncode == 0, result.stderr
     assert "3 classes, 12 training / 3 validation images, features (512, 1, 1) at layer4" in result.stdout
@@ -67,8 +90,16 @@ def test_finetune_imagefolder_compares_both_arms_on_one_cache(tmp_path: Path) ->
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train", "val"]
 
 
-def test_finetune_imagefolder_refuses_one_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = run_in_process(ROOT / "examples" / "finetune_imagefolder.py", "--data", str(tmp_path),
-                                  "--seeds", "1", capsys=capsys, monkeypatch=monkeypatch)
+def test_finetune_imagefolder_refuses_one_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run_in_process(
+        ROOT / "examples" / "finetune_imagefolder.py",
+        "--data",
+        str(tmp_path),
+        "--seeds",
+        "1",
+        capsys=capsys,
+        monkeypatch=monkeypatch,
+    )
     assert code == 2 and "needs at least 2 seeds" in err

@@ -8,7 +8,7 @@ from torch import nn
 from hookmix.app.digits import digits_transfer, pretrain_source
 from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, fit
 from hookmix.settings import MixSettings
-from hookmix.split import split
+from hookmix.splitting import split
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def test_cached_path_equals_hooked_full_forward(task):
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     bn_before = model.stage2[1].running_mean.clone()
-    hooked = fit(model, "stage2", data.train_x, data.train_y, data.val_x, data.val_y, config, num_classes=5,
-                 progress=False)
+    hooked = fit(
+        model, "stage2", data.train_x, data.train_y, data.val_x, data.val_y, config, num_classes=5, progress=False
+    )
     for a, b in zip(cached.history, hooked.history):
         for key in ("train_loss", "val_nll", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
@@ -51,8 +52,17 @@ def test_no_mix_baseline_draws_the_same_order_and_mixes_nothing(task):
     runs = {}
     for mix in (True, False):
         _, head = fresh_head(source)
-        runs[mix] = fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=2, mix=mix),
-                        num_classes=5, progress=False)
+        runs[mix] = fit(
+            head,
+            "input",
+            feats,
+            data.train_y,
+            val,
+            data.val_y,
+            FitConfig(epochs=2, mix=mix),
+            num_classes=5,
+            progress=False,
+        )
     assert runs[False].lams == [] and len(runs[True].lams) == 2 * 2  # 50 examples / 32 per batch
     assert runs[False].history[0]["train_loss"] != runs[True].history[0]["train_loss"]
     assert set(runs[True].final) == {"epoch", "train_loss", "val_nll", "val_accuracy", "val_ece", "lr"}
@@ -61,8 +71,17 @@ def test_no_mix_baseline_draws_the_same_order_and_mixes_nothing(task):
 def test_training_improves_over_the_initial_head(task):
     source, data, feats, val = task
     _, head = fresh_head(source)
-    result = fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=30, lr=3e-2),
-                 num_classes=5, progress=False)
+    result = fit(
+        head,
+        "input",
+        feats,
+        data.train_y,
+        val,
+        data.val_y,
+        FitConfig(epochs=30, lr=3e-2),
+        num_classes=5,
+        progress=False,
+    )
     assert result.final["val_accuracy"] > 0.6  # chance is 0.2
     assert result.history[-1]["val_nll"] < result.history[0]["val_nll"]
     assert result.final["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine schedule ran to its end
@@ -83,12 +102,33 @@ def test_resume_continues_bitwise(task, tmp_path):
 
     head_b.register_forward_pre_hook(crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        fit(head_b, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, checkpoint_dir=tmp_path,
-            progress=False)
+        fit(
+            head_b,
+            "input",
+            feats,
+            data.train_y,
+            val,
+            data.val_y,
+            config,
+            num_classes=5,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
     assert json.loads((tmp_path / CHECKPOINT_STATE).read_text())["epoch"] == 2
     _, head_c = fresh_head(source)
-    resumed = fit(head_c, "input", feats, data.train_y, val, data.val_y, config, num_classes=5,
-                  checkpoint_dir=tmp_path, resume=True, progress=False)
+    resumed = fit(
+        head_c,
+        "input",
+        feats,
+        data.train_y,
+        val,
+        data.val_y,
+        config,
+        num_classes=5,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
     assert resumed.history == full.history
     assert resumed.lams == full.lams
     for p, q in zip(head_a.parameters(), head_c.parameters()):
@@ -100,15 +140,47 @@ def test_resume_continues_bitwise(task, tmp_path):
 def test_resume_refuses_other_settings_and_other_head(task, tmp_path):
     source, data, feats, val = task
     _, head = fresh_head(source)
-    fit(head, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
-        checkpoint_dir=tmp_path, progress=False)
+    fit(
+        head,
+        "input",
+        feats,
+        data.train_y,
+        val,
+        data.val_y,
+        FitConfig(epochs=1),
+        num_classes=5,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="alpha"):
-        fit(fresh_head(source)[1], "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=2, mixing=MixSettings(alpha=1.0)),
-            num_classes=5, checkpoint_dir=tmp_path, resume=True, progress=False)
+        fit(
+            fresh_head(source)[1],
+            "input",
+            feats,
+            data.train_y,
+            val,
+            data.val_y,
+            FitConfig(epochs=2, mixing=MixSettings(alpha=1.0)),
+            num_classes=5,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
     other = nn.Sequential(nn.Flatten(), nn.Linear(256, 5))
     with pytest.raises(ValueError, match="another head shape"):
-        fit(other, "input", feats, data.train_y, val, data.val_y, FitConfig(epochs=1), num_classes=5,
-            checkpoint_dir=tmp_path, resume=True, progress=False)
+        fit(
+            other,
+            "input",
+            feats,
+            data.train_y,
+            val,
+            data.val_y,
+            FitConfig(epochs=1),
+            num_classes=5,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_cached_views_are_drawn_per_example(task):
@@ -118,8 +190,17 @@ def test_cached_views_are_drawn_per_example(task):
     _, head = fresh_head(source)
     batches = []
     head.register_forward_pre_hook(lambda m, a: batches.append(a[0].clone()) if torch.is_grad_enabled() else None)
-    fit(head, "input", views, data.train_y, val, data.val_y, FitConfig(epochs=2, batch_size=10, mix=False),
-        num_classes=5, progress=False)
+    fit(
+        head,
+        "input",
+        views,
+        data.train_y,
+        val,
+        data.val_y,
+        FitConfig(epochs=2, batch_size=10, mix=False),
+        num_classes=5,
+        progress=False,
+    )
     assert len(batches) == 2 * 5
     flat = views.flatten(2)  # (V, N, F)
     seen = []
@@ -129,7 +210,7 @@ def test_cached_views_are_drawn_per_example(task):
         _, view, example = torch.nonzero(match).T
         seen.append((view, example))
     for epoch in range(2):
-        examples = torch.cat([e for _, e in seen[epoch * 5:(epoch + 1) * 5]])
+        examples = torch.cat([e for _, e in seen[epoch * 5 : (epoch + 1) * 5]])
         assert sorted(examples.tolist()) == list(range(50))
     assert any(len(view.unique()) == 2 for view, _ in seen)  # views differ inside one batch
     first = {int(e): int(v) for v, e in zip(*map(torch.cat, zip(*seen[:5])))}
@@ -141,11 +222,29 @@ def test_bad_inputs(task):
     source, data, feats, val = task
     frozen = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
-        fit(frozen, "input", torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3), torch.tensor([0, 1]),
-            FitConfig(epochs=1), num_classes=2, progress=False)
+        fit(
+            frozen,
+            "input",
+            torch.randn(4, 3),
+            torch.tensor([0, 1, 0, 1]),
+            torch.randn(2, 3),
+            torch.tensor([0, 1]),
+            FitConfig(epochs=1),
+            num_classes=2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="do not match"):
-        fit(nn.Linear(3, 2), "input", torch.randn(5, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3),
-            torch.tensor([0, 1]), FitConfig(epochs=1), num_classes=2, progress=False)
+        fit(
+            nn.Linear(3, 2),
+            "input",
+            torch.randn(5, 3),
+            torch.tensor([0, 1, 0, 1]),
+            torch.randn(2, 3),
+            torch.tensor([0, 1]),
+            FitConfig(epochs=1),
+            num_classes=2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="epochs=0"):
         FitConfig(epochs=0)
     with pytest.raises(ValueError, match="lr"):
@@ -158,7 +257,8 @@ def test_stop_epoch_and_cutmix_on_cached_maps(task):
     seen = []
     head.register_forward_pre_hook(lambda m, a: seen.append(["raw", a[0].clone()]) if torch.is_grad_enabled() else None)
     head.get_submodule("head.0").register_forward_pre_hook(
-        lambda m, a: seen[-1].append(a[0].detach().clone()) if torch.is_grad_enabled() else None)
+        lambda m, a: seen[-1].append(a[0].detach().clone()) if torch.is_grad_enabled() else None
+    )
     config = FitConfig(epochs=3, batch_size=16, mixing=MixSettings(alpha=0.0, cutmix_alpha=1.0, stop_epoch=2))
     result = fit(head, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
     assert len(seen) == 3 * 4 and len(result.lams) == 2 * 4  # 50 examples / 16 per batch, mixing in epochs 0, 1

@@ -49,8 +49,10 @@ def frozen_torchvision_vit() -> nn.Module:
 
 @pytest.mark.parametrize(
     "factory, layer, reader",
-    [(frozen_timm_vit, "blocks.2", "blocks.3"), (frozen_torchvision_vit, "encoder.layers.encoder_layer_0",
-                                                 "encoder.layers.encoder_layer_1")],
+    [
+        (frozen_timm_vit, "blocks.2", "blocks.3"),
+        (frozen_torchvision_vit, "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"),
+    ],
     ids=["timm_vit", "torchvision_vit"],
 )
 def test_fit_mixes_a_frozen_vit_whose_root_owns_frozen_parameters(factory, layer, reader) -> None:
@@ -96,7 +98,7 @@ def test_linear_probe_idiom_eval_model_with_a_training_head_mixes() -> None:
         warnings.simplefilter("error", GateWarning)  # an unambiguous state: no warning
         step = mixer.plan(y)
         step.loss(nn.CrossEntropyLoss(), model(x)).backward()
-    (raw, mixed), = seen
+    ((raw, mixed),) = seen
     lam, partner, residual = recover_mix(raw, mixed)
     assert residual.max() < 1e-5 and (lam < 1).all()
     torch.testing.assert_close(lam, step.lam, rtol=1e-4, atol=1e-4)
@@ -167,15 +169,23 @@ def test_fit_puts_only_the_frozen_part_in_eval() -> None:
 def tiny_swin() -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, img_size=32, window_size=2,
-                                  embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+        model = timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            num_classes=3,
+            img_size=32,
+            window_size=2,
+            embed_dim=24,
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 1, 1, 1),
+        )
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("head"))
     return model
 
 
-@pytest.mark.parametrize("factory, layer", [(frozen_timm_vit, "blocks.3"), (tiny_swin, "layers.3")],
-                         ids=["timm_vit", "timm_swin"])
+@pytest.mark.parametrize(
+    "factory, layer", [(frozen_timm_vit, "blocks.3"), (tiny_swin, "layers.3")], ids=["timm_vit", "timm_swin"]
+)
 def test_cache_path_equals_the_hooked_loop_on_frozen_vit_and_swin(factory, layer) -> None:
     """The head trained on mixed cached features equals the hooked loop over the frozen backbone."""
     from hookmix import split

@@ -57,8 +57,13 @@ class Record(Callback):
             hidden = net[:2](x)
             lam, partner, residual = recover_mix(hidden, self.mixed_hidden)  # from the activations
             pred = net[2](expected_mix(hidden, lam, partner))
-            self.errors.append(max((self.pred - pred).abs().max().item(), residual.max().item(),
-                                   (self.loss - self.reference_loss(pred, y, lam, partner)).abs().item()))
+            self.errors.append(
+                max(
+                    (self.pred - pred).abs().max().item(),
+                    residual.max().item(),
+                    (self.loss - self.reference_loss(pred, y, lam, partner)).abs().item(),
+                )
+            )
         if step.kind != "index":
             mixed_y = lam[:, None] * y + (1 - lam[:, None]) * y[partner]
             self.yb_errors.append((self.yb[0] - mixed_y).abs().max().item())
@@ -66,7 +71,8 @@ class Record(Callback):
 
     def before_fit(self) -> None:
         self.handle = self.learn.model[2].register_forward_pre_hook(
-            lambda m, a: setattr(self, "mixed_hidden", a[0].detach().clone()))
+            lambda m, a: setattr(self, "mixed_hidden", a[0].detach().clone())
+        )
 
     def after_fit(self) -> None:
         self.handle.remove()
@@ -101,8 +107,12 @@ def test_class_indices_mix_the_layer_and_the_loss_validation_unmixed() -> None:
 
 def test_multi_label_targets_are_mixed_for_the_unchanged_loss() -> None:
     record = Record(label_loss)
-    learn = Learner(dls(multi_label=True), mlp(), loss_func=BCEWithLogitsLossFlat(),
-                    cbs=[HookMixUp("1", alpha=0.4, seed=0, num_classes=C), record])
+    learn = Learner(
+        dls(multi_label=True),
+        mlp(),
+        loss_func=BCEWithLogitsLossFlat(),
+        cbs=[HookMixUp("1", alpha=0.4, seed=0, num_classes=C), record],
+    )
     with learn.no_logging():
         learn.fit(1, 0.1)
     assert len(record.lams) == 4 and max(record.errors) < 1e-5 and max(record.yb_errors) < 1e-6
@@ -132,8 +142,9 @@ class SkipSecondBatch(Callback):
 
 def test_a_cancelled_batch_leaves_no_stale_plan() -> None:
     record = Record(index_loss)
-    learn = Learner(dls(), mlp(), loss_func=CrossEntropyLossFlat(),
-                    cbs=[HookMixUp("1", seed=0), SkipSecondBatch(), record])
+    learn = Learner(
+        dls(), mlp(), loss_func=CrossEntropyLossFlat(), cbs=[HookMixUp("1", seed=0), SkipSecondBatch(), record]
+    )
     with learn.no_logging():
         learn.fit(1, 0.1)
     assert len(record.lams) == 3 and max(record.errors) < 1e-5
@@ -189,7 +200,12 @@ def test_after_an_interrupted_fit_validation_and_a_new_fit_behave_as_on_a_clean_
 @pytest.mark.slow
 def test_example_runs(tmp_path: Path) -> None:
     script = ROOT / "examples" / "fastai_train.py"
-    result = subprocess.run([sys.executable, script, "--epochs", "1", "--samples", "64"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, script, "--epochs", "1", "--samples", "64"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "val accuracy" in result.stdout

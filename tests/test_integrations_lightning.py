@@ -69,8 +69,14 @@ class Classifier(pl.LightningModule):
 
 def trainer(root: Path, epochs: int, **kwargs: object) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
     )
 
 
@@ -174,7 +180,9 @@ def test_example_runs(tmp_path: Path) -> None:
     script = ROOT / "examples" / "lightning_train.py"
     result = subprocess.run(
         [sys.executable, script, "--epochs", "1", "--samples", "64", "--out", tmp_path],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "val accuracy" in result.stdout

@@ -15,13 +15,26 @@ from hookmix.layouts import channel_axes, layout_of
 def swin() -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, img_size=64, window_size=2,
-                                 embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+        return timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            num_classes=3,
+            img_size=64,
+            window_size=2,
+            embed_dim=24,
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 1, 1, 1),
+        )
 
 
 def conv1d_net() -> nn.Module:
-    return nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv1d(6, 6, 3, padding=1),
-                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(6, 6, 3, padding=1),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
 
 
 @pytest.mark.parametrize(
@@ -31,16 +44,33 @@ def conv1d_net() -> nn.Module:
         (lambda: torchvision.models.resnet18(num_classes=3), "input", (3, 32, 32), "NCHW"),
         (lambda: timm.create_model("convnext_atto", num_classes=3), "stages.1", (3, 32, 32), "NCHW"),
         (lambda: torchvision.models.convnext_tiny(num_classes=3), "features.1", (3, 32, 32), "NCHW"),
-        (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2),
-         "blocks.1", (3, 32, 32), "NLC"),
-        (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2),
-         "patch_embed", (3, 32, 32), "NLC"),
+        (
+            lambda: timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2),
+            "blocks.1",
+            (3, 32, 32),
+            "NLC",
+        ),
+        (
+            lambda: timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2),
+            "patch_embed",
+            (3, 32, 32),
+            "NLC",
+        ),
         (swin, "layers.1", (3, 64, 64), "NHWC"),
         (lambda: torchvision.models.swin_t(num_classes=3), "features.1", (3, 64, 64), "NHWC"),
         (conv1d_net, "2", (2, 16), "NCL"),
     ],
-    ids=["tv_resnet", "tv_resnet_input", "timm_convnext", "tv_convnext", "timm_vit", "timm_vit_patch_embed",
-         "timm_swin", "tv_swin", "conv1d"],
+    ids=[
+        "tv_resnet",
+        "tv_resnet_input",
+        "timm_convnext",
+        "tv_convnext",
+        "timm_vit",
+        "timm_vit_patch_embed",
+        "timm_swin",
+        "tv_swin",
+        "conv1d",
+    ],
 )
 def test_layout_is_read_from_the_model(factory, layer: str, shape: tuple, layout: str) -> None:
     model = factory()

@@ -44,7 +44,6 @@ def test_ece_of_a_constructed_case() -> None:
     assert ece(_logits_from_probs(probs), y, n_bins=10) == pytest.approx(expected, abs=1e-12)
 
 
-
 def test_ece_treats_logits_that_look_like_probabilities_as_logits_as_nll_does() -> None:
     """One convention for NLL and ECE: rows in [0, 1] summing to 1 are still logits (softmaxed)."""
     looks_like_probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [1.0, 0.0]], dtype=torch.float64)

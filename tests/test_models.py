@@ -25,8 +25,9 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("name, attr", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
-                                        ("timm:resnet18", "fc")])
+@pytest.mark.parametrize(
+    "name, attr", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("timm:resnet18", "fc")]
+)
 def test_num_classes_replaces_the_classifier(name, attr):
     model = create_model(name, num_classes=7)
     assert model.get_submodule(attr).out_features == 7

@@ -24,7 +24,9 @@ EXPECTED = {
 def stream_text(nb: "nbformat.NotebookNode") -> str:
     return "".join(
         out.get("text", "") + "".join(out.get("data", {}).get("text/plain", ""))
-        for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
     )
 
 
@@ -46,8 +48,9 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
     work.mkdir()
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(work)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+    )
     client.execute()  # raises CellExecutionError, with the cell's traceback, if any cell fails
     text = stream_text(nb)
     for expected in EXPECTED[path.stem]:

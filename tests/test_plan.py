@@ -63,7 +63,10 @@ def test_layer_draw_follows_weights_and_all_mode():
 
 
 def test_same_seed_same_plans_bitwise():
-    s1, s2 = PlanSampler(["a", "b"], MixSettings(lam_mode="sample"), seed=7), PlanSampler(["a", "b"], MixSettings(lam_mode="sample"), seed=7)
+    s1, s2 = (
+        PlanSampler(["a", "b"], MixSettings(lam_mode="sample"), seed=7),
+        PlanSampler(["a", "b"], MixSettings(lam_mode="sample"), seed=7),
+    )
     for b in (5, 8, 3):
         p1, p2 = s1.draw(b), s2.draw(b)
         assert torch.equal(p1.lam, p2.lam) and torch.equal(p1.perm, p2.perm) and p1.layers == p2.layers

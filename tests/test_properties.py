@@ -118,8 +118,7 @@ def labelled_batches(draw: st.DrawFn) -> tuple[torch.Tensor, int, list[int]]:
 
 @PROPERTY
 @given(labelled_batches(), st.sampled_from(("batch", "sample")), st.integers(0, 2**31 - 1))
-def test_excluded_classes_are_never_mixed(batch: tuple[torch.Tensor, int, list[int]], lam_mode: str,
-                                          seed: int) -> None:
+def test_excluded_classes_are_never_mixed(batch: tuple[torch.Tensor, int, list[int]], lam_mode: str, seed: int) -> None:
     y, classes, excluded = batch
     x = torch.randn(y.shape[0], 3, generator=torch.Generator().manual_seed(seed))
     model = nn.Sequential(nn.Identity())
@@ -138,14 +137,19 @@ def test_excluded_classes_are_never_mixed(batch: tuple[torch.Tensor, int, list[i
 
 
 @PROPERTY
-@given(st.integers(2, 10), st.integers(1, 16), st.floats(0.0, 0.9), st.sampled_from(("batch", "sample")),
-       st.integers(0, 2**31 - 1))
-def test_soft_targets_from_class_indices_sum_to_one(classes: int, batch: int, smoothing: float, lam_mode: str,
-                                                    seed: int) -> None:
+@given(
+    st.integers(2, 10),
+    st.integers(1, 16),
+    st.floats(0.0, 0.9),
+    st.sampled_from(("batch", "sample")),
+    st.integers(0, 2**31 - 1),
+)
+def test_soft_targets_from_class_indices_sum_to_one(
+    classes: int, batch: int, smoothing: float, lam_mode: str, seed: int
+) -> None:
     y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed))
     model = nn.Sequential(nn.Identity())
-    with HookMixer(model, "0", lam_mode=lam_mode, num_classes=classes, label_smoothing=smoothing,
-                   seed=seed) as mixer:
+    with HookMixer(model, "0", lam_mode=lam_mode, num_classes=classes, label_smoothing=smoothing, seed=seed) as mixer:
         step = mixer.plan(y)
         model(torch.randn(batch, 2))
     targets = step.targets

@@ -127,8 +127,19 @@ def run_fit(directory: Path | None, resume: bool = False) -> tuple[list, list, d
     with torch.random.fork_rng():
         torch.manual_seed(0)
         head = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    result = fit(head, "input", x, y, x[:6], y[:6], CONFIG, num_classes=3, checkpoint_dir=directory, resume=resume,
-                 progress=False)
+    result = fit(
+        head,
+        "input",
+        x,
+        y,
+        x[:6],
+        y[:6],
+        CONFIG,
+        num_classes=3,
+        checkpoint_dir=directory,
+        resume=resume,
+        progress=False,
+    )
     return result.history, result.lams, {k: v.clone() for k, v in head.state_dict().items()}
 
 
@@ -161,8 +172,14 @@ def test_cache_shard_smuggling_code_is_refused_unexecuted(tmp_path: Path, style:
     manifest["shards"] = manifest["shards"][:2]  # an interrupted extraction: resuming verifies the shards kept
     (cache_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="not a valid safetensors file"):
-        FeatureCache.extract(nn.AdaptiveAvgPool2d(1), TensorDataset(torch.randn(12, 3, 4, 4), torch.arange(12) % 3),
-                             KEY, path=cache_dir, shard_size=4, progress=False)
+        FeatureCache.extract(
+            nn.AdaptiveAvgPool2d(1),
+            TensorDataset(torch.randn(12, 3, 4, 4), torch.arange(12) % 3),
+            KEY,
+            path=cache_dir,
+            shard_size=4,
+            progress=False,
+        )
     assert not marker.exists()
 
 
@@ -180,13 +197,28 @@ def test_checkpoint_smuggling_code_is_refused_unexecuted(tmp_path: Path, style: 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_weights_file_smuggling_code_is_refused_by_the_cli(tmp_path: Path, style: str, suffix: str,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_weights_file_smuggling_code_is_refused_by_the_cli(
+    tmp_path: Path, style: str, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     marker, weights = tmp_path / "executed", tmp_path / f"evil{suffix}"
     smuggle(weights, style, marker)
     with pytest.raises(SystemExit) as info:
-        main(["finetune", "--data", str(write_folder(tmp_path / "imgs")), "--model", "resnet18", "--layer", "layer4",
-              "--weights", str(weights), "--out", str(tmp_path / "out"), "--quiet"])
+        main(
+            [
+                "finetune",
+                "--data",
+                str(write_folder(tmp_path / "imgs")),
+                "--model",
+                "resnet18",
+                "--layer",
+                "layer4",
+                "--weights",
+                str(weights),
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"hookmix: error: cannot load weights from {weights}") and "weights_only=False" not in err
@@ -241,15 +273,14 @@ except OSError as exc:
 """
 
 
-@pytest.mark.parametrize("how, returncode", [("kernel", -signal.SIGXFSZ), ("sigkill", -signal.SIGKILL),
-                                             ("failure", 0)])
-def test_a_write_killed_or_failing_midway_leaves_the_old_file_intact(tmp_path: Path, how: str,
-                                                                     returncode: int) -> None:
+@pytest.mark.parametrize("how, returncode", [("kernel", -signal.SIGXFSZ), ("sigkill", -signal.SIGKILL), ("failure", 0)])
+def test_a_write_killed_or_failing_midway_leaves_the_old_file_intact(tmp_path: Path, how: str, returncode: int) -> None:
     target = tmp_path / "checkpoint.safetensors"
     old = os.urandom(4096)
     atomic_write(target, old)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(IO_MODULE), str(target), how], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(IO_MODULE), str(target), how], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == returncode, proc.stderr
     assert target.read_bytes() == old
     temps = list(tmp_path.glob(".checkpoint.safetensors.*.tmp"))

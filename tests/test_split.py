@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from hookmix.split import split
+from hookmix.splitting import split
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "tv_resnet18": lambda: torchvision.models.resnet18(weights=None),
@@ -173,8 +173,11 @@ def test_mid_residual_layer_is_refused_naming_the_skip_and_nearest_cuts() -> Non
 
 
 def test_vit_attention_is_refused_with_its_blocks_as_suggestions() -> None:
-    with pytest.raises(ValueError, match=r"'blocks.3.attn'.*the output of blocks.2 reaches the add in blocks.3.*"
-                       r"nearest cut points: blocks.2 \(before it\), blocks.3 \(after it\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'blocks.3.attn'.*the output of blocks.2 reaches the add in blocks.3.*"
+        r"nearest cut points: blocks.2 \(before it\), blocks.3 \(after it\)",
+    ):
         split(_shared_eval_model("timm_vit_tiny"), "blocks.3.attn")
 
 
@@ -197,8 +200,11 @@ class _SkipWhenTraining(nn.Module):
 
 
 def test_layer_bypassed_only_in_train_mode_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"layer='mid' cannot split _SkipWhenTraining in train mode: it is bypassed.*"
-                       r"the output of stem reaches the add in the model's forward.*stem \(before it\), out \(after"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer='mid' cannot split _SkipWhenTraining in train mode: it is bypassed.*"
+        r"the output of stem reaches the add in the model's forward.*stem \(before it\), out \(after",
+    ):
         split(_SkipWhenTraining().eval(), "mid")
 
 

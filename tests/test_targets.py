@@ -161,8 +161,9 @@ CRITERIA = {
     "weight": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])),
     "ignore_index": lambda: nn.CrossEntropyLoss(ignore_index=1),
     "label_smoothing": lambda: nn.CrossEntropyLoss(label_smoothing=0.2),
-    "all_three": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), ignore_index=1,
-                                             label_smoothing=0.2),
+    "all_three": lambda: nn.CrossEntropyLoss(
+        weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), ignore_index=1, label_smoothing=0.2
+    ),
     "weight_sum": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), reduction="sum"),
     "nll_weight": lambda: nn.Sequential(nn.LogSoftmax(dim=1), nn.NLLLoss(weight=torch.tensor([5.0, 1, 1, 1, 2]))),
 }
@@ -192,15 +193,20 @@ def test_per_row_reduction_reduces_to_the_batch_rule_and_to_the_plain_loss(name)
     y = torch.tensor([0, 1, 2, 3, 4, 1, 2, 0])
     out = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
     equal = torch.full((8,), 0.3)
-    torch.testing.assert_close(fixed_step(equal, y, False).loss(criterion, out),
-                               fixed_step(equal, y, True).loss(criterion, out))
+    torch.testing.assert_close(
+        fixed_step(equal, y, False).loss(criterion, out), fixed_step(equal, y, True).loss(criterion, out)
+    )
     torch.testing.assert_close(fixed_step(torch.ones(8), y, False).loss(criterion, out), criterion(out, y))
     # with different λ per row: the criterion's rows mixed, over the rows' mixed weights (mean) or summed
     lam = torch.linspace(0.2, 0.9, 8)
     step = fixed_step(lam, y, False)
     y_b = y[step.perm]
-    per_row = nn.CrossEntropyLoss(weight=criterion.weight, ignore_index=criterion.ignore_index,
-                                  label_smoothing=criterion.label_smoothing, reduction="none")
+    per_row = nn.CrossEntropyLoss(
+        weight=criterion.weight,
+        ignore_index=criterion.ignore_index,
+        label_smoothing=criterion.label_smoothing,
+        reduction="none",
+    )
     mixed = lam * per_row(out, y) + (1 - lam) * per_row(out, y_b)
     weights = torch.ones(5) if criterion.weight is None else criterion.weight
     w_a, w_b = weights[y] * (y != criterion.ignore_index), weights[y_b] * (y_b != criterion.ignore_index)

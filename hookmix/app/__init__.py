@@ -3,3 +3,5 @@ folders, the digits-transfer demo, and the model and data loading they need.
 
 The library (``hookmix``) never imports this package; the application builds on the library's public API.
 """
+
+__all__ = []

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from hookmix._errors import UsageError
 
+__all__ = ["build_parser", "main"]
+
 if TYPE_CHECKING:
     from hookmix.finetune import FitConfig
 
@@ -61,17 +63,25 @@ def _fit_config(args: argparse.Namespace) -> "FitConfig":
 
     excluded = tuple(args.exclude_classes) if args.exclude_classes else None
     mixing = MixSettings(alpha=args.alpha, exclude_classes=excluded)
-    return FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixing=mixing, mix=not args.no_mix,
-                     seed=args.seed)
+    return FitConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixing=mixing, mix=not args.no_mix, seed=args.seed
+    )
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from hookmix.app.finetune_job import JobSpec, run_finetune
 
     spec = JobSpec(
-        data=args.data, layer=args.layer, out_dir=Path(args.out), model=args.model, pretrained=args.pretrained,
-        weights=Path(args.weights) if args.weights else None, cache_dir=Path(args.cache) if args.cache else None,
-        input_size=tuple(args.input_size) if args.input_size else None, fp32=args.fp32, shots=args.shots,
+        data=args.data,
+        layer=args.layer,
+        out_dir=Path(args.out),
+        model=args.model,
+        pretrained=args.pretrained,
+        weights=Path(args.weights) if args.weights else None,
+        cache_dir=Path(args.cache) if args.cache else None,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        fp32=args.fp32,
+        shots=args.shots,
         progress=not args.quiet,
     )
     config = _fit_config(args)
@@ -101,9 +111,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hookmix", description="Feature-level mixup through forward hooks."
-    )
+    parser = argparse.ArgumentParser(prog="hookmix", description="Feature-level mixup through forward hooks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     layers = sub.add_parser(
         "layers",
@@ -112,11 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
         "point (random init, no download): the names you can pass as layers=.",
     )
     layers.add_argument("model", help="model name, e.g. resnet50, timm:vit_small_patch16_224")
-    layers.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
-                        help="input size (default: the model's own, else 3 224 224)")
+    layers.add_argument(
+        "--input-size",
+        type=_positive_int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="input size (default: the model's own, else 3 224 224)",
+    )
     layers.add_argument("--depth", type=int, default=None, help="show names up to this many dotted parts")
-    layers.add_argument("--mixable", action="store_true",
-                        help="only cut points: layers every path to the output passes through (sound to mix at)")
+    layers.add_argument(
+        "--mixable",
+        action="store_true",
+        help="only cut points: layers every path to the output passes through (sound to mix at)",
+    )
     layers.set_defaults(run=_cmd_layers)
 
     ft = sub.add_parser(

@@ -26,7 +26,9 @@ from hookmix.cache import CacheKey, FeatureCache
 from hookmix.finetune import FitConfig, fit
 from hookmix.metrics import mean_ci, reliability
 from hookmix.settings import MixSettings
-from hookmix.split import split
+from hookmix.splitting import split
+
+__all__ = ["Curves", "format_summary", "LAYER", "METRICS", "Run", "run_demo", "summary_rows", "transfer_experiment"]
 
 LAYER = "stage2"
 METRICS = ("val_accuracy", "val_nll", "val_ece")
@@ -95,8 +97,15 @@ def transfer_experiment(
             mixing = MixSettings(alpha=alpha)
             config = FitConfig(epochs=n_epochs, batch_size=16, lr=3e-2, mixing=mixing, mix=mix, seed=seed)
             result = fit(
-                _fresh_head(source, seed), "input", train.features, train.labels, val.features[0], val.labels,
-                config, num_classes=data.num_classes, progress=False,
+                _fresh_head(source, seed),
+                "input",
+                train.features,
+                train.labels,
+                val.features[0],
+                val.labels,
+                config,
+                num_classes=data.num_classes,
+                progress=False,
             )
             runs.append(Run(k=k, epochs=n_epochs, mix=mix, seed=seed, **{m: result.final[m] for m in METRICS}))
             if n_epochs == max(epochs):

@@ -30,7 +30,13 @@ from hookmix._checks import is_int
 from hookmix._errors import UsageError
 
 __all__ = [
-    "DigitsCNN", "TransferSplit", "source_split", "pretrain_source", "digits_transfer", "digits_few_shot", "MAX_SHOTS",
+    "DigitsCNN",
+    "TransferSplit",
+    "source_split",
+    "pretrain_source",
+    "digits_transfer",
+    "digits_few_shot",
+    "MAX_SHOTS",
 ]
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)

@@ -27,8 +27,10 @@ from hookmix.app.models import create_model, default_input_size, resolve_model, 
 from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
 from hookmix.finetune import FitConfig, fit
 from hookmix.metrics import reliability
-from hookmix.split import split
+from hookmix.splitting import split
 from hookmix.targets import check_classes
+
+__all__ = ["DIGITS", "DIGITS_MODEL", "JobSpec", "run_finetune"]
 
 DIGITS = "digits"
 DIGITS_MODEL = "digits-cnn"
@@ -135,8 +137,13 @@ def _extract(
     key = CacheKey(prepared.model_id, prepared.layer, prepared.input_size, prepared.transform, f"{spec.data}:{part}")
     path = spec.cache_dir / part if spec.cache_dir is not None else None
     return FeatureCache.extract(
-        backbone, dataset, key, path=path, dtype=torch.float32 if spec.fp32 else torch.float16,
-        batch_size=spec.batch_size, progress=spec.progress,
+        backbone,
+        dataset,
+        key,
+        path=path,
+        dtype=torch.float32 if spec.fp32 else torch.float16,
+        batch_size=spec.batch_size,
+        progress=spec.progress,
     )
 
 
@@ -153,8 +160,17 @@ def run_finetune(spec: JobSpec, config: FitConfig, resume: bool = False) -> dict
     val = _extract(prepared, backbone, spec, "val", prepared.val)
     extract_s = time.perf_counter() - start
     result = fit(
-        head, "input", train.features, train.labels, val.features[0], val.labels, config,
-        num_classes=len(prepared.classes), checkpoint_dir=spec.out_dir, resume=resume, progress=spec.progress,
+        head,
+        "input",
+        train.features,
+        train.labels,
+        val.features[0],
+        val.labels,
+        config,
+        num_classes=len(prepared.classes),
+        checkpoint_dir=spec.out_dir,
+        resume=resume,
+        progress=spec.progress,
     )
     out = spec.out_dir
     label = "mixup" if config.mix else "no mixup"

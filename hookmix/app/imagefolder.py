@@ -17,6 +17,8 @@ from torchvision import datasets, transforms
 
 from hookmix._errors import UsageError
 
+__all__ = ["eval_transform", "FolderSplit", "IMAGENET_MEAN", "IMAGENET_STD", "load_image_folder", "stratified_split"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

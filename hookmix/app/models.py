@@ -22,6 +22,16 @@ from torch import nn
 from hookmix._errors import UsageError
 from hookmix._io import load_state
 
+__all__ = [
+    "create_model",
+    "default_input_size",
+    "load_weights",
+    "ModelSpec",
+    "resolve_model",
+    "set_num_classes",
+    "SOURCES",
+]
+
 SOURCES = ("torchvision", "timm")
 _WEIGHTS_FIX = (
     "give a .safetensors file or a torch.save(model.state_dict()) file: only tensors are read, pickled code never."

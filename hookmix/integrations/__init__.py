@@ -7,3 +7,5 @@
 * :mod:`hookmix.integrations.fastai` — :class:`~hookmix.integrations.fastai.HookMixUp` for fastai 2.x
   (``pip install hookmix[fastai]``).
 """
+
+__all__ = []

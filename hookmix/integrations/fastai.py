@@ -47,8 +47,16 @@ class HookMixUp(Callback):
 
     run_valid = False
 
-    def __init__(self, layer: str | Sequence[str], alpha: float = 0.4, *, lam_mode: str = "sample",
-                 dominant: bool = True, seed: int | None = None, **mixer_options: Any) -> None:
+    def __init__(
+        self,
+        layer: str | Sequence[str],
+        alpha: float = 0.4,
+        *,
+        lam_mode: str = "sample",
+        dominant: bool = True,
+        seed: int | None = None,
+        **mixer_options: Any,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.alpha = alpha

@@ -109,9 +109,7 @@ def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(layer, str):
-        raise TypeError(
-            f"layer must be a module name such as 'layer4', got {type(layer).__name__} {layer!r}."
-        )
+        raise TypeError(f"layer must be a module name such as 'layer4', got {type(layer).__name__} {layer!r}.")
     names = module_names(model)
     if layer in PSEUDO_LAYERS:
         top = [name for name in names if "." not in name]

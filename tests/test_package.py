@@ -1,0 +1,62 @@
+"""The package's shape: lazy public names that no submodule import can shadow, the library apart from the
+application, and no import cycle."""
+
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hookmix
+
+ROOT = Path(__file__).resolve().parents[1] / "hookmix"
+
+
+def test_public_names_survive_importing_every_submodule() -> None:
+    """Importing ``hookmix.x`` sets the package attribute ``x`` to the module: a public name equal to a
+    module name (``split`` in ``split.py``) would then resolve to the module instead."""
+    for info in pkgutil.walk_packages(hookmix.__path__, "hookmix."):
+        if not info.name.startswith("hookmix.integrations."):  # those need their framework
+            importlib.import_module(info.name)
+    for name in hookmix.__all__:
+        value = getattr(hookmix, name)
+        assert not isinstance(value, type(hookmix)), f"hookmix.{name} is a module"
+
+
+def test_import_hookmix_loads_no_torch() -> None:
+    code = "import sys, hookmix; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def imports_of(path: Path) -> set[str]:
+    """The hookmix modules ``path`` imports at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hookmix"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("hookmix"))
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_library_never_imports_the_app_and_has_no_import_cycle() -> None:
+    graph = {module_name(p): imports_of(p) for p in ROOT.rglob("*.py")}
+    library = {name: deps for name, deps in graph.items() if not name.startswith("hookmix.app")}
+    for name, deps in library.items():
+        assert not any(dep.startswith("hookmix.app") for dep in deps), f"{name} imports the app: {deps}"
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == target or (dep not in seen and (seen.add(dep) or reaches(dep, target, seen))):
+                return True
+        return False
+
+    cycles = [name for name in graph if name != "hookmix" and reaches(name, name, set())]
+    assert cycles == [], f"modules in an import cycle: {cycles}"
