@@ -30,6 +30,8 @@ bench: setup
 	$(PY) benchmarks/head_only.py
 	$(PY) benchmarks/cutmix_overhead.py
 	$(PY) benchmarks/compile_ddp.py
+	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/gpu_head_only.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

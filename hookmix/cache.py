@@ -47,6 +47,7 @@ from hookmix._cache_format import (
 )
 from hookmix._checks import check_int, is_int, modes_restored
 from hookmix._errors import UsageError
+from hookmix.devices import autocast_dtype, resolve_device
 
 __all__ = ["CacheKey", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
 
@@ -145,12 +146,14 @@ def _run_backbone(
         pin_memory=device.type == "cuda",
     )
     total = views * sum(stop - start for start, stop in ranges)
+    half = autocast_dtype(device) if dtype != torch.float32 else None
     features: list[list[torch.Tensor]] = [[] for _ in range(views)]
     labels: list[list[torch.Tensor]] = [[] for _ in range(views)]
     batches = 0
     with (
         modes_restored(backbone, False),
         torch.no_grad(),
+        torch.autocast(device.type, dtype=half, enabled=half is not None),
         tqdm(total=total, desc="extracting features", unit="ex", disable=not progress) as bar,
     ):
         for (range_index, view, indices), batch in zip(plan, loader):
@@ -316,13 +319,19 @@ class FeatureCache:
                 deterministic dataset all views are equal. On disk, each shard runs its ``views``
                 passes before the next shard starts.
             num_workers: DataLoader worker processes.
-            device: where the inputs go; ``None`` means the device of the backbone's parameters (the
-                backbone itself is never moved).
+            device: where the backbone runs: ``None`` — where its parameters are (it is not moved) —
+                or ``"auto"`` / ``"cpu"`` / ``"cuda"`` / ``"mps"`` (:func:`~hookmix.devices.resolve_device`),
+                to which the backbone is moved. On a GPU the batches come from pinned memory with
+                non-blocking copies, and the backbone runs under autocast unless ``dtype`` is float32.
             progress: show a tqdm bar.
         """
         _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
         count = len(dataset)  # type: ignore[arg-type]
-        target = _backbone_device(backbone) if device is None else torch.device(device)
+        if device is None:
+            target = _backbone_device(backbone)
+        else:
+            target = resolve_device(device)
+            backbone.to(target)
         run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
         if path is None:
             parts: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from hookmix._checks import check_class_indices, check_int, is_number, modes_restored
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write, load_state
+from hookmix.devices import resolve_device
 from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
 from hookmix.settings import MixSettings
@@ -160,11 +161,47 @@ def _check_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
     return output
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _on(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """``device`` resolved, with ``model`` moved there; ``None``: where the model already is."""
+    if device is None:
+        return _model_device(model)
+    target = resolve_device(device)
+    model.to(target)
+    return target
+
+
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits of ``model`` on ``inputs`` (N, ...) in eval mode, batch by batch; the mode is restored."""
+def predict(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, *, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Logits (N, C) on the CPU of ``model`` on ``inputs`` (N, ...) in eval mode, batch by batch; the modes
+    are restored. ``device``: as for :func:`fit` (``None``: where the model is)."""
+    target = _on(device, model)
     with modes_restored(model, False):
-        return torch.cat([model(inputs[i : i + batch_size].float()) for i in range(0, len(inputs), batch_size)])
+        return torch.cat(
+            [
+                model(inputs[i : i + batch_size].to(target, non_blocking=True).float()).cpu()
+                for i in range(0, len(inputs), batch_size)
+            ]
+        )
+
+
+def _placed(views: torch.Tensor, device: torch.device, preload: bool | None) -> torch.Tensor:
+    """The cached views where training reads them: moved to ``device`` once when they fit in half of its
+    free memory (or ``preload=True``), else left in (pinned) host memory and copied batch by batch."""
+    if device.type == "cpu":
+        return views
+    if preload is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        preload = views.numel() * views.element_size() <= free // 2
+    if preload:
+        return views.to(device)
+    return views.pin_memory() if device.type == "cuda" else views
 
 
 def fit(
@@ -179,6 +216,8 @@ def fit(
     num_classes: int,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    device: str | torch.device | None = None,
+    preload: bool | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train the parameters of ``model`` that require grad, mixing at ``layer``; validate each epoch.
@@ -193,6 +232,11 @@ def fit(
         num_classes: number of classes (checks the labels, the exclusion and the model's output width).
         checkpoint_dir: where to write a checkpoint after every epoch; with ``resume=True`` training
             continues from the checkpoint found there.
+        device: where to train: ``None`` — where the model's parameters are — or ``"auto"`` / ``"cpu"`` /
+            ``"cuda"`` / ``"mps"`` (:func:`~hookmix.devices.resolve_device`), to which the model is moved.
+        preload: move the training inputs to ``device`` once (``True``) or copy them batch by batch from
+            pinned host memory (``False``); ``None`` preloads when they fit in half of the free device
+            memory. Both give the same steps.
     Returns:
         :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
         ``val_accuracy``, ``val_ece``, ``lr``.
@@ -202,6 +246,8 @@ def fit(
         raise UsageError("resume=True needs checkpoint_dir=DIR, the directory the checkpoint was written to.")
     views = _check_data(train_inputs, train_labels, "train", num_classes)
     _check_data(val_inputs, val_labels, "val", num_classes)
+    target = _on(device, model)
+    views, train_labels = _placed(views, target, preload), train_labels.to(target)
     n = train_labels.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
@@ -218,7 +264,7 @@ def fit(
         for epoch in bar:
             train_loss = _train_epoch(state, epoch, views, train_labels, num_classes)
             logits = predict(model, val_inputs, config.eval_batch_size)
-            metrics = evaluate(logits, val_labels)
+            metrics = evaluate(logits, val_labels.cpu())
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
@@ -245,21 +291,24 @@ def _train_epoch(
     mixer.set_epoch(epoch)
     _freeze_mode(model)
     n = labels.shape[0]
-    order = torch.randperm(n, generator=state.data_gen)
-    view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
+    order = torch.randperm(n, generator=state.data_gen).to(labels.device)
+    view = torch.randint(views.shape[0], (n,), generator=state.data_gen).to(labels.device)
     criterion = nn.CrossEntropyLoss()
-    total = torch.zeros(())
+    total = torch.zeros((), device=labels.device)
+    lams: list[torch.Tensor] = []  # read back once per epoch: no host sync per step
     for start in range(0, n, state.config.batch_size):
         idx = order[start : start + state.config.batch_size]
         step = mixer.plan(labels[idx])
-        loss = step.loss(criterion, _check_logits(model(views[view[idx], idx].float()), num_classes))
+        x = views[view[idx].to(views.device), idx.to(views.device)].to(labels.device, non_blocking=True)
+        loss = step.loss(criterion, _check_logits(model(x.float()), num_classes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.scheduler.step()
         total += loss.detach() * len(idx)
         if step.mixed:
-            state.result.lams.append(float(step.lam[0]))
+            lams.append(step.lam[0])
+    state.result.lams.extend(torch.stack(lams).tolist() if lams else [])
     return float(total) / n
 
 

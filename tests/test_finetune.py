@@ -270,3 +270,41 @@ def test_stop_epoch_and_cutmix_on_cached_maps(task):
     torch.testing.assert_close(measured, torch.tensor(result.lams))  # the targets used the area really kept
     assert (measured < 1).any()  # something was pasted
     assert all(torch.equal(raw, mixed) for _, raw, mixed in seen[8:])  # epoch 2: no mixing
+
+
+def test_device_is_resolved_and_checked() -> None:
+    from hookmix import UsageError
+    from hookmix.devices import resolve_device
+
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")  # no GPU on this machine
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(UsageError, match="no CUDA device; use device='cpu' or 'auto'"):
+        resolve_device("cuda")
+    with pytest.raises(UsageError, match="MPS is not available"):
+        resolve_device("mps")
+    with pytest.raises(UsageError, match=r"device='gpu' is not one of"):
+        resolve_device("gpu")
+
+
+def test_fit_on_a_named_device_equals_fit_where_the_model_is(task):
+    source, data, feats, val = task
+    config = FitConfig(epochs=2, batch_size=16, seed=2, mixing=MixSettings(lam_mode="sample"))
+    runs = []
+    for device in (None, "cpu", "auto"):
+        _, head = fresh_head(source)
+        runs.append(
+            fit(
+                head,
+                "input",
+                feats,
+                data.train_y,
+                val,
+                data.val_y,
+                config,
+                num_classes=5,
+                device=device,
+                progress=False,
+            )
+        )
+    assert runs[0].history == runs[1].history == runs[2].history and runs[0].lams == runs[2].lams
+    assert runs[0].val_logits.device.type == "cpu"

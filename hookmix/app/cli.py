@@ -23,14 +23,49 @@ if TYPE_CHECKING:
     from hookmix.finetune import FitConfig
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _number_in(low: float, high: float, high_open: bool = False) -> Callable[[str], float]:
+    """A float in [low, high] ([low, high) when ``high_open``; high = inf for no upper bound)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value >= high if high_open else value > high
+        if not low <= value or above or value != value:
+            bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high != float("inf") else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} must be {'in ' if high != float('inf') else ''}{bound}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _device(text: str) -> str:
+    from hookmix.devices import DEVICES
+
+    head, _, index = text.partition(":")
+    if head not in DEVICES or (index and (head != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    return text
 
 
 def _cmd_layers(args: argparse.Namespace) -> None:
@@ -62,7 +97,16 @@ def _fit_config(args: argparse.Namespace) -> "FitConfig":
     from hookmix.settings import MixSettings
 
     excluded = tuple(args.exclude_classes) if args.exclude_classes else None
-    mixing = MixSettings(alpha=args.alpha, exclude_classes=excluded)
+    mixing = MixSettings(
+        alpha=args.alpha,
+        cutmix_alpha=args.cutmix_alpha,
+        switch_prob=args.switch_prob,
+        lam_mode=args.lam_mode,
+        dominant=args.dominant,
+        label_smoothing=args.label_smoothing,
+        stop_epoch=args.stop_epoch,
+        exclude_classes=excluded,
+    )
     return FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixing=mixing, mix=not args.no_mix, seed=args.seed
     )
@@ -82,6 +126,10 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         input_size=tuple(args.input_size) if args.input_size else None,
         fp32=args.fp32,
         shots=args.shots,
+        val=Path(args.val) if args.val else None,
+        views=args.views,
+        workers=args.workers,
+        device=args.device,
         progress=not args.quiet,
     )
     config = _fit_config(args)
@@ -89,13 +137,15 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         if path is not None and path.exists() and not path.is_dir():
             raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing).")
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = run_finetune(spec, config, resume=args.resume)
+    payload = run_finetune(spec, config, resume=args.resume, say=print)
     final = payload["final"]
     print(
-        f"{payload['model']} @ {payload['layer']}: {payload['train_examples']} train / {payload['val_examples']} val, "
+        f"{payload['train_examples']} train / {payload['val_examples']} val, "
         f"features {'x'.join(map(str, payload['feature_shape']))} ({payload['cache_bytes_per_example']:,} B/example)"
     )
-    mixing = f"mixup alpha={config.mixing.alpha}" if config.mix else "no mixup"
+    settings = config.mixing
+    methods = [f"{name} alpha={a}" for name, a in (("mixup", settings.alpha), ("cutmix", settings.cutmix_alpha)) if a]
+    mixing = " + ".join(methods) if config.mix else "no mixup"
     print(
         f"epoch {final['epoch']}: train loss {final['train_loss']:.4f}, val accuracy {final['val_accuracy']:.4f}, "
         f"NLL {final['val_nll']:.4f}, ECE {final['val_ece']:.4f} ({mixing})"
@@ -146,8 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
     source = ft.add_mutually_exclusive_group()
     source.add_argument("--pretrained", action="store_true", help="load the library's default weights (download)")
     source.add_argument("--weights", metavar="PATH", help="weights file (.safetensors or torch state dict)")
-    ft.add_argument("--layer", help="where to cut and mix, e.g. layer4 (default for digits: stage2)")
-    ft.add_argument("--alpha", type=float, default=0.4, help="lambda ~ Beta(alpha, alpha) (default 0.4)")
+    ft.add_argument(
+        "--layer",
+        help="where to cut and mix, e.g. layer4 (default: the last stage before the pooling and head: layer4 of "
+        "a ResNet, the last block of a ViT, the last stage of a ConvNeXt; stage2 for digits)",
+    )
+    ft.add_argument("--device", type=_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    ft.add_argument("--alpha", type=float, default=0.4, help="mixup lambda ~ Beta(alpha, alpha); 0: off (default 0.4)")
+    ft.add_argument(
+        "--cutmix-alpha",
+        type=_number_in(0, float("inf")),
+        default=0.0,
+        help="cutmix at the layer, lambda ~ Beta(a, a); 0: off (default)",
+    )
+    ft.add_argument(
+        "--switch-prob",
+        type=_number_in(0, 1),
+        default=0.5,
+        help="with both alphas > 0, the probability a step uses cutmix (default 0.5)",
+    )
+    ft.add_argument(
+        "--lam-mode", choices=("batch", "sample"), default="batch", help="one lambda per batch (default) or per example"
+    )
+    ft.add_argument("--dominant", action="store_true", help="use max(lambda, 1 - lambda): each example dominates")
+    ft.add_argument(
+        "--label-smoothing",
+        type=_number_in(0, 1, high_open=True),
+        default=0.0,
+        help="smooth the class targets before mixing, in [0, 1)",
+    )
+    ft.add_argument(
+        "--stop-epoch", type=_non_negative_int, default=None, help="train without mixing from this epoch on (0-based)"
+    )
     ft.add_argument("--no-mix", action="store_true", help="train the baseline head without mixup")
     ft.add_argument("--epochs", type=_positive_int, default=20)
     ft.add_argument("--batch-size", type=_positive_int, default=32)
@@ -158,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--fp32", action="store_true", help="cache features in float32 (default float16)")
     ft.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
     ft.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
+    ft.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
+    ft.add_argument(
+        "--views",
+        type=_positive_int,
+        default=1,
+        help="augmented views per training image, with the model's training transform (default 1)",
+    )
+    ft.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
     ft.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, plots and checkpoints go")
     ft.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ft.add_argument("--quiet", action="store_true", help="no progress bars")

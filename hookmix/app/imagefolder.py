@@ -9,28 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
 
 from hookmix._errors import UsageError
+from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 
-__all__ = ["eval_transform", "FolderSplit", "IMAGENET_MEAN", "IMAGENET_STD", "load_image_folder", "stratified_split"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def eval_transform(input_size: tuple[int, int, int]) -> transforms.Compose:
-    """Resize the short side to 8/7 of the crop, centre-crop to (H, W), scale to ImageNet statistics."""
-    channels, height, width = input_size
-    steps = [transforms.Resize(int(round(min(height, width) * 8 / 7))), transforms.CenterCrop((height, width))]
-    if channels == 1:
-        steps.append(transforms.Grayscale())
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN[:channels], IMAGENET_STD[:channels])]
-    return transforms.Compose(steps)
+__all__ = ["FolderSplit", "load_image_folder", "stratified_split"]
 
 
 def _load_rgb(path: str) -> Image.Image:
@@ -43,24 +32,54 @@ def _load_rgb(path: str) -> Image.Image:
 
 @dataclass(frozen=True)
 class FolderSplit:
-    """A class-per-folder dataset split into train / validation subsets (stratified)."""
+    """A class-per-folder dataset split into train / validation subsets, and how each reads its images."""
 
     train: Dataset
     val: Dataset
     classes: tuple[str, ...]
-    transform: transforms.Compose
+    preprocessing: Preprocessing
+    augmented: bool
+
+
+def _image_folder(root: Path, transform: Callable[[Any], Any], flag: str) -> datasets.ImageFolder:
+    if not root.is_dir():
+        raise UsageError(f"{flag} {root} is not a directory; give a folder with one sub-folder per class.")
+    try:
+        folder = datasets.ImageFolder(root, transform=transform, loader=_load_rgb)
+    except FileNotFoundError as exc:
+        raise UsageError(
+            f"{flag} {root} holds no images in class sub-folders ({exc}); expected root/<class>/<image>.png."
+        ) from None
+    if len(folder.classes) < 2:
+        raise UsageError(
+            f"{flag} {root} has a single class {folder.classes}; classification needs at least two "
+            "sub-folders of images."
+        )
+    return folder
 
 
 def load_image_folder(
-    root: str | Path, input_size: tuple[int, int, int], *, val_fraction: float = 0.2, seed: int = 0
+    root: str | Path,
+    input_size: tuple[int, int, int],
+    *,
+    preprocessing: Preprocessing | None = None,
+    val_root: str | Path | None = None,
+    augment: bool = False,
+    val_fraction: float = 0.2,
+    seed: int = 0,
 ) -> FolderSplit:
-    """Read ``root`` (``root/<class>/<image>``) and split each class into train / validation.
+    """Read ``root`` (``root/<class>/<image>``) into training and validation data.
 
-    Every class keeps at least one image on each side, so a class needs two images or more.
+    Args:
+        root: the training folder (``--data``).
+        input_size: (C, H, W) of one model input (C = 1 reads images as grayscale).
+        preprocessing: the model's (:mod:`hookmix.app.preprocessing`); ImageNet defaults when ``None``.
+        val_root: a validation folder with the same class sub-folders (``--val``); without it each
+            class of ``root`` is split by ``val_fraction``, keeping at least one image on each side.
+        augment: read training images with the model's training transform (random crops and flips,
+            for ``--views``); validation images always get the evaluation transform.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"--data {root} is not a directory; give a folder with one sub-folder per class.")
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
     if input_size[0] not in (1, 3):
@@ -68,20 +87,22 @@ def load_image_folder(
             f"--input-size {' '.join(map(str, input_size))} asks for {input_size[0]} channels, but images are read "
             "as RGB: use C=3 (or 1 for grayscale)."
         )
-    transform = eval_transform(input_size)
-    try:
-        folder = datasets.ImageFolder(root, transform=transform, loader=_load_rgb)
-    except FileNotFoundError as exc:
-        raise UsageError(
-            f"--data {root} holds no images in class sub-folders ({exc}); expected root/<class>/<image>.png."
-        ) from None
-    if len(folder.classes) < 2:
-        raise UsageError(
-            f"--data {root} has a single class {folder.classes}; classification needs at least two "
-            "sub-folders of images."
-        )
-    train_idx, val_idx = stratified_split(folder, val_fraction, seed)
-    return FolderSplit(Subset(folder, train_idx), Subset(folder, val_idx), tuple(folder.classes), transform)
+    preprocessing = (preprocessing or default_preprocessing()).with_input_size(input_size)
+    evaluation = preprocessing.eval_transform()
+    train = _image_folder(root, preprocessing.train_transform() if augment else evaluation, "--data")
+    if val_root is not None:
+        val = _image_folder(Path(val_root), evaluation, "--val")
+        if val.classes != train.classes:
+            raise UsageError(
+                f"--val {val_root} has the classes {val.classes} but --data {root} has {train.classes}; give "
+                "both folders the same class sub-folders."
+            )
+        return FolderSplit(train, val, tuple(train.classes), preprocessing, augment)
+    train_idx, val_idx = stratified_split(train, val_fraction, seed)
+    val_reader = datasets.ImageFolder(root, transform=evaluation, loader=_load_rgb) if augment else train
+    return FolderSplit(
+        Subset(train, train_idx), Subset(val_reader, val_idx), tuple(train.classes), preprocessing, augment
+    )
 
 
 def stratified_split(folder: datasets.ImageFolder, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -1,0 +1,213 @@
+"""``hookmix finetune`` as practitioners run it: the model's own preprocessing, a default layer, the device,
+and every mixing option of the library as a flag (recorded in metrics.json, one-line errors for bad values)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from PIL import Image
+
+from hookmix.app.cli import main
+from hookmix.app.finetune_job import default_layer
+from hookmix.app.models import resolve_model
+from hookmix.app.preprocessing import IMAGENET_MEAN, IMAGENET_STD, model_preprocessing
+from tests.conftest import write_folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("imgs") / "imgs", per_class=4, size=40)
+
+
+def finetune(tmp_path: Path, data: Path, *extra: str) -> dict:
+    args = [
+        "finetune",
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--input-size",
+        "3",
+        "32",
+        "32",
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        *extra,
+    ]
+    assert main(args) == 0
+    return json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+def test_the_transform_follows_the_model() -> None:
+    """A timm ViT normalises with mean/std 0.5 and bicubic resizing; a ResNet with the ImageNet values; each
+    transform is the library's own (timm's create_transform, torchvision's weights.transforms())."""
+    image = Image.fromarray((torch.rand(50, 60, 3) * 255).byte().numpy())
+    vit = timm.create_model("vit_tiny_patch16_224")
+    found = model_preprocessing(vit, resolve_model("timm:vit_tiny_patch16_224"))
+    assert found.mean == found.std == (0.5, 0.5, 0.5) and found.interpolation == "bicubic"
+    expected = timm.data.create_transform(**timm.data.resolve_model_data_config(vit))
+    assert torch.equal(found.eval_transform()(image), expected(image))
+    resnet = torchvision.models.resnet50()
+    found = model_preprocessing(resnet, resolve_model("resnet50"))
+    assert (found.mean, found.std) == (IMAGENET_MEAN, IMAGENET_STD) and found.input_size == (3, 224, 224)
+    weights = torchvision.models.ResNet50_Weights.DEFAULT
+    assert found.source == f"torchvision:{weights}" and found.resize == 232  # IMAGENET1K_V2 resizes to 232
+    assert torch.equal(found.eval_transform()(image), weights.transforms()(image))
+    smaller = model_preprocessing(resnet, resolve_model("resnet50"), (3, 112, 112))
+    assert smaller.eval_transform()(image).shape == (3, 112, 112) and smaller.fingerprint() != found.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        (lambda: torchvision.models.resnet50(), "layer4"),
+        (lambda: timm.create_model("resnet18"), "layer4"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8), "blocks.11"),
+        (lambda: timm.create_model("convnext_atto"), "stages.3"),
+        (lambda: torchvision.models.convnext_tiny(), "features.7"),
+    ],
+    ids=["tv_resnet50", "timm_resnet18", "timm_vit", "timm_convnext", "tv_convnext"],
+)
+def test_the_default_layer_is_the_last_stage_before_the_head(factory, expected: str) -> None:
+    assert default_layer(factory(), "m") == expected
+
+
+def test_flags_reach_the_run_and_metrics_json(tmp_path: Path, images: Path, capsys) -> None:
+    val = write_folder(tmp_path / "val", per_class=2, size=40)
+    report = finetune(
+        tmp_path,
+        images,
+        "--val",
+        str(val),
+        "--cutmix-alpha",
+        "1.0",
+        "--switch-prob",
+        "0.3",
+        "--lam-mode",
+        "sample",
+        "--dominant",
+        "--label-smoothing",
+        "0.1",
+        "--stop-epoch",
+        "1",
+        "--views",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
+    first = capsys.readouterr().out.splitlines()[0]
+    assert (
+        first == "torchvision:resnet18:random-init-seed0 @ layer4 (default: the last stage before the pooling "
+        "and head) on cpu"
+    )
+    mixing = report["config"]["mixing"]
+    assert (mixing["cutmix_alpha"], mixing["switch_prob"], mixing["lam_mode"]) == (1.0, 0.3, "sample")
+    assert (mixing["dominant"], mixing["label_smoothing"], mixing["stop_epoch"]) == (True, 0.1, 1)
+    assert report["views"] == 2 and report["workers"] == 0 and report["device"] == "cpu"
+    assert report["validation"] == str(val) and report["val_examples"] == 6 and report["train_examples"] == 12
+    assert report["layer"] == "layer4" and report["layer_is_default"] is True
+    assert report["preprocessing"]["mean"] == list(IMAGENET_MEAN) and report["preprocessing"]["input_size"] == [
+        3,
+        32,
+        32,
+    ]
+
+
+def test_views_are_augmented_with_the_training_transform(tmp_path: Path, images: Path) -> None:
+    """Two views of a training image differ (random crops and flips); validation images are deterministic."""
+    from hookmix.app.imagefolder import load_image_folder
+    from hookmix.app.preprocessing import default_preprocessing
+
+    split = load_image_folder(images, (3, 32, 32), preprocessing=default_preprocessing(), augment=True)
+    torch.manual_seed(0)
+    assert not torch.equal(split.train[0][0], split.train[0][0])
+    assert torch.equal(split.val[0][0], split.val[0][0])
+
+
+@pytest.mark.slow
+def test_a_vit_runs_with_its_own_preprocessing_the_default_layer_and_auto_device(
+    tmp_path: Path, images: Path, capsys
+) -> None:
+    args = [
+        "finetune",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--data",
+        str(images),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[0]
+        .endswith("@ blocks.11 (default: the last stage before the pooling and head) on cpu (auto)")
+    )
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and report["preprocessing"]["input_size"] == [3, 224, 224]
+    assert report["feature_shape"] == [197, 192] and report["device"] == "cpu"
+
+
+BAD_FLAGS = {
+    "device name": (["--device", "gpu"], "argument --device: 'gpu' is not one of auto, cpu, cuda, mps"),
+    "device absent": (["--device", "cuda"], "device='cuda' but this machine has no CUDA device"),
+    "cutmix alpha": (["--cutmix-alpha", "-1"], "argument --cutmix-alpha: -1 must be >= 0"),
+    "switch prob": (["--switch-prob", "1.5"], "argument --switch-prob: 1.5 must be in [0, 1]"),
+    "lam mode": (["--lam-mode", "row"], "argument --lam-mode: invalid choice: 'row'"),
+    "label smoothing": (["--label-smoothing", "1"], "argument --label-smoothing: 1 must be in [0, 1)"),
+    "stop epoch": (["--stop-epoch", "-1"], "argument --stop-epoch: -1 must be >= 0"),
+    "views": (["--views", "0"], "argument --views: 0 must be >= 1"),
+    "workers": (["--workers", "-2"], "argument --workers: -2 must be >= 0"),
+    "val missing": (["--val", "nowhere"], "--val nowhere is not a directory"),
+    "both methods off": (["--alpha", "0"], "alpha=0 and cutmix_alpha=0 turn both methods off"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FLAGS))
+def test_a_bad_flag_is_one_line_with_exit_code_2(name: str, tmp_path: Path, images: Path, capsys, monkeypatch) -> None:
+    flags, message = BAD_FLAGS[name]
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "finetune",
+        "--data",
+        str(images),
+        "--model",
+        "resnet18",
+        "--input-size",
+        "3",
+        "32",
+        "32",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        *flags,
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("hookmix")]) == 1
+
+
+def test_val_folder_with_other_classes_and_views_on_digits_are_refused(tmp_path: Path, images: Path, capsys) -> None:
+    other = write_folder(tmp_path / "other", classes=("cat", "dog"), per_class=2)
+    for args, message in (
+        (["--data", str(images), "--model", "resnet18", "--val", str(other)], "give both folders the same class"),
+        (["--data", "digits", "--views", "2"], "--views needs an image folder"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["finetune", *args, "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet"])
+        assert message in capsys.readouterr().err
