@@ -22,25 +22,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_folder(tmp_path_factory.mktemp("imgs") / "imgs", per_class=4, size=40)
 
 
+def finetune_args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    """``hookmix finetune`` on ``data`` with a small resnet18 run, plus ``extra`` flags."""
+    small = ["--model", "resnet18", "--input-size", "3", "32", "32", "--epochs", "2", "--quiet"]
+    return ["finetune", "--data", str(data), *small, "--out", str(tmp_path / "out"), *extra]
+
+
 def finetune(tmp_path: Path, data: Path, *extra: str) -> dict:
-    args = [
-        "finetune",
-        "--data",
-        str(data),
-        "--model",
-        "resnet18",
-        "--input-size",
-        "3",
-        "32",
-        "32",
-        "--epochs",
-        "2",
-        "--out",
-        str(tmp_path / "out"),
-        "--quiet",
-        *extra,
-    ]
-    assert main(args) == 0
+    assert main(finetune_args(tmp_path, data, *extra)) == 0
     return json.loads((tmp_path / "out" / "metrics.json").read_text())
 
 
@@ -178,23 +167,7 @@ BAD_FLAGS = {
 def test_a_bad_flag_is_one_line_with_exit_code_2(name: str, tmp_path: Path, images: Path, capsys, monkeypatch) -> None:
     flags, message = BAD_FLAGS[name]
     monkeypatch.chdir(tmp_path)
-    args = [
-        "finetune",
-        "--data",
-        str(images),
-        "--model",
-        "resnet18",
-        "--input-size",
-        "3",
-        "32",
-        "32",
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path / "out"),
-        "--quiet",
-        *flags,
-    ]
+    args = finetune_args(tmp_path, images, *flags)
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     err = capsys.readouterr().err
