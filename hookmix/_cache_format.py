@@ -8,9 +8,13 @@ atomically (temp file in the same directory, then ``os.replace``) and the manife
 each completed shard, so an interrupted extraction resumes from its last complete shard; a kill may
 leave a ``.*.tmp`` file behind, which is safe to delete. Loading reads only JSON and safetensors
 (never pickle), checks every shard's size and checksum, and refuses any mismatch with a
-``ValueError`` that says what differs and how to fix it. A loaded cache is concatenated into one
-in-memory tensor, so it suits datasets whose features fit in RAM; one directory serves one
-extraction at a time.
+``ValueError`` that says what differs and how to fix it. One directory serves one extraction at a time.
+
+A shard is read by memory-mapping its file (:func:`map_shard`): the sha256 is computed over the mapping as
+its pages come in — that pass is the read — and the tensors are views of the same mapping, so a caller
+either copies them into one in-memory tensor (``FeatureCache.load``) or uses them for one block of a
+streamed epoch and drops them (:mod:`hookmix.streaming`), which unmaps the file and returns its pages.
+The safetensors header is parsed here (8-byte length, JSON, offsets) so that no byte is read twice.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import mmap
 import re
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -28,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from hookmix._checks import is_int
@@ -47,6 +51,8 @@ __all__ = [
     "hookmix_version",
     "Manifest",
     "MANIFEST_NAME",
+    "map_shard",
+    "peek_labels",
     "parse_dtype",
     "parse_shard",
     "read_shard",
@@ -141,11 +147,19 @@ class Manifest:
             indent=2,
         ).encode()
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of all shard files listed (features and labels)."""
+        return sum(shard.bytes for shard in self.shards)
+
     @classmethod
-    def read(cls, directory: Path, key_type: type) -> Manifest:
-        """Parse and validate ``directory/manifest.json``, its key rebuilt as ``key_type`` (CacheKey, whose
-        module imports this one); ``ValueError`` when missing or invalid."""
-        path = directory / MANIFEST_NAME
+    def read(
+        cls, directory: Path, key_type: type, name: str = MANIFEST_NAME, first_shard: int = 0, first_row: int = 0
+    ) -> Manifest:
+        """Parse and validate ``directory/name``, its key rebuilt as ``key_type`` (CacheKey, whose module
+        imports this one); ``ValueError`` when missing or invalid. ``first_shard`` / ``first_row``: where its
+        shard list starts (not 0 for the part of one rank, see :func:`hookmix.distributed.extract_sharded`)."""
+        path = directory / name
         if not path.is_file():
             raise UsageError(
                 f"no feature cache in {directory}: {MANIFEST_NAME} is missing; "
@@ -173,18 +187,18 @@ class Manifest:
                 created=_get(data, "created", str),
                 hookmix_version=_get(data, "hookmix_version", str),
             )
-            manifest._check_layout()
+            manifest._check_layout(first_shard, first_row)
         except (OSError, ValueError, TypeError) as exc:
             raise UsageError(
                 f"{path} is not a valid feature cache manifest ({exc}); {rebuild_hint(directory)}."
             ) from exc
         return manifest
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, first_shard: int, first_row: int) -> None:
         if self.dtype not in FEATURE_DTYPES or self.count < 1 or self.views < 1:
             raise UsageError(f"dtype={self.dtype}, count={self.count}, views={self.views} out of range")
-        previous_stop = 0
-        for index, shard in enumerate(self.shards):
+        previous_stop = first_row
+        for index, shard in enumerate(self.shards, start=first_shard):
             if (
                 shard.file != shard_name(index)
                 or shard.start != previous_stop
@@ -256,26 +270,79 @@ def check_request(
             )
 
 
-def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify one shard (size, sha256, tensor names, dtypes, shapes) and return (features, labels)."""
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _open_shard(directory: Path, shard: Shard, whole: bool) -> mmap.mmap:
+    """A private mapping of the shard's file, after checking it exists and has the listed size; ``whole``:
+    every byte will be read next, so the kernel is asked to start reading them all now."""
     path = directory / shard.file
     fix = rebuild_hint(directory)
-    if not path.is_file():
-        raise UsageError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.")
-    size = path.stat().st_size
-    if size != shard.bytes:
-        raise UsageError(f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}.")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != shard.sha256:
-        raise UsageError(
-            f"shard {path} fails its checksum (sha256 {digest[:12]}..., {MANIFEST_NAME} says "
-            f"{shard.sha256[:12]}...): the file is corrupted or was altered; {fix}."
-        )
     try:
-        tensors = load_safetensors(data)
-    except SafetensorError as exc:
-        raise UsageError(f"shard {path} is not a valid safetensors file ({exc}); {fix}.") from exc
+        with open(path, "rb") as file:
+            size = path.stat().st_size
+            if size != shard.bytes:
+                raise UsageError(
+                    f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}."
+                )
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view: no torch warning
+    except FileNotFoundError:
+        raise UsageError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.") from None
+    if whole and hasattr(mmap, "MADV_WILLNEED"):
+        mapping.madvise(mmap.MADV_WILLNEED)
+    return mapping
+
+
+def _tensors(mapping: mmap.mmap, path: Path, directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of ``mapping``; every offset is checked against the file."""
+    try:
+        (length,) = struct.unpack("<Q", mapping[:8])
+        if not 2 <= length <= len(mapping) - 8:
+            raise ValueError(f"header length {length} does not fit a file of {len(mapping)} bytes")
+        header = json.loads(bytes(mapping[8 : 8 + length]))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        tensors, base = {}, 8 + length
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            count = math.prod(shape)
+            if not (all(is_int(d, 0) for d in shape) and 0 <= begin <= end <= len(mapping) - base):
+                raise ValueError(f"tensor {name!r} has shape {shape} and offsets {begin}..{end} outside the file")
+            if end - begin != count * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} of shape {shape} has {end - begin} bytes")
+            flat = (
+                torch.frombuffer(mapping, dtype=dtype, count=count, offset=base + begin)
+                if count
+                else torch.empty(0, dtype=dtype)
+            )
+            tensors[name] = flat.view(shape)
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise UsageError(f"shard {path} is not a valid safetensors file ({exc}); {rebuild_hint(directory)}.") from None
+    return tensors
+
+
+def _checked(
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    directory: Path,
+    shard: Shard,
+    manifest: Manifest,
+    names: tuple[str, ...],
+) -> tuple[torch.Tensor, ...]:
     rows = shard.stop - shard.start
     expected = {
         "features": (manifest.dtype, (manifest.views, rows, *manifest.feature_shape)),
@@ -283,12 +350,63 @@ def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch
     }
     found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     if found != expected:
-        raise UsageError(f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {fix}.")
-    return tensors["features"], tensors["labels"]
+        raise UsageError(
+            f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {rebuild_hint(directory)}."
+        )
+    return tuple(tensors[name] for name in names)
+
+
+def map_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory-map one shard, verify it (size, sha256, tensor names, dtypes, shapes) as its bytes are read,
+    and return ``(features (V, n, *F), labels (n, ...))`` as views of the mapping.
+
+    The mapping lives as long as the returned tensors (or a view of them): drop them to unmap the file.
+    A ``ValueError`` naming the shard and the fix when any check fails.
+    """
+    path = directory / shard.file
+    mapping = _open_shard(directory, shard, whole=True)
+    digest = hashlib.sha256(mapping).hexdigest()  # releases the GIL: a prefetch thread reads while training runs
+    if digest != shard.sha256:
+        raise UsageError(
+            f"shard {path} fails its checksum (sha256 {digest[:12]}..., {MANIFEST_NAME} says "
+            f"{shard.sha256[:12]}...): the file is corrupted or was altered; {rebuild_hint(directory)}."
+        )
+    features, labels = _checked(
+        _tensors(mapping, path, directory), path, directory, shard, manifest, ("features", "labels")
+    )
+    return features, labels
+
+
+def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`map_shard` with the tensors copied out of the mapping (which is closed on return)."""
+    features, labels = map_shard(directory, shard, manifest)
+    return features.clone(), labels.clone()
+
+
+def peek_labels(directory: Path, shard: Shard, manifest: Manifest) -> torch.Tensor:
+    """The labels ``(n, ...)`` of one shard, copied out of its mapping without reading its features.
+
+    Its size, header and shapes are checked, but not its checksum: that needs every byte, and is verified
+    when the shard's features are read (:func:`map_shard`), before any of its rows is used.
+    """
+    path = directory / shard.file
+    (labels,) = _checked(
+        _tensors(_open_shard(directory, shard, whole=False), path, directory),
+        path,
+        directory,
+        shard,
+        manifest,
+        ("labels",),
+    )
+    return labels.clone()
 
 
 class ShardWriter:
-    """A sink that writes each range as the next shard, then rewrites the manifest (both atomically)."""
+    """A sink that writes each range as the next shard, then rewrites the manifest (both atomically).
+
+    ``first_shard`` / ``manifest_name``: the number of its first shard file and the name of the manifest it
+    keeps; one rank of a sharded extraction writes its shards under their final names and its own manifest.
+    """
 
     def __init__(
         self,
@@ -298,7 +416,12 @@ class ShardWriter:
         views: int,
         count: int,
         previous: Manifest | None,
+        *,
+        first_shard: int = 0,
+        manifest_name: str = MANIFEST_NAME,
     ) -> None:
+        self.first_shard = first_shard
+        self.manifest_name = manifest_name
         self.directory = directory
         self.key = key
         self.dtype = dtype
@@ -325,11 +448,11 @@ class ShardWriter:
         if self.manifest is not None:
             check_consistent(self.manifest, manifest, self.directory)
         data = save_safetensors({"features": features, "labels": labels})
-        name = shard_name(len(shards))
+        name = shard_name(self.first_shard + len(shards))
         atomic_write(self.directory / name, data)
         shard = Shard(name, start, stop, len(data), hashlib.sha256(data).hexdigest())
         self.manifest = replace(manifest, shards=(*shards, shard))
-        atomic_write(self.directory / MANIFEST_NAME, self.manifest.to_json())
+        atomic_write(self.directory / self.manifest_name, self.manifest.to_json())
 
 
 def check_consistent(before: Manifest, now: Manifest, directory: Path) -> None:

@@ -15,7 +15,10 @@ beyond float16's range (|x| > 65504) are refused rather than stored as inf; pass
 ``dtype=torch.float32`` (bitwise equal to the backbone's output) or ``torch.bfloat16`` then.
 
 On disk (``path=...``) a cache is a directory of safetensors shards and a JSON manifest, written shard by
-shard and read back only after checking every shard (:mod:`hookmix._cache_format`).
+shard (extraction holds one shard at a time) and read back only after checking every shard
+(:mod:`hookmix._cache_format`). A cache larger than memory is not loaded but memory-mapped
+(``load(..., mmap=True)``, or ``mmap=None``: when it exceeds a memory budget): its ``features`` are then a
+:class:`~hookmix.streaming.ShardedFeatures` that :func:`~hookmix.finetune.fit` streams block by block.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ from hookmix._cache_format import (
 from hookmix._checks import check_int, is_int, modes_restored
 from hookmix._errors import UsageError
 from hookmix.devices import autocast_dtype, resolve_device
+from hookmix.streaming import ShardedFeatures, default_memory_budget
 
-__all__ = ["CacheKey", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
+__all__ = ["CacheKey", "extract_rows", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
 
 
 def transform_fingerprint(transform: object) -> str:
@@ -226,7 +230,9 @@ class FeatureCache:
     """Backbone features of a whole dataset, extracted once, to train a head on for many epochs.
 
     Attributes:
-        features: ``(V, N, *F)`` features of ``N`` examples, ``V`` views each, in ``dtype``.
+        features: ``(V, N, *F)`` features of ``N`` examples, ``V`` views each, in ``dtype``: a tensor, or
+            for a memory-mapped cache (``load(..., mmap=True)``) a :class:`~hookmix.streaming.ShardedFeatures`
+            with the same ``shape`` and ``dtype`` that :func:`~hookmix.finetune.fit` streams from disk.
         labels: ``(N, ...)`` labels as the dataset yields them (e.g. ``(N,)`` int64).
         key: the :class:`CacheKey` the features were extracted under.
         path: the cache directory, or ``None`` for an in-memory cache.
@@ -234,14 +240,14 @@ class FeatureCache:
             resumed extraction, only the batches of the shards that were missing).
     """
 
-    features: torch.Tensor
+    features: torch.Tensor | ShardedFeatures
     labels: torch.Tensor
     key: CacheKey
     path: Path | None = None
     batches_run: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.features, torch.Tensor) or self.features.ndim < 2:
+        if not isinstance(self.features, (torch.Tensor, ShardedFeatures)) or self.features.ndim < 2:
             raise UsageError(f"features must be a (V, N, *F) tensor, got {_describe(self.features)}.")
         if not isinstance(self.labels, torch.Tensor) or self.labels.ndim < 1:
             raise UsageError(f"labels must be an (N, ...) tensor, got {_describe(self.labels)}.")
@@ -295,6 +301,8 @@ class FeatureCache:
         num_workers: int = 0,
         device: str | torch.device | None = None,
         progress: bool = True,
+        mmap: bool | None = False,
+        memory_budget: int | None = None,
     ) -> FeatureCache:
         """Run ``backbone`` once over ``dataset`` and keep its features (in memory, or on disk at ``path``).
 
@@ -324,51 +332,61 @@ class FeatureCache:
                 to which the backbone is moved. On a GPU the batches come from pinned memory with
                 non-blocking copies, and the backbone runs under autocast unless ``dtype`` is float32.
             progress: show a tqdm bar.
+            mmap, memory_budget: how the stored cache is returned (``path`` only), as in :meth:`load`.
         """
-        _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
-        count = len(dataset)  # type: ignore[arg-type]
-        if device is None:
-            target = _backbone_device(backbone)
-        else:
-            target = resolve_device(device)
-            backbone.to(target)
-        run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
+        _check_mmap(mmap, memory_budget)
+        if path is None and mmap:
+            raise UsageError("mmap=True needs path=DIR: only a cache stored on disk can be memory-mapped.")
+        run = dict(dtype=dtype, batch_size=batch_size, views=views, num_workers=num_workers, device=device)
         if path is None:
+            _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
             parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def keep(start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
                 parts.append((features, labels))
 
+            count = len(dataset)  # type: ignore[arg-type]
+            run["device"] = _placed_backbone(backbone, device)
             batches = _run_backbone(backbone, dataset, [(0, count)], keep, progress=progress, **run)
             [(features, labels)] = parts
             return cls(features, labels, key, batches_run=batches)
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        previous = Manifest.read(directory, CacheKey) if (directory / MANIFEST_NAME).exists() else None
-        if previous is not None:
-            check_request(previous, directory, key, dtype=dtype, views=views, count=count)
-            if previous.complete:
-                return cls.load(directory, key, dtype=dtype, views=views)
-            for shard in previous.shards:
-                read_shard(directory, shard, previous)
-        done = previous.rows_done if previous else 0
-        ranges = [(start, min(start + shard_size, count)) for start in range(done, count, shard_size)]
-        writer = ShardWriter(directory, key, dtype, views, count, previous)
-        batches = _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
-        cache = cls.load(directory, key, dtype=dtype, views=views)
+        rows = (0, len(dataset))  # type: ignore[arg-type]
+        batches = extract_rows(
+            backbone, dataset, key, directory, rows, 0, MANIFEST_NAME, shard_size=shard_size, progress=progress, **run
+        )
+        cache = cls.load(directory, key, dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
         cache.batches_run = batches
         return cache
 
     @classmethod
     def load(
-        cls, path: str | Path, key: CacheKey, *, dtype: torch.dtype | None = None, views: int | None = None
+        cls,
+        path: str | Path,
+        key: CacheKey,
+        *,
+        dtype: torch.dtype | None = None,
+        views: int | None = None,
+        mmap: bool | None = False,
+        memory_budget: int | None = None,
     ) -> FeatureCache:
-        """Load a complete cache directory after verifying it; never unpickles.
+        """Load a complete cache directory after verifying it, or memory-map it; never unpickles.
 
         Refuses with ``ValueError`` a cache built for another key (naming the field, the stored and
         the requested value), another ``dtype`` or number of ``views`` (checked when given), an
         incomplete extraction, a missing, truncated or altered shard, or an invalid manifest.
+
+        Args:
+            mmap: ``False`` reads every shard (checking its sha256) into one ``(V, N, *F)`` tensor. ``True``
+                reads only the labels and leaves the features on disk as a
+                :class:`~hookmix.streaming.ShardedFeatures`: each shard's size and header are checked now,
+                its sha256 when :func:`~hookmix.finetune.fit` reads it, so a corrupted shard is refused
+                mid-epoch, before any of its rows is trained on. ``None``: ``True`` when the shard files
+                exceed ``memory_budget``.
+            memory_budget: bytes (``mmap=None`` only); ``None``: half of the memory available now
+                (:func:`~hookmix.streaming.default_memory_budget`).
         """
+        _check_mmap(mmap, memory_budget)
         directory = Path(path)
         manifest = Manifest.read(directory, CacheKey)
         check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
@@ -378,6 +396,11 @@ class FeatureCache:
                 "examples; its extraction was interrupted); call FeatureCache.extract with the same key "
                 "and path to resume it."
             )
+        if mmap is None:
+            mmap = manifest.stored_bytes > (default_memory_budget() if memory_budget is None else memory_budget)
+        if mmap:
+            sharded = ShardedFeatures(directory, manifest)
+            return cls(sharded, sharded.labels(), manifest.key, path=directory)
         shape = (manifest.views, manifest.count, *manifest.feature_shape)
         features = torch.empty(shape, dtype=manifest.dtype)
         labels = torch.empty((manifest.count, *manifest.label_shape), dtype=manifest.label_dtype)
@@ -396,6 +419,8 @@ class FeatureCache:
         """
         if not is_int(shard_size, 1):
             raise UsageError(f"shard_size={shard_size!r} must be a positive int.")
+        if isinstance(self.features, ShardedFeatures):
+            raise UsageError(f"this cache is already stored in {self.path}; copy that directory instead of save().")
         if self.dtype not in FEATURE_DTYPES:
             names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
             raise UsageError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
@@ -408,6 +433,69 @@ class FeatureCache:
             stop = min(start + shard_size, len(self))
             writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
         return FeatureCache(self.features, self.labels, self.key, path=directory)
+
+
+def extract_rows(
+    backbone: nn.Module,
+    dataset: Dataset,
+    key: CacheKey,
+    directory: Path,
+    rows: tuple[int, int],
+    first_shard: int,
+    manifest_name: str,
+    *,
+    dtype: torch.dtype = torch.float16,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    views: int = 1,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> int:
+    """Extract rows ``[rows[0], rows[1])`` of ``dataset`` into shards ``first_shard, ...`` of ``directory``,
+    one shard in memory at a time, recording them in ``directory/manifest_name``; returns the batches run.
+
+    The whole cache is ``rows=(0, N)``, ``first_shard=0`` and the manifest; one rank of a sharded extraction
+    (:func:`hookmix.distributed.extract_sharded`) writes its own rows under their final shard names and
+    keeps its own manifest. When that manifest exists, its shards are verified and only the rows after
+    them are computed (resume after a crash). The other arguments are those of :meth:`FeatureCache.extract`.
+    """
+    _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
+    first, last = rows
+    count = len(dataset)  # type: ignore[arg-type]
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if (directory / manifest_name).exists():
+        previous = Manifest.read(directory, CacheKey, manifest_name, first_shard, first)
+        check_request(previous, directory, key, dtype=dtype, views=views, count=count)
+        for shard in previous.shards if previous.rows_done != last else ():
+            read_shard(directory, shard, previous)
+    done = previous.rows_done if previous and previous.shards else first
+    ranges = [(start, min(start + shard_size, last)) for start in range(done, last, shard_size)]
+    if not ranges:
+        return 0
+    target = _placed_backbone(backbone, device)
+    writer = ShardWriter(
+        directory, key, dtype, views, count, previous, first_shard=first_shard, manifest_name=manifest_name
+    )
+    run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
+    return _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
+
+
+def _placed_backbone(backbone: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where the backbone runs: where its parameters are (``None``), or ``device``, to which it is moved."""
+    if device is None:
+        return _backbone_device(backbone)
+    target = resolve_device(device)
+    backbone.to(target)
+    return target
+
+
+def _check_mmap(mmap: object, memory_budget: object) -> None:
+    if mmap is not None and not isinstance(mmap, bool):
+        raise TypeError(f"mmap must be True, False or None (decide by memory_budget), got {mmap!r}.")
+    if memory_budget is not None:
+        check_int("memory_budget", memory_budget, 1, " (bytes), or None for half the available memory")
 
 
 def _describe(value: object) -> str:

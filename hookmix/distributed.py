@@ -14,7 +14,7 @@ ranks would need the layer's activation all-gathered in the hook and its gradien
 
 from __future__ import annotations
 
-import shutil
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
+from hookmix._cache_format import Manifest, check_consistent
 from hookmix._checks import check_int, is_int
 from hookmix._errors import UsageError
+from hookmix._io import atomic_write
 from hookmix._wrappers import unwrap
-from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache
+from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache, extract_rows
 
-__all__ = ["extract_sharded", "rank_and_world", "rank_seed", "unwrap"]
+__all__ = ["extract_sharded", "rank_and_world", "rank_manifest_name", "rank_seed", "unwrap"]
 
-PARTS_DIR = ".parts"
-"""Sub-directory of an :func:`extract_sharded` cache holding the per-rank parts until they are merged."""
+
+def rank_manifest_name(rank: int, world: int) -> str:
+    """The manifest one rank of an :func:`extract_sharded` run keeps of its own shards until rank 0 writes
+    the cache's manifest (hidden: ``.rank-00001-of-00004.json``)."""
+    return f".rank-{rank:05d}-of-{world:05d}.json"
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -74,22 +79,27 @@ def extract_sharded(
     views: int = 1,
     shard_size: int = 1024,
     progress: bool = True,
+    mmap: bool | None = False,
+    memory_budget: int | None = None,
     **options: Any,
 ) -> FeatureCache:
     """:meth:`FeatureCache.extract` with the dataset's rows split across the ranks of the default group.
 
-    Call it on every rank. Rank r runs ``backbone`` over its contiguous block of about N / W rows into
-    ``path/.parts/rows-<start>-<stop>`` (an ordinary cache: an interrupted extraction resumes when run
-    again with the same world size); then rank 0 merges the blocks into one cache at ``path`` — the format
-    :meth:`FeatureCache.load` and ``hookmix finetune --cache`` read — and removes ``.parts``, and every rank
-    returns the whole cache (N rows). ``path`` must be readable by every rank (a shared file system across
-    nodes). When ``path`` already holds a cache, every rank loads it (rank 0 first completes it if the merge
-    was interrupted). Without a process group this is ``FeatureCache.extract``.
+    Call it on every rank. Rank r runs ``backbone`` over its contiguous block of about N / W rows and writes
+    them, one shard at a time, straight into ``path`` under their final names (its first shard number
+    follows the shards of the ranks before it), keeping a manifest of its own shards
+    (:func:`rank_manifest_name`); no features travel between ranks. After a barrier rank 0 writes the
+    cache's manifest from those shard lists (names, rows, sizes, checksums: no shard is read) and removes
+    them; every rank then returns the whole cache (N rows), loaded or memory-mapped per ``mmap``. The
+    result is the format :meth:`FeatureCache.load` and ``hookmix finetune --cache`` read. ``path`` must be
+    reachable by every rank (a shared file system across nodes). An interrupted run resumes each rank from
+    its last complete shard when run again with the same world size; when ``path`` already holds a
+    complete cache, every rank loads it. Without a process group this is ``FeatureCache.extract``.
 
     Args:
         backbone: frozen module mapping ``(B, C, H, W)`` to ``(B, *F)``, on this rank's device.
         dataset: the whole map-style dataset (the same on every rank).
-        key, dtype, views, shard_size: as in :meth:`FeatureCache.extract`.
+        key, dtype, views, shard_size, mmap, memory_budget: as in :meth:`FeatureCache.extract`.
         path: the cache directory.
         progress: show a tqdm bar (on rank 0 only).
         **options: other :meth:`FeatureCache.extract` arguments (``batch_size``, ``num_workers``, ``device``).
@@ -97,18 +107,21 @@ def extract_sharded(
     directory = Path(path)
     rank, world = rank_and_world()
     common = dict(dtype=dtype, views=views, shard_size=shard_size, **options)
+    stored = dict(dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
     if world == 1:
-        return FeatureCache.extract(backbone, dataset, key, path=directory, progress=progress, **common)
+        return FeatureCache.extract(
+            backbone, dataset, key, path=directory, progress=progress, **common, mmap=mmap, memory_budget=memory_budget
+        )
     if not (directory / MANIFEST_NAME).exists():
-        _extract_parts_and_merge(backbone, dataset, key, directory, rank, world, progress, common)
-    elif rank == 0:  # a complete cache is loaded; a merge that was interrupted is completed by rank 0
-        FeatureCache.extract(backbone, dataset, key, path=directory, progress=progress, **common)
-        shutil.rmtree(directory / PARTS_DIR, ignore_errors=True)
+        _extract_own_rows(backbone, dataset, key, directory, rank, world, progress and rank == 0, common)
+        dist.barrier()
+        if rank == 0:
+            _write_manifest(directory, world, len(dataset))  # type: ignore[arg-type]
     dist.barrier()
-    return FeatureCache.load(directory, key, dtype=dtype, views=views)
+    return FeatureCache.load(directory, key, **stored)
 
 
-def _extract_parts_and_merge(
+def _extract_own_rows(
     backbone: nn.Module,
     dataset: Dataset,
     key: CacheKey,
@@ -118,30 +131,30 @@ def _extract_parts_and_merge(
     progress: bool,
     common: dict[str, Any],
 ) -> None:
-    """Each rank extracts its block of rows into ``directory/.parts``; rank 0 then writes the merged cache."""
+    """Rank ``rank`` extracts its block of rows into its shards of ``directory``."""
     count = len(dataset)  # type: ignore[arg-type]
     if count < world:
         raise UsageError(f"dataset has {count} examples for {world} ranks; extract it without a process group.")
+    shard_size = check_int("shard_size", common["shard_size"], 1)
     blocks = _row_blocks(count, world)
-    parts = [
-        (directory / PARTS_DIR / f"rows-{start}-{stop}", replace(key, dataset=f"{key.dataset}[{start}:{stop}]"))
-        for start, stop in blocks
-    ]
-    own_dir, own_key = parts[rank]
-    FeatureCache.extract(
-        backbone,
-        Subset(dataset, range(*blocks[rank])),
-        own_key,
-        path=own_dir,
-        progress=progress and rank == 0,
-        **common,
-    )
-    dist.barrier()
-    if rank == 0:
-        dtype, views = common["dtype"], common["views"]
-        loaded = [FeatureCache.load(part_dir, part_key, dtype=dtype, views=views) for part_dir, part_key in parts]
-        merged = FeatureCache(
-            torch.cat([part.features for part in loaded], dim=1), torch.cat([part.labels for part in loaded]), key
-        )
-        merged.save(directory, shard_size=common["shard_size"])
-        shutil.rmtree(directory / PARTS_DIR)
+    first_shard = sum(math.ceil((stop - start) / shard_size) for start, stop in blocks[:rank])
+    name = rank_manifest_name(rank, world)
+    extract_rows(backbone, dataset, key, directory, blocks[rank], first_shard, name, progress=progress, **common)
+
+
+def _write_manifest(directory: Path, world: int, count: int) -> None:
+    """Rank 0: the cache's manifest from the ranks' shard lists (no shard is read), then remove those lists."""
+    blocks = _row_blocks(count, world)
+    parts, first_shard = [], 0
+    for rank, (start, stop) in enumerate(blocks):
+        part = Manifest.read(directory, CacheKey, rank_manifest_name(rank, world), first_shard, start)
+        if part.rows_done != stop:
+            raise UsageError(f"rank {rank} wrote rows {start}..{part.rows_done} of {start}..{stop} into {directory}.")
+        if parts:
+            check_consistent(parts[0], part, directory)
+        parts.append(part)
+        first_shard += len(part.shards)
+    merged = replace(parts[0], shards=tuple(shard for part in parts for shard in part.shards))
+    atomic_write(directory / MANIFEST_NAME, merged.to_json())
+    for rank in range(world):
+        (directory / rank_manifest_name(rank, world)).unlink()

@@ -34,13 +34,14 @@ from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
-from hookmix._checks import check_class_indices, check_int, is_number, modes_restored
+from hookmix._checks import check_int, is_number, modes_restored
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write, load_state
+from hookmix._tasks import MULTICLASS, Task, task_of
 from hookmix.devices import resolve_device
-from hookmix.metrics import evaluate
 from hookmix.mixer import HookMixer
 from hookmix.settings import MixSettings
+from hookmix.streaming import BlockLayout, ShardedFeatures
 
 __all__ = ["CHECKPOINT_STATE", "CHECKPOINT_WEIGHTS", "fit", "FitConfig", "FitResult", "predict"]
 
@@ -128,23 +129,28 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _check_data(inputs: torch.Tensor, labels: torch.Tensor, name: str, num_classes: int) -> torch.Tensor:
-    """Return ``inputs`` as (V, N, ...) and check it against ``labels`` (N,) in [0, num_classes)."""
-    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+def _check_data(
+    inputs: torch.Tensor | ShardedFeatures, labels: torch.Tensor, name: str, num_classes: int
+) -> tuple[torch.Tensor | ShardedFeatures, Task]:
+    """Return ``inputs`` as (V, N, ...) and the task of ``labels``: (N,) class indices in [0, num_classes),
+    or (N, num_classes) multi-hot rows."""
+    streamed = isinstance(inputs, ShardedFeatures)
+    if streamed and name != "train":
+        raise TypeError(
+            f"{name}_inputs is a memory-mapped cache ({inputs!r}); only train_inputs are streamed: load the "
+            "validation cache with FeatureCache.load(..., mmap=False)."
+        )
+    if not isinstance(inputs, (torch.Tensor, ShardedFeatures)) or not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"{name}_inputs and {name}_labels must be tensors, got {type(inputs).__name__} and "
             f"{type(labels).__name__}; convert with torch.as_tensor(...)."
         )
-    if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise UsageError(
-            f"{name}_labels must be (N,) integer class indices with N >= 1, got {labels.dtype} "
-            f"{tuple(labels.shape)}; use labels.long()."
-        )
-    check_class_indices(labels, num_classes, f"{name}_labels", "relabel them or pass the right num_classes")
-    if inputs.shape[0] == labels.shape[0]:
-        return inputs.unsqueeze(0)
-    if inputs.dim() > 1 and inputs.shape[1] == labels.shape[0]:
-        return inputs
+    task = task_of(labels, f"{name}_labels")
+    task.check(labels, num_classes, f"{name}_labels")
+    if inputs.shape[0] == labels.shape[0] and not streamed:
+        return inputs.unsqueeze(0), task
+    if inputs.ndim > 1 and inputs.shape[1] == labels.shape[0]:
+        return inputs, task
     raise UsageError(
         f"{name}_inputs {tuple(inputs.shape)} do not match {labels.shape[0]} {name}_labels: give (N, ...) or "
         "(V, N, ...) with V cached views."
@@ -191,10 +197,13 @@ def predict(
         )
 
 
-def _placed(views: torch.Tensor, device: torch.device, preload: bool | None) -> torch.Tensor:
+def _placed(
+    views: torch.Tensor | ShardedFeatures, device: torch.device, preload: bool | None
+) -> torch.Tensor | ShardedFeatures:
     """The cached views where training reads them: moved to ``device`` once when they fit in half of its
-    free memory (or ``preload=True``), else left in (pinned) host memory and copied batch by batch."""
-    if device.type == "cpu":
+    free memory (or ``preload=True``), else left in (pinned) host memory and copied batch by batch; a
+    streamed cache stays on disk."""
+    if device.type == "cpu" or isinstance(views, ShardedFeatures):
         return views
     if preload is None:
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
@@ -207,7 +216,7 @@ def _placed(views: torch.Tensor, device: torch.device, preload: bool | None) -> 
 def fit(
     model: nn.Module,
     layer: str | Sequence[str],
-    train_inputs: torch.Tensor,
+    train_inputs: torch.Tensor | ShardedFeatures,
     train_labels: torch.Tensor,
     val_inputs: torch.Tensor,
     val_labels: torch.Tensor,
@@ -218,6 +227,7 @@ def fit(
     resume: bool = False,
     device: str | torch.device | None = None,
     preload: bool | None = None,
+    blocks: BlockLayout | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train the parameters of ``model`` that require grad, mixing at ``layer``; validate each epoch.
@@ -225,9 +235,12 @@ def fit(
     Args:
         model: the head (cache path) or a model with a frozen backbone (hooked path).
         layer: where to mix (``"input"`` for cached features).
-        train_inputs: (N, ...) or (V, N, ...) — V cached augmented views, one drawn per example per epoch.
-        train_labels: (N,) int64 class indices.
-        val_inputs / val_labels: (M, ...) / (M,) validation data (never mixed: eval mode).
+        train_inputs: (N, ...) or (V, N, ...) — V cached augmented views, one drawn per example per epoch —
+            or a memory-mapped cache's :class:`~hookmix.streaming.ShardedFeatures` (``FeatureCache.load(path,
+            key, mmap=True).features``), read from disk block by block with bounded memory.
+        train_labels: (N,) integer class indices (softmax cross-entropy, mixed as the loss), or (N, C) float
+            multi-hot rows (multi-label: ``BCEWithLogitsLoss`` on the mixed targets).
+        val_inputs / val_labels: (M, ...) / (M,) or (M, C) validation data (never mixed: eval mode).
         config: optimisation and mixing settings.
         num_classes: number of classes (checks the labels, the exclusion and the model's output width).
         checkpoint_dir: where to write a checkpoint after every epoch; with ``resume=True`` training
@@ -237,45 +250,54 @@ def fit(
         preload: move the training inputs to ``device`` once (``True``) or copy them batch by batch from
             pinned host memory (``False``); ``None`` preloads when they fit in half of the free device
             memory. Both give the same steps.
+        blocks: the epoch order. ``None``: a permutation of all rows for tensors, and
+            ``train_inputs.layout()`` for a streamed cache. A :class:`~hookmix.streaming.BlockLayout`: its
+            shards are visited in shuffled blocks, the rows of a block in a shuffled order
+            (:meth:`~hookmix.streaming.BlockLayout.order`) — for tensors too, so that in-memory training given
+            ``blocks=cache.features.layout(k)`` of the streamed cache takes exactly the streamed steps.
     Returns:
         :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
-        ``val_accuracy``, ``val_ece``, ``lr``.
+        ``val_accuracy`` (multi-label: ``val_map`` and ``val_f1`` at 0.5, torchmetrics), ``val_ece``, ``lr``.
+
+    The global RNG (which dropout in the head draws from) is seeded with ``config.seed`` for the fit and
+    restored afterwards; its state rides in the checkpoint. A last batch of one row is left out of each
+    epoch (it cannot be mixed, and BatchNorm cannot train on it).
     """
     check_int("num_classes", num_classes, 2, " (the head's number of outputs)")
     if resume and checkpoint_dir is None:
         raise UsageError("resume=True needs checkpoint_dir=DIR, the directory the checkpoint was written to.")
-    views = _check_data(train_inputs, train_labels, "train", num_classes)
-    _check_data(val_inputs, val_labels, "val", num_classes)
+    views, task = _check_data(train_inputs, train_labels, "train", num_classes)
+    if _check_data(val_inputs, val_labels, "val", num_classes)[1] != task:
+        raise UsageError(f"train_labels are {task.name} targets but val_labels are not; give both of one kind.")
+    blocks = _check_blocks(blocks, views, train_labels.shape[0])
     target = _on(device, model)
     views, train_labels = _placed(views, target, preload), train_labels.to(target)
     n = train_labels.shape[0]
-    steps_per_epoch = math.ceil(n / config.batch_size)
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    steps = config.epochs * len(_batch_starts(n, config.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     result = FitResult(history=[])
-    mixing = config.mixing if config.mix else replace(config.mixing, prob=0.0)
-    with HookMixer(model, layer, num_classes=num_classes, seed=config.seed, **asdict(mixing)) as mixer:
+    mixing = asdict(config.mixing if config.mix else replace(config.mixing, prob=0.0))
+    devices = [target] if target.type == "cuda" else []
+    with (
+        torch.random.fork_rng(devices=devices),  # dropout in the head draws from the global RNG: seed it here
+        HookMixer(model, layer, num_classes=num_classes, seed=config.seed, targets=task.targets, **mixing) as mixer,
+    ):
+        torch.manual_seed(config.seed)
         state = _TrainState(
-            config, model, optimizer, scheduler, mixer, torch.Generator().manual_seed(config.seed), result
+            config, model, optimizer, scheduler, mixer, torch.Generator().manual_seed(config.seed), result, task
         )
         if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
             state.load(Path(checkpoint_dir))
         bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
         for epoch in bar:
-            train_loss = _train_epoch(state, epoch, views, train_labels, num_classes)
+            train_loss = _train_epoch(state, epoch, views, train_labels, num_classes, blocks)
             logits = predict(model, val_inputs, config.eval_batch_size)
-            metrics = evaluate(logits, val_labels.cpu())
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "val_nll": metrics["nll"],
-                "val_accuracy": metrics["accuracy"],
-                "val_ece": metrics["ece"],
-                "lr": optimizer.param_groups[0]["lr"],
-            }
+            row = {"epoch": epoch + 1, "train_loss": train_loss, **task.metrics(logits, val_labels.cpu())}
+            row["lr"] = optimizer.param_groups[0]["lr"]
             result.history.append(row)
             result.val_logits = logits
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['val_accuracy']:.3f}")
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", headline=f"{row[task.headline]:.3f}")
             if checkpoint_dir is not None:
                 state.save(Path(checkpoint_dir))
     if result.val_logits is None:
@@ -283,23 +305,61 @@ def fit(
     return result
 
 
+def _batch_starts(n: int, batch_size: int) -> list[int]:
+    """Where the batches of an epoch of ``n`` rows start. A last batch of one row is left out: one row cannot
+    be mixed, and a BatchNorm in the head cannot train on it (fastai drops the last batch for this too)."""
+    starts = list(range(0, n, batch_size))
+    return starts[:-1] if len(starts) > 1 and n - starts[-1] == 1 else starts
+
+
+def _check_blocks(blocks: BlockLayout | None, views: torch.Tensor | ShardedFeatures, n: int) -> BlockLayout | None:
+    """``blocks``, or a streamed cache's default layout; refuses a layout of other rows or shards."""
+    if blocks is not None and not isinstance(blocks, BlockLayout):
+        raise TypeError(f"blocks must be a hookmix.streaming.BlockLayout or None, got {type(blocks).__name__}.")
+    if isinstance(views, ShardedFeatures):
+        if blocks is not None and blocks.stops != views.stops:
+            raise UsageError(
+                f"blocks has shard ends {blocks.stops[:4]}... but the streamed cache {views.stops[:4]}...; "
+                "use blocks=train_inputs.layout(shards_per_block)."
+            )
+        return blocks or views.layout()
+    if blocks is not None and blocks.rows != n:
+        raise UsageError(f"blocks covers {blocks.rows} rows but train_inputs has {n}; give the layout of these rows.")
+    return blocks
+
+
 def _train_epoch(
-    state: "_TrainState", epoch: int, views: torch.Tensor, labels: torch.Tensor, num_classes: int
+    state: "_TrainState",
+    epoch: int,
+    views: torch.Tensor | ShardedFeatures,
+    labels: torch.Tensor,
+    num_classes: int,
+    blocks: BlockLayout | None,
 ) -> float:
-    """One epoch over ``views`` (V, N, ...) in a fresh order, one view drawn per example; the mean loss."""
+    """One epoch over ``views`` (V, N, ...) in a fresh order, one view drawn per example; the mean loss.
+
+    The order: a permutation of all rows, or with ``blocks`` its block order; a streamed cache's batches come
+    from its block reader in that same order."""
     model, mixer, optimizer = state.model, state.mixer, state.optimizer
     mixer.set_epoch(epoch)
     _freeze_mode(model)
     n = labels.shape[0]
-    order = torch.randperm(n, generator=state.data_gen).to(labels.device)
-    view = torch.randint(views.shape[0], (n,), generator=state.data_gen).to(labels.device)
-    criterion = nn.CrossEntropyLoss()
+    plan = blocks.order(state.data_gen) if blocks is not None else None
+    order = plan.order if plan is not None else torch.randperm(n, generator=state.data_gen)
+    view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
+    streamed = (
+        views.batches(plan, view, state.config.batch_size) if plan and isinstance(views, ShardedFeatures) else None
+    )
+    order, view = order.to(labels.device), view.to(labels.device)
+    criterion = state.task.criterion()
     total = torch.zeros((), device=labels.device)
     lams: list[torch.Tensor] = []  # read back once per epoch: no host sync per step
-    for start in range(0, n, state.config.batch_size):
+    starts = _batch_starts(n, state.config.batch_size)
+    for start in starts:
         idx = order[start : start + state.config.batch_size]
         step = mixer.plan(labels[idx])
-        x = views[view[idx].to(views.device), idx.to(views.device)].to(labels.device, non_blocking=True)
+        x = next(streamed) if streamed is not None else views[view[idx].to(views.device), idx.to(views.device)]
+        x = x.to(labels.device, non_blocking=True)
         loss = step.loss(criterion, _check_logits(model(x.float()), num_classes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -308,8 +368,10 @@ def _train_epoch(
         total += loss.detach() * len(idx)
         if step.mixed:
             lams.append(step.lam[0])
+    if streamed is not None:
+        streamed.close()  # unmaps the last block now
     state.result.lams.extend(torch.stack(lams).tolist() if lams else [])
-    return float(total) / n
+    return float(total) / min(n, starts[-1] + state.config.batch_size)
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -331,6 +393,7 @@ class _TrainState:
     mixer: HookMixer
     data_gen: torch.Generator
     result: FitResult
+    task: Task = MULTICLASS
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The tensors and the JSON-serialisable state of this point of training."""
@@ -342,6 +405,7 @@ class _TrainState:
         mixer_state = self.mixer.state_dict()
         tensors["rng.data"] = self.data_gen.get_state()
         tensors["rng.mixer"] = mixer_state.pop("generator")
+        tensors["rng.torch"] = torch.get_rng_state()
         tensors["result.lams"] = torch.tensor(self.result.lams, dtype=torch.float32)
         state = {
             "format": 1,
@@ -378,6 +442,8 @@ class _TrainState:
         self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_gen.set_state(tensors["rng.data"])
+        if "rng.torch" in tensors:  # the head's dropout masks continue where they stopped
+            torch.set_rng_state(tensors["rng.torch"])
         self.mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer"]})
         self.result.history.extend(state["history"])
         self.result.lams.extend(tensors["result.lams"].tolist())

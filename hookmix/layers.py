@@ -23,6 +23,7 @@ from hookmix._checks import modes_restored
 from hookmix._errors import UsageError
 from hookmix._tree import first_tensor
 from hookmix.cutpoints import CutPointWarning, UntraceableError, cut_points, stage_names
+from hookmix.equivalence import mix_equivalence
 
 INPUT = "input"
 OUTPUT = "output"
@@ -131,6 +132,9 @@ class LayerInfo:
     included; ``calls`` is how many times the forward called it. ``cut_point`` says whether the
     module's output is a cut point (every path from the input to the output passes through it: a sound
     place to mix or split; see :mod:`hookmix.cutpoints`), ``None`` when torch.fx cannot trace the model.
+    ``same_as`` says where mixup at a cut point is the same as mixing later (:mod:`hookmix.equivalence`):
+    ``"≡ fc input, ≡ output"`` for ResNet ``layer4``, ``""`` when nothing later is equivalent (and for the
+    rows that are no cut point or produce the output), ``"?"`` when the model cannot be analysed.
     """
 
     name: str
@@ -140,6 +144,7 @@ class LayerInfo:
     depth: int
     calls: int
     cut_point: bool | None = None
+    same_as: str = ""
 
 
 def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
@@ -178,11 +183,14 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         for handle in handles:
             handle.remove()
     try:
-        cuts: set[str] | None = {"", *cut_points(model, training=True).names}
+        points = cut_points(model, training=True)
+        cuts: set[str] | None = {"", *points.names}
+        last = {name for name in points.names if not points.produces_output(name)}
     except UntraceableError:
-        cuts = None
+        cuts, last = None, set()
     rows = []
     for name, module in modules:
+        same_as = "?" if cuts is None else mix_equivalence(model, name).describe() if name in last else ""
         rows.append(
             LayerInfo(
                 name=name or OUTPUT,
@@ -192,6 +200,7 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
                 depth=0 if not name else name.count(".") + 1,
                 calls=calls.get(name, 0),
                 cut_point=None if cuts is None else name in cuts,
+                same_as=same_as,
             )
         )
     return rows
@@ -201,20 +210,21 @@ def format_layers(rows: Sequence[LayerInfo], max_depth: int | None = None) -> st
     """Render :func:`list_layers` rows as an aligned text table (names indented by depth).
 
     The ``cut`` column reads ``yes`` for cut points, ``no`` for other modules and ``?`` when the model
-    could not be analysed.
+    could not be analysed; ``mixup here`` says where mixing a cut point is the same as mixing later.
     """
     shown = [r for r in rows if max_depth is None or r.depth <= max_depth]
-    table = [("name", "type", "output shape", "params", "cut")]
+    table = [("name", "type", "output shape", "params", "cut", "mixup here")]
     for r in shown:
         shape = "x".join(str(s) for s in r.output_shape) if r.output_shape is not None else "-"
         label = "  " * max(r.depth - 1, 0) + r.name
         cut = {True: "yes", False: "no", None: "?"}[r.cut_point]
-        table.append((label, r.type, shape if r.calls else "(not called)", f"{r.params:,}", cut))
+        table.append((label, r.type, shape if r.calls else "(not called)", f"{r.params:,}", cut, r.same_as))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = []
     for i, row in enumerate(table):
         lines.append(
-            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  "
+            f"{row[4]:<{widths[4]}}  {row[5]}".rstrip()
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))

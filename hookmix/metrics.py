@@ -3,13 +3,18 @@
 Mixup mostly changes *calibration*, not only accuracy, so every run reports the mean cross-entropy
 (NLL) and the expected calibration error (ECE) next to top-1 accuracy. All functions take logits
 ``(B, C)`` and integer labels ``(B,)`` and return plain Python numbers, so results serialise to JSON.
+
+Multi-label heads (one sigmoid per label, ``BCEWithLogitsLoss``) are evaluated by
+:func:`evaluate_multilabel` (macro mAP, macro-F1 at per-label thresholds from :func:`tune_thresholds`,
+BCE, per-label ECE) on logits ``(N, L)`` and multi-hot targets ``(N, L)``, with torchmetrics doing the
+counting; :func:`reliability_multilabel` bins the same probabilities for a reliability diagram.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +22,19 @@ import torch.nn.functional as F
 from hookmix._checks import check_class_indices, is_int, is_number
 from hookmix._errors import UsageError
 
-__all__ = ["Reliability", "accuracy", "nll", "ece", "reliability", "mean_ci", "evaluate"]
+__all__ = [
+    "Reliability",
+    "accuracy",
+    "nll",
+    "ece",
+    "reliability",
+    "mean_ci",
+    "evaluate",
+    "tune_thresholds",
+    "apply_thresholds",
+    "evaluate_multilabel",
+    "reliability_multilabel",
+]
 
 
 def _check_logits_labels(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,10 +111,15 @@ def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reli
     ``probs.log()`` to bin probabilities).
     """
     y = _check_logits_labels(logits, y)
+    confidence, predicted = logits.detach().double().softmax(dim=1).max(dim=1)
+    return _binned(confidence, (predicted == y).double(), n_bins)
+
+
+def _binned(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> Reliability:
+    """A :class:`Reliability` of float64 ``confidence`` ``(M,)`` in ``[0, 1]`` against float64 ``correct`` ``(M,)``
+    (1 for a hit, 0 for a miss), in ``n_bins`` equal-width bins closed on the right."""
     if not is_int(n_bins, 1):
         raise UsageError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
-    confidence, predicted = logits.detach().double().softmax(dim=1).max(dim=1)
-    correct = (predicted == y).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=confidence.device)
     bins = torch.bucketize(confidence, edges[1:-1])
     count = torch.bincount(bins, minlength=n_bins)
@@ -186,3 +208,179 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
         return mean, math.nan
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in numbers) / (n - 1))
     return mean, _t_quantile(level, n - 1) * std / math.sqrt(n)
+
+
+# Multi-label evaluation: every label is an independent binary prediction, p = sigmoid(logit).
+
+
+def _torchmetrics() -> Any:
+    """``torchmetrics.functional.classification``, imported on first use: importing it takes seconds."""
+    import torchmetrics.functional.classification as classification
+
+    return classification
+
+
+def _check_multilabel(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``logits`` ``(N, L)`` against multi-hot ``targets`` ``(N, L)``; return the probabilities
+    ``sigmoid(logits)`` and the targets as int64, both ``(N, L)``, in float64 / on the logits' device."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(
+            f"logits and targets must be torch.Tensors, got {type(logits).__name__} and {type(targets).__name__}; "
+            "convert with torch.as_tensor(...)."
+        )
+    if logits.ndim != 2 or not logits.is_floating_point() or logits.shape[0] == 0:
+        raise UsageError(
+            f"logits must be a floating-point (N, L) tensor with N >= 1 (one column per label), got shape "
+            f"{tuple(logits.shape)} and dtype {logits.dtype}; cast with .float()."
+        )
+    if targets.shape != logits.shape:
+        raise UsageError(
+            f"targets have shape {tuple(targets.shape)} but logits {tuple(logits.shape)}; pass one multi-hot row "
+            "(N, L) per row of logits."
+        )
+    if torch.isnan(logits).any():
+        raise UsageError("logits contains NaN; the model diverged or the input holds NaN.")
+    if targets.is_complex() or not ((targets == 0) | (targets == 1)).all():
+        values = ", ".join(f"{v:g}" for v in sorted({float(v) for v in targets.flatten().tolist()} - {0.0, 1.0})[:3])
+        raise UsageError(
+            f"targets must be multi-hot (every entry 0 or 1), got entries such as {values}; evaluate on the hard "
+            "labels of the validation data, not on mixed or smoothed targets."
+        )
+    return logits.detach().double().sigmoid(), targets.detach().to(logits.device, torch.int64)
+
+
+def _check_thresholds(thresholds: torch.Tensor | Sequence[float] | None, n_labels: int) -> torch.Tensor:
+    """``thresholds`` as a float64 ``(L,)`` tensor of probabilities in ``[0, 1]`` (0.5 each when ``None``)."""
+    if thresholds is None:
+        return torch.full((n_labels,), 0.5, dtype=torch.float64)
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, (torch.Tensor, Sequence)):
+        raise TypeError(
+            f"thresholds must be a (L,) tensor or list of probabilities, got {type(thresholds).__name__}; "
+            "build them with hookmix.metrics.tune_thresholds(logits, targets)."
+        )
+    values = torch.as_tensor(thresholds, dtype=torch.float64).detach().cpu()
+    if values.shape != (n_labels,) or not ((values >= 0) & (values <= 1)).all():
+        raise UsageError(
+            f"thresholds must be {n_labels} probabilities in [0, 1] (one per label), got {values.tolist()!r}; "
+            "build them with hookmix.metrics.tune_thresholds(logits, targets)."
+        )
+    return values
+
+
+def tune_thresholds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-label decision thresholds ``(L,)`` (float64 probabilities) that maximise each label's F1 on this data.
+
+    For label ``j`` the candidates are the distinct probabilities ``sigmoid(logits[:, j])`` observed (F1
+    changes only there), each used as ``predict j when p >= t``; precision and recall at every candidate
+    come from torchmetrics' ``binary_precision_recall_curve``. The threshold with the highest F1 wins,
+    the smallest one among ties, so the result is deterministic. A label without any positive example
+    has no F1 to maximise (it is 0 at every threshold) and gets 0.5.
+
+    Tune on validation logits ``(N, L)`` and multi-hot targets ``(N, L)``, save the thresholds with the
+    run and apply them with :func:`apply_thresholds`; F1 measured on the data they were tuned on is
+    optimistic.
+    """
+    probs, targets = _check_multilabel(logits, targets)
+    curve = _torchmetrics().binary_precision_recall_curve
+    thresholds = torch.full((probs.shape[1],), 0.5, dtype=torch.float64)
+    for label, (p, t) in enumerate(zip(probs.T.contiguous(), targets.T.contiguous())):
+        if t.any():
+            precision, recall, candidates = curve(p, t)
+            precision, recall = precision[: len(candidates)], recall[: len(candidates)]
+            f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+            thresholds[label] = candidates[int(f1.argmax())]
+    return thresholds
+
+
+def apply_thresholds(logits: torch.Tensor, thresholds: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Predicted label sets: ``sigmoid(logits) >= thresholds`` as a bool ``(N, L)`` tensor.
+
+    ``logits`` ``(N, L)``; ``thresholds`` ``(L,)`` probabilities, e.g. from :func:`tune_thresholds`. The
+    sigmoid is taken in float64, as when the thresholds were tuned.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        raise UsageError(
+            f"logits must be a floating-point (N, L) tensor, got {type(logits).__name__} "
+            f"{tuple(getattr(logits, 'shape', ()))}; cast with .float()."
+        )
+    limits = _check_thresholds(thresholds, logits.shape[1]).to(logits.device)
+    return logits.detach().double().sigmoid() >= limits
+
+
+def evaluate_multilabel(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    thresholds: torch.Tensor | Sequence[float] | None = None,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Multi-label validation metrics of ``logits`` ``(N, L)`` against multi-hot ``targets`` ``(N, L)``.
+
+    Every label is an independent binary prediction with probability ``sigmoid(logit)``. The numbers
+    come from torchmetrics (``torchmetrics.functional.classification``), fed probabilities in float64:
+
+    * ``map``: macro average precision, the mean of each label's ``binary_average_precision`` over the
+      labels with at least one positive example (equal to ``multilabel_average_precision(average="macro")``
+      when every label has positives);
+    * ``f1``: macro F1 at the per-label ``thresholds`` (0.5 each when ``None``): torchmetrics' multi-label
+      F1 takes one threshold for all labels, so each label is binarised with its own, ``p >= thresholds[j]``,
+      and ``binary_f1_score`` scores the 0/1 predictions; averaged over the same labels as ``map``;
+    * ``nll``: the mean binary cross-entropy over all ``N * L`` entries (``BCEWithLogitsLoss``), in nats;
+    * ``ece``: the mean over all labels of each label's expected calibration error
+      (``binary_calibration_error``, L1, ``n_bins`` equal-width bins: predicted probability against the
+      frequency of positives); :func:`reliability_multilabel` gives the bins to plot.
+
+    AP and F1 of a label without positives are undefined (torchmetrics would count them as 0, which drags
+    the macro mean down for reasons unrelated to the model), so those labels are left out of ``map`` and
+    ``f1``, listed as NaN per label, and ``labels_with_positives`` says how many labels were averaged;
+    with none at all ``map`` and ``f1`` are NaN.
+
+    Returns ``{"map", "f1", "nll", "ece": float, "labels_with_positives": int, "per_label_ap",
+    "per_label_f1", "per_label_ece", "thresholds": list[float] (L)}``, ready for JSON.
+    """
+    probs, hits = _check_multilabel(logits, targets)
+    limits = _check_thresholds(thresholds, probs.shape[1]).to(probs.device)
+    if not is_int(n_bins, 1):
+        raise UsageError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
+    tm = _torchmetrics()
+    ap, f1, per_label_ece = [], [], []
+    for p, t, limit in zip(probs.T.contiguous(), hits.T.contiguous(), limits):
+        present = bool(t.any())
+        ap.append(tm.binary_average_precision(p, t).item() if present else math.nan)
+        f1.append(tm.binary_f1_score((p >= limit).long(), t).item() if present else math.nan)
+        per_label_ece.append(tm.binary_calibration_error(p, t, n_bins=n_bins, norm="l1").item())
+    averaged = [(a, f) for a, f in zip(ap, f1) if not math.isnan(a)]
+    bce = F.binary_cross_entropy_with_logits(logits.detach().double(), hits.double())
+    return {
+        "map": math.fsum(a for a, _ in averaged) / len(averaged) if averaged else math.nan,
+        "f1": math.fsum(f for _, f in averaged) / len(averaged) if averaged else math.nan,
+        "nll": bce.item(),
+        "ece": math.fsum(per_label_ece) / len(per_label_ece),
+        "labels_with_positives": len(averaged),
+        "per_label_ap": ap,
+        "per_label_f1": f1,
+        "per_label_ece": per_label_ece,
+        "thresholds": limits.cpu().tolist(),
+    }
+
+
+def reliability_multilabel(
+    logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15, label: int | None = None
+) -> Reliability:
+    """Reliability of multi-label probabilities ``sigmoid(logits)`` ``(N, L)``, for a reliability diagram.
+
+    Each (example, label) entry is one binary prediction: its ``confidence`` is the predicted probability
+    and its "accuracy" is whether the label is present (``targets`` ``(N, L)`` multi-hot), so a bin's
+    ``accuracy`` is the frequency of positives among the entries predicted with that probability. Bins as
+    :func:`reliability` (closed on the right). ``label=None`` pools all ``N * L`` entries; ``label=j``
+    takes column ``j`` only, whose ``.ece`` equals ``evaluate_multilabel(...)["per_label_ece"][j]``
+    except for probabilities exactly on a bin edge (torchmetrics closes bins on the left). Draw it with
+    :func:`hookmix.plots.plot_reliability` (``{"label": curve}``).
+    """
+    probs, hits = _check_multilabel(logits, targets)
+    if label is not None:
+        if not is_int(label, 0) or label >= probs.shape[1]:
+            raise UsageError(
+                f"label={label!r} must be a column index in [0, {probs.shape[1] - 1}], or None to pool all labels."
+            )
+        probs, hits = probs[:, label].contiguous(), hits[:, label]
+    return _binned(probs.flatten(), hits.flatten().double(), n_bins)

@@ -33,6 +33,7 @@ from hookmix._errors import UsageError
 from hookmix._tree import tensor_leaves
 from hookmix._wrappers import refuse_replicas, unwrap
 from hookmix.blend import Cut, mix_structure
+from hookmix.equivalence import warn_same_mix_points
 from hookmix.layers import INPUT, OUTPUT, check_resolved_mix_points, resolve_layers
 from hookmix.layouts import LAYOUTS, channel_axes, check_layout, layout_of
 from hookmix.plan import MixPlan, PlanSampler, identity_plan
@@ -175,6 +176,8 @@ class HookMixer:
         self.prefix_tokens = check_int("prefix_tokens", prefix_tokens, 0, " (class/register tokens)")
         resolved = resolve_layers(model, layers)
         check_resolved_mix_points(model, resolved, strict, mode=mode, stacklevel=3)
+        if settings.alpha > 0 and len(resolved) > 1:
+            warn_same_mix_points(model, resolved, stacklevel=2)
         self._model = model
         self._sampler = PlanSampler(resolved, settings, seed=seed)
         self.num_classes = num_classes

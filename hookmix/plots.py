@@ -34,6 +34,8 @@ HISTORY_PANELS = (
     ("val_accuracy", "validation accuracy"),
     ("val_ece", "validation ECE"),
 )
+MULTILABEL_PANEL = ("val_map", "validation mAP (macro)")
+"""The third panel of a multi-label history (records with ``val_map`` instead of ``val_accuracy``)."""
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -66,12 +68,18 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def _panels(record: object) -> tuple[tuple[str, str], ...]:
+    """The four panels of a history: accuracy in the third, or a multi-label run's mAP."""
+    if isinstance(record, Mapping) and "val_map" in record and "val_accuracy" not in record:
+        return (*HISTORY_PANELS[:2], MULTILABEL_PANEL, HISTORY_PANELS[3])
+    return HISTORY_PANELS
+
+
 def _runs(history: History | Mapping[str, History]) -> dict[str, History]:
     """Normalise one history or ``{label: history}`` into labelled runs, validating every record."""
     runs = dict(history) if isinstance(history, Mapping) else {"": history}
     if not runs:
         raise UsageError("history={} holds no runs; pass a list of per-epoch dicts or {label: list}.")
-    required = ("epoch", *(key for key, _ in HISTORY_PANELS))
     for label, records in runs.items():
         if isinstance(records, (str, bytes)) or not isinstance(records, Sequence) or not records:
             raise UsageError(
@@ -79,6 +87,7 @@ def _runs(history: History | Mapping[str, History]) -> dict[str, History]:
                 f"got {records!r}."
             )
         for record in records:
+            required = ("epoch", *(key for key, _ in _panels(record)))
             missing = [key for key in required if not isinstance(record, Mapping) or key not in record]
             if missing:
                 raise UsageError(
@@ -89,16 +98,16 @@ def _runs(history: History | Mapping[str, History]) -> dict[str, History]:
 
 
 def plot_history(history: History | Mapping[str, History], path: str | os.PathLike[str]) -> Path:
-    """Learning curves per epoch: train loss, validation NLL, accuracy and ECE, one panel each.
+    """Learning curves per epoch: train loss, validation NLL, accuracy (multi-label: mAP) and ECE, one panel each.
 
     ``history`` is a list of per-epoch dicts with keys ``epoch``, ``train_loss``, ``val_nll``,
-    ``val_accuracy`` and ``val_ece`` (extra keys are ignored), or ``{label: history}`` to overlay
+    ``val_accuracy`` (or ``val_map``) and ``val_ece`` (extra keys are ignored), or ``{label: history}`` to overlay
     several runs. Writes a PNG to ``path`` and returns it.
     """
     runs = _runs(history)
     figure = _new_figure(9.0, 6.5)
     axes = figure.subplots(2, 2, sharex=True).ravel()
-    for ax, (key, title) in zip(axes, HISTORY_PANELS):
+    for ax, (key, title) in zip(axes, _panels(next(iter(runs.values()))[0])):
         for label, records in runs.items():
             epochs = [record["epoch"] for record in records]
             ax.plot(epochs, [record[key] for record in records], marker="o", markersize=3, label=label or None)

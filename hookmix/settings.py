@@ -84,6 +84,11 @@ class MixSettings:
         settle("label_smoothing", float(self.label_smoothing))
         settle("exclude_classes", self._checked_classes())
 
+    @property
+    def uses_cutmix(self) -> bool:
+        """Whether some steps may use CutMix, whose boxes need the spatial map (pooled features will not do)."""
+        return self.cutmix_alpha > 0 and (self.alpha == 0 or self.switch_prob > 0)
+
     def _checked_weights(self) -> tuple[float, ...] | None:
         if self.weights is None:
             return None

@@ -22,7 +22,8 @@ from torchvision.models.feature_extraction import DualGraphModule
 from hookmix._checks import modes_restored
 from hookmix._errors import UsageError
 from hookmix.cutpoints import CutPoints, UntraceableError, cut_points
-from hookmix.layers import PSEUDO_LAYERS, module_names, unknown_layer_error
+from hookmix.equivalence import chain_end
+from hookmix.layers import INPUT, PSEUDO_LAYERS, module_names, unknown_layer_error
 
 __all__ = ["split"]
 
@@ -92,7 +93,7 @@ def _graph_module(
     return module.train(training)
 
 
-def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+def split(model: nn.Module, layer: str, *, past_fixed_ops: bool = False) -> tuple[nn.Module, nn.Module]:
     """Cut ``model`` after module ``layer`` into ``(backbone, head)`` with ``head(backbone(x)) == model(x)``.
 
     The backbone takes the model's inputs and returns the layer's output (e.g. ``(B, C, H, W)`` for a CNN
@@ -100,6 +101,13 @@ def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     output. Both hold the model's own submodules and Parameter objects (no copies), so they are on the
     model's device and dtype, in its train/eval mode, and ``.train()`` / ``.eval()`` on them behave as on
     the model. Typical use: run the backbone once over a dataset to cache features, then train the head.
+
+    ``past_fixed_ops=True`` moves the cut past the fixed linear ops that follow ``layer`` (average pooling,
+    flatten, ...; :func:`hookmix.equivalence.mix_equivalence` lists them): for a ResNet50 at ``layer4`` the
+    backbone then returns the pooled (B, 2048) features and the head is ``fc``. Mixup of that backbone's
+    output trains the head exactly as mixup of ``layer4``'s would, from a 49× smaller cache. With
+    ``layer="input"`` it splits a head into the fixed ops at its input and the rest: ``prefix(features)``
+    is what to cache, ``rest`` what to train.
 
     Raises ``ValueError`` when ``layer`` is not a module of ``model`` (listing close names), is a
     pseudo-layer (``"input"``/``"output"``), is not a cut point (inside a residual block, called several
@@ -111,13 +119,14 @@ def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a module name such as 'layer4', got {type(layer).__name__} {layer!r}.")
     names = module_names(model)
-    if layer in PSEUDO_LAYERS:
+    cut_input = layer == INPUT and past_fixed_ops
+    if layer in PSEUDO_LAYERS and not cut_input:
         top = [name for name in names if "." not in name]
         raise UsageError(
             f"layer={layer!r} is a pseudo-layer, not a cut point: the backbone or the head would be the "
             f"whole model. Name a module to cut after; top-level modules are: {', '.join(top[:8])}."
         )
-    if layer not in names:
+    if layer not in names and not cut_input:
         raise unknown_layer_error("layer", layer, names)
     cuts: dict[bool, tuple[CutPoints, fx.Node]] = {}
     for mode in (False, True):
@@ -128,14 +137,18 @@ def split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
                 f"split() {err} Split the model by hand into two modules, a backbone (input -> layer output) "
                 "and a head (layer output -> model output), and pass those to the cache / head trainer directly."
             ) from err
-        reason = points.why_not(layer)
+        reason = None if cut_input else points.why_not(layer)
         if reason is not None:
             in_mode = " in train mode" if mode else ""
             raise UsageError(
                 f"layer={layer!r} cannot split {type(model).__name__}{in_mode}: it {reason}; "
                 f"{points.suggestion(layer)}."
             )
-        cuts[mode] = points, points.node(layer)
+        cuts[mode] = points, chain_end(model, layer, mode) if past_fixed_ops else points.node(layer)
+    return _split_at(model, cuts)
+
+
+def _split_at(model: nn.Module, cuts: dict[bool, tuple[CutPoints, fx.Node]]) -> tuple[nn.Module, nn.Module]:
     training = model.training
     with modes_restored(model):
         backbone = _graph_module(model, cuts, _backbone_graph, "Backbone", training)

@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache, transform_fingerprint
+from hookmix.finetune import FitConfig, FitResult, fit
+from hookmix.streaming import BlockLayout, ShardedFeatures
 
 N = 50
 SHARD = 16
@@ -396,3 +398,110 @@ def test_transform_fingerprint_tracks_parameters_not_addresses() -> None:
     first, second = (lambda x: x), (lambda x: x)
     assert transform_fingerprint(first) == transform_fingerprint(second)  # addresses are stripped
     assert transform_fingerprint(None) == "none"
+
+
+def _head() -> nn.Module:
+    torch.manual_seed(0)  # the same initial head for every run compared
+    return nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, 5))
+
+
+def _fit(
+    cache: FeatureCache, config: FitConfig, blocks: BlockLayout | None = None, head: nn.Module | None = None
+) -> tuple[FitResult, nn.Module]:
+    """Train a fresh (or the given) head on the cache with ``fit``, validating on 10 other examples."""
+    head = head or _head()
+    val = make_dataset(10)
+    val_x = reference(make_backbone(), val)
+    result = fit(
+        head,
+        "input",
+        cache.features,
+        cache.labels,
+        val_x,
+        val.tensors[1],
+        config,
+        num_classes=5,
+        blocks=blocks,
+        progress=False,
+    )
+    return result, head
+
+
+def test_block_order_visits_shuffled_blocks_of_shards_with_rows_shuffled_inside() -> None:
+    layout = BlockLayout((16, 32, 48, 50), shards_per_block=2)
+    plan = layout.order(torch.Generator().manual_seed(3))
+    assert sorted(plan.order.tolist()) == list(range(50))
+    ranges = [range(0, 16), range(16, 32), range(32, 48), range(48, 50)]
+    begin = 0
+    for block in plan.blocks:  # each block's rows come together, and exactly those of its shards
+        rows = sorted(r for shard in block for r in ranges[shard])
+        assert sorted(plan.order[begin : begin + len(rows)].tolist()) == rows
+        begin += len(rows)
+    assert sorted(s for block in plan.blocks for s in block) == [0, 1, 2, 3] and len(plan.blocks) == 2
+    assert plan.order[:16].tolist() != sorted(plan.order[:16].tolist())  # shuffled inside the block
+    again = layout.order(torch.Generator().manual_seed(3))
+    assert torch.equal(again.order, plan.order) and again.blocks == plan.blocks  # a pure function of the seed
+
+
+def test_streamed_training_equals_in_memory_training_for_the_same_block_order(tmp_path: Path) -> None:
+    extract(Noisy(make_dataset()), tmp_path, views=2, shard_size=7)  # 8 shards, 2 views
+    in_memory = FeatureCache.load(tmp_path, KEY)
+    streamed = FeatureCache.load(tmp_path, KEY, mmap=True)
+    assert isinstance(streamed.features, ShardedFeatures) and streamed.features.shape == in_memory.features.shape
+    assert torch.equal(streamed.labels, in_memory.labels) and len(streamed) == N and streamed.views == 2
+    config = FitConfig(epochs=3, batch_size=6, seed=4)  # batches straddle blocks of 2 shards (14 rows)
+    layout = streamed.features.layout(2)
+    memory_run, memory_head = _fit(in_memory, config, blocks=layout)
+    streamed_run, streamed_head = _fit(streamed, config, blocks=layout)
+    for a, b in zip(memory_run.history, streamed_run.history, strict=True):
+        for key in ("train_loss", "val_nll", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(streamed_head[1].weight, memory_head[1].weight)
+    assert streamed_run.lams == pytest.approx(memory_run.lams)
+    plain_run, _ = _fit(in_memory, config)  # no block layout: today's permutation of all rows, other steps
+    assert plain_run.history[0]["train_loss"] != pytest.approx(memory_run.history[0]["train_loss"], rel=1e-6)
+
+
+def test_a_corrupted_shard_is_refused_mid_epoch_before_its_rows_are_used(tmp_path: Path) -> None:
+    extract(make_dataset(), tmp_path, shard_size=8)  # 7 shards
+    good = FeatureCache.load(tmp_path, KEY)
+    streamed = FeatureCache.load(tmp_path, KEY, mmap=True)
+    config = FitConfig(epochs=1, batch_size=4, seed=5, mix=False)
+    layout = streamed.features.layout(1)
+    last = layout.order(torch.Generator().manual_seed(config.seed)).blocks[-1][0]  # fit's first draw
+    path = tmp_path / f"shard-{last:05d}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the features: same size, valid header, other checksum
+    path.write_bytes(bytes(data))
+    head, seen = _head(), []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    with pytest.raises(ValueError, match=f"shard-{last:05d}.safetensors fails its checksum") as info:
+        _fit(streamed, config, blocks=layout, head=head)
+    assert "delete" in str(info.value)
+    used = torch.cat(seen)
+    assert len(used) >= 40  # mid-epoch: the six other shards (42 or 48 rows) were trained on first
+    start = 8 * last
+    corrupted_rows = good.features[0, start : start + 8]
+    assert not (used[:, None] == corrupted_rows[None]).flatten(2).all(2).any()  # none of its rows reached a step
+
+
+@pytest.mark.parametrize("damage, expected", [(_damage_truncate, "truncated"), (Path.unlink, "missing")])
+def test_memory_mapping_refuses_a_truncated_or_missing_shard_at_once(tmp_path: Path, damage, expected: str) -> None:
+    extract(make_dataset(), tmp_path)
+    damage(tmp_path / "shard-00001.safetensors")
+    with pytest.raises(ValueError, match=f"shard-00001.*{expected}"):
+        FeatureCache.load(tmp_path, KEY, mmap=True)
+
+
+def test_mmap_none_streams_only_a_cache_above_the_memory_budget(tmp_path: Path) -> None:
+    extract(make_dataset(), tmp_path)
+    stored = sum(p.stat().st_size for p in tmp_path.glob("shard-*"))
+    above = FeatureCache.load(tmp_path, KEY, mmap=None, memory_budget=stored - 1)
+    within = FeatureCache.load(tmp_path, KEY, mmap=None, memory_budget=stored)
+    assert isinstance(above.features, ShardedFeatures) and above.features.stored_bytes == stored
+    assert isinstance(within.features, torch.Tensor)
+    assert isinstance(extract(make_dataset(), tmp_path, mmap=True).features, ShardedFeatures)
+    with pytest.raises(ValueError, match="mmap=True needs path"):
+        extract(make_dataset(), None, mmap=True)
+    with pytest.raises(ValueError, match="memory_budget=0"):
+        FeatureCache.load(tmp_path, KEY, mmap=None, memory_budget=0)

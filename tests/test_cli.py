@@ -37,13 +37,16 @@ def test_layers_timm_vit_tokens(capsys):
 
 def test_layers_marks_cut_points_and_mixable_lists_only_them(capsys):
     assert main(["layers", "resnet18", "--input-size", "3", "32", "32"]) == 0
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:-1]}
-    assert rows["layer4.0"][-1] == "yes" and rows["layer4.0.conv2"][-1] == "no" and rows["output"][-1] == "yes"
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split(maxsplit=5) for line in lines[3:-2]}
+    assert rows["layer4.0"][4] == "yes" and rows["layer4.0.conv2"][4] == "no" and rows["output"][4] == "yes"
+    assert rows["layer4"][5] == "≡ fc input, ≡ output" and len(rows["layer3"]) == 5
     assert main(["layers", "resnet18", "--input-size", "3", "32", "32", "--mixable"]) == 0
     out = capsys.readouterr().out
-    mixable = {line.split()[0]: line.split() for line in out.splitlines()[3:-1]}
-    assert {name for name, row in rows.items() if row[-1] == "yes"} == set(mixable) and "layer4.0.conv2" not in mixable
-    assert mixable["layer4"][2] == "1x512x1x1" and out.splitlines()[-1].startswith("cut: yes = every path")
+    mixable = {line.split()[0]: line.split() for line in out.splitlines()[3:-2]}
+    assert {name for name, row in rows.items() if row[4] == "yes"} == set(mixable) and "layer4.0.conv2" not in mixable
+    assert mixable["layer4"][2] == "1x512x1x1" and out.splitlines()[-2].startswith("cut: yes = every path")
+    assert out.splitlines()[-1].startswith("mixup here: ≡ X = only linear ops follow")
 
 
 @pytest.mark.parametrize(
@@ -87,7 +90,7 @@ def test_finetune_on_image_folder_writes_report_and_reuses_cache(tmp_path, capsy
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["classes"] == ["cat", "dog", "eel"] and report["train_examples"] == 9
-    assert report["val_examples"] == 3 and report["feature_shape"] == [512, 1, 1]
+    assert report["val_examples"] == 3 and report["feature_shape"] == [512]  # pooled: layer4 ≡ fc input
     assert report["cache_bytes_per_example"] == 512 * 2  # float16
     assert len(report["history"]) == 2
     for name in ("curves.png", "reliability.png", "lambda_hist.png"):
@@ -105,7 +108,7 @@ def test_finetune_digits(tmp_path, capsys):
     args = ["finetune", "--data", "digits", "--shots", "5", "--epochs", "3", "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["layer"] == "stage2" and report["train_examples"] == 25 and report["feature_shape"] == [64, 2, 2]
+    assert report["layer"] == "stage2" and report["train_examples"] == 25 and report["feature_shape"] == [64]
     assert "val accuracy" in capsys.readouterr().out
 
 
@@ -145,16 +148,10 @@ def test_bad_image_folders(tmp_path, case):
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
-def test_demo_small(tmp_path, capsys):
-    from hookmix.app.demo import run_demo
-    from hookmix.app.digits import digits_transfer
-
-    rows = run_demo(tmp_path, seeds=2, ks=(5,), epochs=(5,), progress=False)
-    assert len(rows) == 2 and {r["mix"] for r in rows} == {True, False}
-    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
-    n_val = {seed: len(digits_transfer(5, seed).val_y) for seed in (0, 1)}
+def check_rows_summarise_runs(rows, runs, settings, n_val):
+    """Each row is the mean ± 95% CI of its two seeds' runs, and each run a real validation of ``n_val`` images."""
     for row in rows:
-        mine = [r for r in runs if r["mix"] == row["mix"]]
+        mine = [r for r in runs if all(r[key] == row[key] for key in settings)]
         assert row["seeds"] == 2 and sorted(r["seed"] for r in mine) == [0, 1]
         for r in mine:  # an accuracy is a count of validation images, and better than chance (1 in 5)
             assert r["val_accuracy"] * n_val[r["seed"]] == pytest.approx(round(r["val_accuracy"] * n_val[r["seed"]]))
@@ -163,9 +160,78 @@ def test_demo_small(tmp_path, capsys):
             a, b = (r[metric] for r in mine)
             assert row[metric] == pytest.approx((a + b) / 2)
             assert row[f"{metric}_ci95"] == pytest.approx(12.7062047 * abs(a - b) / 2, rel=1e-6)
+            assert 0 < row[f"{metric}_ci95"] < float("inf")
+
+
+def test_demo_small(tmp_path, capsys):
+    import torch
+
+    from hookmix import FitConfig, MixSettings, build_head, fit, split
+    from hookmix.app.demo import run_demo
+    from hookmix.app.digits import _single_thread, digits_transfer, pretrain_source
+
+    rows = run_demo(tmp_path, seeds=2, ks=(5,), epochs=(5,), progress=False)
+    main, heads = [r for r in rows if r.get("head") == "model"], [r for r in rows if r.get("head") == "mlp"]
+    assert (
+        len(rows) == 9
+        and len(main) == 4
+        and {(r["mix"], r["calibrated"]) for r in main}
+        == {
+            (True, False),
+            (False, False),
+            (True, True),
+            (False, True),
+        }
+    )
+    payload = json.loads((tmp_path / "metrics.json").read_text())
+    n_val = {seed: len(digits_transfer(5, seed).val_y) for seed in (0, 1)}
+    check_rows_summarise_runs(main, payload["runs"], ("mix", "calibrated"), n_val)
+    runs = payload["runs"]
     assert {r["val_nll"] for r in runs if r["mix"]} != {r["val_nll"] for r in runs if not r["mix"]}
+    for plain in (r for r in runs if not r["calibrated"]):  # "+ T": the same head, its logits scaled
+        scaled = next(r for r in runs if r["calibrated"] and (r["seed"], r["mix"]) == (plain["seed"], plain["mix"]))
+        assert scaled["val_accuracy"] == plain["val_accuracy"] and scaled["val_nll"] != plain["val_nll"]
+    # the multi-label table: mixup and none on digit mosaics, mean ± CI of two seeds each
+    multilabel = payload["multilabel"]
+    assert [r["mix"] for r in multilabel["summary"]] == [False, True] and multilabel["summary"] == rows[-2:]
+    for row in multilabel["summary"]:
+        mine = [r for r in multilabel["runs"] if r["mix"] == row["mix"]]
+        assert row["val_map"] == pytest.approx(sum(r["val_map"] for r in mine) / 2) and 0 < row["val_map"] <= 1
+    # the MLP-head table: no mixup, mixup of the stage2 map, mixup of the logits; the largest k, longest schedule
+    assert payload["heads"]["summary"] == heads
+    assert [(r["mix"], r["mixed_at"], r["k"], r["epochs"]) for r in heads] == [
+        (False, "input", 5, 5),
+        (True, "input", 5, 5),
+        (True, "output", 5, 5),
+    ]
+    head_runs = payload["heads"]["runs"]
+    check_rows_summarise_runs(heads, head_runs, ("mix", "mixed_at"), n_val)
+    for seed in (0, 1):  # three different trainings: no arm copies another
+        assert len({r["val_nll"] for r in head_runs if r["seed"] == seed}) == 3
+    # one arm again from the outside: seed 1, mixup of the logits of a fresh MLP head on the stage2 features
+    data = digits_transfer(5, 1)
+    backbone = split(pretrain_source(seed=0), "stage2")[0].eval()
+    with torch.no_grad():  # the cache stores float16
+        train, val = backbone(data.train_x).half(), backbone(data.val_x).half()
+    with torch.random.fork_rng(devices=[]), _single_thread():  # as the demo runs it
+        torch.manual_seed(1)
+        again = fit(
+            build_head("mlp", feature_shape=(64, 2, 2), num_classes=5, seed=1),
+            "output",
+            train,
+            data.train_y,
+            val,
+            data.val_y,
+            FitConfig(epochs=5, batch_size=16, lr=3e-2, mixing=MixSettings(alpha=0.4), seed=1),
+            num_classes=5,
+            progress=False,
+        )
+    (stored,) = [r for r in head_runs if r["seed"] == 1 and r["mixed_at"] == "output"]
+    assert stored["val_nll"] == pytest.approx(again.final["val_nll"], rel=1e-5)
     out = capsys.readouterr().out
     assert "| 5 | 5 | yes |" in out and "±" in out
+    for arm in ("none", "map", "logits"):
+        assert f"| mlp | 5 | 5 | {arm} | " in out
     for name in ("metrics.json", "curves_k5.png", "reliability_k5.png", "lambda_hist.png"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -1,5 +1,6 @@
 """hookmix under torch.distributed: two gloo processes on the CPU (torch.multiprocessing and torchrun)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from hookmix import CacheKey, FeatureCache, HookMixer
-from hookmix.distributed import PARTS_DIR, extract_sharded, rank_seed, unwrap
+from hookmix.distributed import extract_sharded, rank_seed, unwrap
 from tests.conftest import expected_mix, recover_mix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,11 +94,41 @@ def _ddp_train(rank: int, tmp: str) -> None:
     torch.save({"steps": steps, "params": [p.detach() for p in model.parameters()]}, f"{tmp}/rank{rank}.pt")
 
 
-def _extract(rank: int, tmp: str) -> None:
+class CrashAt(Dataset):
+    """``images()`` that raises at index ``at``: a rank that dies in the middle of its rows."""
+
+    def __init__(self, at: int) -> None:
+        self.base, self.at = images(), at
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == self.at:
+            raise RuntimeError(f"simulated crash at example {index}")
+        return self.base[index]
+
+
+def _extract(rank: int, tmp: str, cache_dir: str | None = None, dataset: Dataset | None = None) -> None:
     cache = extract_sharded(
-        backbone(), images(), KEY, path=f"{tmp}/cache", dtype=torch.float32, batch_size=4, shard_size=5, progress=False
+        backbone(),
+        images() if dataset is None else dataset,
+        KEY,
+        path=cache_dir or f"{tmp}/cache",
+        dtype=torch.float32,
+        batch_size=4,
+        shard_size=5,
+        progress=False,
     )
     torch.save({"features": cache.features, "labels": cache.labels}, f"{tmp}/extract{rank}.pt")
+
+
+def _extract_rank1_crashes(rank: int, tmp: str) -> None:
+    _extract(rank, tmp, dataset=CrashAt(12) if rank == 1 else None)  # rank 1 holds rows 6..12
+
+
+def _extract_again(rank: int, tmp: str) -> None:
+    _extract(rank, tmp, cache_dir=f"{Path(tmp).parent}/cache")
 
 
 def test_ddp_ranks_mix_their_own_plans_and_average_the_mixed_gradients(tmp_path: Path) -> None:
@@ -141,14 +172,41 @@ def test_sharded_extraction_equals_one_process_and_is_one_standard_cache(tmp_pat
         assert torch.equal(result["features"], stored.features) and torch.equal(result["labels"], stored.labels)
     torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
     assert torch.equal(stored.labels, single.labels)
+    # each rank wrote its own shards (rows 0..5 in shards of 5 for rank 0, 6..12 for rank 1); no rank files remain
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "manifest.json",
         "shard-00000.safetensors",
         "shard-00001.safetensors",
         "shard-00002.safetensors",
+        "shard-00003.safetensors",
     ]
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 5), (5, 6), (6, 11), (11, 13)]
     again = extract_sharded(backbone(), images(), KEY, path=tmp_path / "cache", dtype=torch.float32, progress=False)
-    assert again.batches_run == 0 and not (tmp_path / "cache" / PARTS_DIR).exists()
+    assert again.batches_run == 0 and torch.equal(again.features, stored.features)
+
+
+def test_a_rank_writes_its_shards_itself_and_a_crashed_extraction_resumes(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="simulated crash"):
+        run_ranks(_extract_rank1_crashes, tmp_path)
+    cache = tmp_path / "cache"
+    # rank 1's first shard (rows 6..10) is on disk under its final name although rank 1 never reached a barrier:
+    # no rank but rank 1 ever held those rows
+    assert sorted(p.name for p in cache.iterdir()) == [
+        ".rank-00000-of-00002.json",
+        ".rank-00001-of-00002.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    single = FeatureCache.extract(backbone(), images(), KEY, dtype=torch.float32, batch_size=4, progress=False)
+    kept = (cache / "shard-00002.safetensors").stat().st_mtime_ns
+    (tmp_path / "again").mkdir()  # a fresh rendezvous file: the killed group left its own behind
+    run_ranks(_extract_again, tmp_path / "again")
+    stored = FeatureCache.load(cache, KEY)
+    torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
+    assert (cache / "shard-00002.safetensors").stat().st_mtime_ns == kept  # resumed after it, not redone
+    assert not list(cache.glob(".rank-*"))
 
 
 def test_save_writes_a_loadable_cache_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -308,3 +308,71 @@ def test_fit_on_a_named_device_equals_fit_where_the_model_is(task):
         )
     assert runs[0].history == runs[1].history == runs[2].history and runs[0].lams == runs[2].lams
     assert runs[0].val_logits.device.type == "cpu"
+
+
+def _multilabel_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    y = (x[:, :4] + 0.3 * torch.randn(n, 4, generator=gen) > 0).float()
+    return x, y
+
+
+def test_multilabel_trains_bce_on_the_mixed_label_rows() -> None:
+    """(N, C) multi-hot labels: the epoch's one step is BCEWithLogits on λ·y_i + (1−λ)·y_j, with λ and the
+    partners j recovered from the head's raw and mixed inputs; validation reports mAP / F1 / BCE / ECE."""
+    from tests.conftest import recover_mix
+
+    x, y = _multilabel_data(12, 0)
+    val_x, val_y = _multilabel_data(40, 1)
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Identity(), nn.Linear(6, 4))
+    before = copy.deepcopy(head)
+    raw, mixed = [], []
+    head.register_forward_pre_hook(lambda m, a: raw.append(a[0].clone()) if torch.is_grad_enabled() else None)
+    head[0].register_forward_hook(lambda m, a, o: mixed.append(o.detach().clone()) if torch.is_grad_enabled() else None)
+    config = FitConfig(epochs=1, batch_size=12, lr=1e-2, seed=2, mixing=MixSettings(alpha=1.0))
+    result = fit(head, "input", x, y, val_x, val_y, config, num_classes=4, progress=False)
+    row = result.final
+    assert set(row) == {"epoch", "train_loss", "val_nll", "val_map", "val_f1", "val_ece", "lr"}
+    rows = torch.stack([torch.nonzero((x == r).all(1))[0, 0] for r in raw[0]])  # the epoch's order
+    lam, partner, residual = recover_mix(raw[0], mixed[0])
+    assert residual.max() < 1e-5 and (lam - lam[0]).abs().max() < 1e-5
+    targets = lam[0] * y[rows] + (1 - lam[0]) * y[rows][partner]
+    expected = nn.functional.binary_cross_entropy_with_logits(before(mixed[0]), targets)
+    assert row["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert 0.0 <= row["val_map"] <= 1.0 and row["val_nll"] > 0
+
+
+def test_dropout_heads_are_reproducible_and_a_batch_of_one_is_left_out(tmp_path) -> None:
+    """An MLP head with dropout and BatchNorm: equal seeds give equal weights (the fit seeds the global RNG
+    its dropout draws from, and restores it), resuming is bitwise, and 17 rows in batches of 8 leave the
+    last row out instead of failing in BatchNorm."""
+    x, y = torch.randn(17, 6, generator=torch.Generator().manual_seed(0)), torch.arange(17) % 3
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+    config = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=5)
+    heads = [mlp(), mlp(), mlp()]
+    outside = torch.get_rng_state()
+    for head in heads[:2]:
+        fit(head, "input", x, y, x, y, config, num_classes=3, progress=False)
+        torch.rand(7)  # the global RNG moves on between the fits
+    assert not torch.equal(torch.get_rng_state(), outside)  # moved by torch.rand only: the fits restored it
+    calls = []
+
+    def crash_in_epoch_3(module, args):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 1:  # 2 train steps (the 17th row left out) + 1 validation forward per epoch
+            raise KeyboardInterrupt
+
+    handle = heads[2].register_forward_pre_hook(crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(heads[2], "input", x, y, x, y, config, num_classes=3, checkpoint_dir=tmp_path, progress=False)
+    handle.remove()
+    assert json.loads((tmp_path / CHECKPOINT_STATE).read_text())["epoch"] == 2
+    torch.manual_seed(123)  # whatever the global RNG holds now, the resumed fit continues the checkpoint's
+    fit(heads[2], "input", x, y, x, y, config, num_classes=3, checkpoint_dir=tmp_path, resume=True, progress=False)
+    for a, b, c in zip(*(h.state_dict().values() for h in heads)):
+        assert torch.equal(a, b) and torch.equal(a, c)

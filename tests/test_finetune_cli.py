@@ -12,8 +12,8 @@ from PIL import Image
 
 from hookmix.app.cli import main
 from hookmix.app.finetune_job import default_layer
-from hookmix.app.models import resolve_model
 from hookmix.app.preprocessing import IMAGENET_MEAN, IMAGENET_STD, model_preprocessing
+from hookmix.models import resolve_model
 from tests.conftest import write_folder
 
 
@@ -184,3 +184,48 @@ def test_val_folder_with_other_classes_and_views_on_digits_are_refused(tmp_path:
         with pytest.raises(SystemExit):
             main(["finetune", *args, "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet"])
         assert message in capsys.readouterr().err
+
+
+def test_pooled_features_train_the_head_the_maps_would(tmp_path: Path, images: Path, capsys) -> None:
+    """resnet18 at layer4 caches the pooled (512,) features, 4x smaller than its 2x2 maps at 64x64 (49x at
+    224): its first lines say so, and the run equals the map-cache run (--keep-maps) of the same seed."""
+    size = ("--input-size", "3", "64", "64", "--fp32")
+    pooled = finetune(tmp_path / "pooled", images, *size, "--cache", str(tmp_path / "cache"))
+    said = capsys.readouterr().out.splitlines()
+    maps = finetune(tmp_path / "maps", images, *size, "--keep-maps")
+    assert said[1] == (
+        "mixing layer4 ≡ mixing after avgpool, flatten (only fixed linear ops between): caching 2,048 B/image "
+        "instead of 8,192 (4x smaller)"
+    )
+    assert pooled["feature_shape"] == [512] and maps["feature_shape"] == [512, 2, 2]
+    assert pooled["cached_point"]["pooled"] and not maps["cached_point"]["pooled"]
+    for a, b in zip(pooled["history"], maps["history"], strict=True):
+        for name in ("train_loss", "val_nll", "val_accuracy", "val_ece"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
+    stored = json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())
+    assert stored["key"]["layer"] == "layer4+avgpool+flatten" and stored["feature_shape"] == [512]
+
+
+def test_cutmix_keeps_the_maps_and_says_why(tmp_path: Path, images: Path, capsys) -> None:
+    report = finetune(tmp_path, images, "--cutmix-alpha", "1.0", "--input-size", "3", "64", "64")
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "caching the layer4 maps (4,096 B/image): CutMix pastes boxes of the map"
+    )
+    assert (
+        report["feature_shape"] == [512, 2, 2] and report["cached_point"]["reason"] == "CutMix pastes boxes of the map"
+    )
+
+
+def test_head_kinds_reach_the_run_and_the_cli_lists_them_all(tmp_path: Path, images: Path) -> None:
+    """--head mlp (fastai's create_head: concat pool, so the maps are cached) and linear (pooled) both train;
+    the CLI's literal choices (kept literal so --help loads no torch) are the library's HEAD_KINDS."""
+    from hookmix.app.cli import build_parser
+    from hookmix.heads import HEAD_KINDS
+
+    mlp = finetune(tmp_path / "mlp", images, "--head", "mlp", "--input-size", "3", "64", "64")
+    linear = finetune(tmp_path / "linear", images, "--head", "linear", "--input-size", "3", "64", "64")
+    assert mlp["head"] == "mlp" and mlp["feature_shape"] == [512, 2, 2] and not mlp["cached_point"]["pooled"]
+    assert linear["head"] == "linear" and linear["feature_shape"] == [512] and linear["cached_point"]["pooled"]
+    finetune_parser = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    head = next(a for a in finetune_parser._actions if a.dest == "head")
+    assert tuple(head.choices) == HEAD_KINDS

@@ -61,5 +61,5 @@ def test_rows_mark_cut_points(resnet):
     assert rows["output"].cut_point and rows["layer4"].cut_point and rows["layer4.0"].cut_point
     assert rows["layer4.0.conv2"].cut_point is False and rows["layer4.0.relu"].cut_point is False
     lines = format_layers([rows["layer4.0"], rows["layer4.0.conv2"]]).splitlines()
-    assert lines[0].split() == ["name", "type", "output", "shape", "params", "cut"]
+    assert lines[0].split() == ["name", "type", "output", "shape", "params", "cut", "mixup", "here"]
     assert lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "no"

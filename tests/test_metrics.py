@@ -4,7 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hookmix.metrics import Reliability, accuracy, ece, evaluate, mean_ci, nll, reliability
+from hookmix.metrics import (
+    Reliability,
+    accuracy,
+    apply_thresholds,
+    ece,
+    evaluate,
+    evaluate_multilabel,
+    mean_ci,
+    nll,
+    reliability,
+    reliability_multilabel,
+    tune_thresholds,
+)
 
 
 def _logits_from_probs(probs: list[list[float]]) -> torch.Tensor:
@@ -150,3 +162,173 @@ def test_argument_validation() -> None:
         mean_ci([1.0, math.nan])
     with pytest.raises(TypeError, match="sequence"):
         mean_ci(3.0)  # type: ignore[arg-type]
+
+
+def test_ece_equals_torchmetrics_multiclass_calibration_error() -> None:
+    """The hand-written ECE against torchmetrics' ``MulticlassCalibrationError`` (L1, same bins)."""
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    gen = torch.Generator().manual_seed(0)
+    for classes in (2, 5, 10):
+        for scale in (0.5, 2.0, 6.0):
+            logits = torch.randn(1000, classes, generator=gen) * scale
+            y = torch.randint(0, classes, (1000,), generator=gen)
+            for n_bins in (10, 15):
+                theirs = MulticlassCalibrationError(num_classes=classes, n_bins=n_bins, norm="l1")(logits, y)
+                assert ece(logits, y, n_bins) == pytest.approx(theirs.item(), abs=1e-6)
+
+
+def test_ece_differs_from_torchmetrics_only_where_documented() -> None:
+    """Two conventions differ. torchmetrics closes its bins on the left and gives a confidence of exactly
+    1.0 a bin of its own; hookmix closes bins on the right. And torchmetrics takes inputs inside [0, 1]
+    as probabilities, while hookmix always treats its input as logits (as nll does)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    # confidence 1.0 (wrong) and 0.95 (right): one bin (0.9333, 1] here, acc 0.5 vs conf 0.975 -> 0.475;
+    # torchmetrics: 0.5 * |1 - 0.95| + 0.5 * |0 - 1.0| = 0.525
+    logits = torch.tensor([[100.0, 0.0], [math.log(0.95), math.log(0.05)]], dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    assert ece(logits, y) == pytest.approx(0.475, abs=1e-12)
+    assert multiclass_calibration_error(logits, y, 2).item() == pytest.approx(0.525, abs=1e-6)
+    in_unit = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    probs_taken_as_such = multiclass_calibration_error(in_unit, torch.tensor([0, 1]), 2).item()
+    assert probs_taken_as_such == pytest.approx(0.2, abs=1e-6)  # confidences 0.9, 0.7, both right
+    assert ece(in_unit, torch.tensor([0, 1])) != pytest.approx(0.2, abs=1e-3)  # softmax: 0.69, 0.6
+
+
+def _logit(p: list[list[float]]) -> torch.Tensor:
+    probs = torch.tensor(p, dtype=torch.float64)
+    return (probs / (1 - probs)).log()
+
+
+# Two labels, four examples, probabilities away from the edges of 10 bins; hand values:
+# label 0: p .95 .85 .75 .15, t 1 0 1 0 -> AP (1 + 2/3) / 2 = 5/6; F1@0.5 (TP 2, FP 1) = 0.8; ECE 1.3 / 4
+# label 1: p .35 .65 .25 .55, t 1 0 0 1 -> AP (1/2 + 2/3) / 2 = 7/12; F1@0.5 (TP 1, FP 1, FN 1) = 0.5; ECE 2 / 4
+HAND_LOGITS = _logit([[0.95, 0.35], [0.85, 0.65], [0.75, 0.25], [0.15, 0.55]])
+HAND_TARGETS = torch.tensor([[1, 1], [0, 0], [1, 0], [0, 1]])
+
+
+def test_multilabel_metrics_of_a_hand_case() -> None:
+    found = evaluate_multilabel(HAND_LOGITS, HAND_TARGETS, n_bins=10)
+    assert found["per_label_ap"] == pytest.approx([5 / 6, 7 / 12], abs=1e-6)
+    assert found["map"] == pytest.approx((5 / 6 + 7 / 12) / 2, abs=1e-6)
+    assert found["per_label_f1"] == pytest.approx([0.8, 0.5], abs=1e-6)
+    assert found["f1"] == pytest.approx(0.65, abs=1e-6)
+    assert found["per_label_ece"] == pytest.approx([1.3 / 4, 2.0 / 4], abs=1e-9)
+    assert found["ece"] == pytest.approx((1.3 / 4 + 2.0 / 4) / 2, abs=1e-9)
+    p = torch.tensor([0.95, 0.85, 0.75, 0.15, 0.35, 0.65, 0.25, 0.55], dtype=torch.float64)
+    t = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.float64)
+    bce = -(t * p.log() + (1 - t) * (1 - p).log()).mean().item()
+    assert found["nll"] == pytest.approx(bce, rel=1e-9)
+    assert found["labels_with_positives"] == 2 and found["thresholds"] == [0.5, 0.5]
+
+
+def test_thresholds_tuned_by_hand() -> None:
+    # label 0 at .75: TP 2, FP 1 -> F1 0.8 (best); label 1 at .35: TP 2, FP 1 -> 0.8 (the 0.5 default gives 0.5)
+    thresholds = tune_thresholds(HAND_LOGITS, HAND_TARGETS)
+    assert thresholds.dtype == torch.float64 and thresholds.tolist() == pytest.approx([0.75, 0.35], abs=1e-12)
+    found = evaluate_multilabel(HAND_LOGITS, HAND_TARGETS, thresholds)
+    assert found["per_label_f1"] == pytest.approx([0.8, 0.8], abs=1e-6)
+    assert found["thresholds"] == thresholds.tolist()
+    assert apply_thresholds(HAND_LOGITS, thresholds).tolist() == [[1, 1], [1, 1], [1, 0], [0, 1]]
+    assert apply_thresholds(HAND_LOGITS, [0.5, 0.5]).tolist() == [[1, 0], [1, 1], [1, 0], [0, 1]]
+
+
+def _f1_by_hand(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    tp = int((predicted & truth).sum())
+    return 2 * tp / (int(predicted.sum()) + int(truth.sum())) if tp else 0.0
+
+
+def test_tuned_thresholds_reach_the_best_f1_over_every_cut() -> None:
+    gen = torch.Generator().manual_seed(4)
+    targets = torch.rand(150, 5, generator=gen) < 0.3
+    logits = torch.randn(150, 5, generator=gen) + 1.5 * targets
+    targets[:, 4] = False  # a label without positives
+    thresholds = tune_thresholds(logits, targets)
+    tuned = evaluate_multilabel(logits, targets, thresholds)
+    at_half = evaluate_multilabel(logits, targets)
+    probs = logits.double().sigmoid()
+    for j in range(4):
+        best = max(_f1_by_hand(probs[:, j] >= cut, targets[:, j]) for cut in probs[:, j].tolist())
+        assert tuned["per_label_f1"][j] == pytest.approx(best, abs=1e-6)
+        assert tuned["per_label_f1"][j] >= at_half["per_label_f1"][j] - 1e-9
+    assert tuned["f1"] > at_half["f1"]
+    assert thresholds[4].item() == 0.5 and math.isnan(tuned["per_label_f1"][4]) and math.isnan(tuned["per_label_ap"][4])
+    assert tuned["labels_with_positives"] == 4
+    assert tuned["map"] == pytest.approx(sum(tuned["per_label_ap"][:4]) / 4, abs=1e-12)
+    assert len(tuned["per_label_ece"]) == 5 and not math.isnan(tuned["per_label_ece"][4])
+
+
+def test_map_equals_torchmetrics_macro_and_perfect_logits_score_one() -> None:
+    from torchmetrics.classification import MultilabelAveragePrecision
+
+    gen = torch.Generator().manual_seed(5)
+    targets = (torch.rand(80, 6, generator=gen) < 0.4).long()
+    logits = torch.randn(80, 6, generator=gen) + targets
+    theirs = MultilabelAveragePrecision(num_labels=6, average="macro")(logits, targets).item()
+    assert evaluate_multilabel(logits, targets)["map"] == pytest.approx(theirs, abs=1e-6)
+    perfect = evaluate_multilabel(targets * 20.0 - 10.0, targets)
+    assert (perfect["map"], perfect["f1"]) == pytest.approx((1.0, 1.0), abs=1e-12)
+    assert perfect["ece"] < 1e-4
+
+
+def test_no_positive_at_all_gives_nan_map_and_f1() -> None:
+    found = evaluate_multilabel(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(6, 3))
+    assert math.isnan(found["map"]) and math.isnan(found["f1"]) and found["labels_with_positives"] == 0
+    assert math.isfinite(found["nll"]) and math.isfinite(found["ece"])
+
+
+def test_reliability_multilabel_bins_probabilities_against_positive_rates() -> None:
+    pooled = reliability_multilabel(HAND_LOGITS, HAND_TARGETS, n_bins=10)
+    assert pooled.count.tolist() == [0, 1, 1, 1, 0, 1, 1, 1, 1, 1]
+    assert pooled.accuracy[3].item() == 1.0 and pooled.confidence[3].item() == pytest.approx(0.35)
+    assert pooled.ece == pytest.approx(3.3 / 8, abs=1e-12)
+    assert reliability_multilabel(HAND_LOGITS, HAND_TARGETS, n_bins=10, label=1).ece == pytest.approx(0.5)
+    gen = torch.Generator().manual_seed(6)
+    targets = torch.rand(300, 4, generator=gen) < 0.5
+    logits = torch.randn(300, 4, generator=gen) * 2 + targets
+    per_label = evaluate_multilabel(logits, targets)["per_label_ece"]
+    for j in range(4):
+        assert reliability_multilabel(logits, targets, label=j).ece == pytest.approx(per_label[j], abs=1e-9)
+
+
+def test_reliability_multilabel_draws_with_plot_reliability(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from hookmix.plots import plot_reliability
+
+    curve = reliability_multilabel(HAND_LOGITS, HAND_TARGETS)
+    assert plot_reliability({"multi-label": curve}, tmp_path / "r.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "error", "match"),
+    [
+        ([[0.0]], torch.ones(1, 1), TypeError, "must be torch.Tensors"),
+        (torch.zeros(3), torch.ones(3), ValueError, r"floating-point \(N, L\) tensor"),
+        (torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), ValueError, "floating-point"),
+        (torch.zeros(0, 2), torch.ones(0, 2), ValueError, "N >= 1"),
+        (torch.zeros(3, 2), torch.ones(3, 3), ValueError, r"targets have shape \(3, 3\) but logits \(3, 2\)"),
+        (torch.zeros(2, 2), torch.tensor([[0.3, 1.0], [0.0, 2.0]]), ValueError, r"multi-hot.*such as 0\.3, 2;"),
+        (torch.full((2, 2), math.nan), torch.ones(2, 2), ValueError, "NaN"),
+    ],
+)
+def test_multilabel_input_validation(logits: torch.Tensor, targets: torch.Tensor, error: type, match: str) -> None:
+    for fn in (tune_thresholds, evaluate_multilabel, reliability_multilabel):
+        with pytest.raises(error, match=match):
+            fn(logits, targets)
+
+
+def test_multilabel_argument_validation() -> None:
+    logits, targets = torch.zeros(2, 2), torch.tensor([[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match=r"thresholds must be 2 probabilities in \[0, 1\].*\[0\.5\]"):
+        evaluate_multilabel(logits, targets, [0.5])
+    with pytest.raises(ValueError, match=r"thresholds must be 2 probabilities.*1\.5"):
+        apply_thresholds(logits, torch.tensor([0.5, 1.5]))
+    with pytest.raises(TypeError, match="thresholds must be a"):
+        apply_thresholds(logits, 0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="logits must be a floating-point"):
+        apply_thresholds(torch.zeros(2, dtype=torch.long), [0.5])
+    with pytest.raises(ValueError, match="n_bins must be a positive int"):
+        evaluate_multilabel(logits, targets, n_bins=0)
+    with pytest.raises(ValueError, match=r"label=2 must be a column index in \[0, 1\]"):
+        reliability_multilabel(logits, targets, label=2)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from hookmix.app.models import create_model, default_input_size, load_weights, resolve_model, set_num_classes
+from hookmix.models import create_model, default_input_size, load_weights, resolve_model, set_num_classes
 
 
 def test_resolve_names_and_prefixes():

@@ -30,9 +30,9 @@ from torch.utils.data import TensorDataset
 from hookmix import CacheKey, FeatureCache, FitConfig, fit
 from hookmix._io import atomic_write
 from hookmix.app.cli import main
-from hookmix.app.models import create_model
 from hookmix.cache import MANIFEST_NAME
 from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS
+from hookmix.models import create_model
 from tests.conftest import write_folder
 
 IO_MODULE = Path(__file__).resolve().parent.parent / "hookmix" / "_io.py"

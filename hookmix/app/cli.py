@@ -59,6 +59,20 @@ def _number_in(low: float, high: float, high_open: bool = False) -> Callable[[st
     return parse
 
 
+def _size(text: str) -> int:
+    """Bytes from ``"8G"``, ``"512M"``, ``"1.5GiB"`` or a plain number of bytes (units are powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give e.g. 8G, 512M or a number of bytes")
+    return int(value * units[unit])
+
+
 def _device(text: str) -> str:
     from hookmix.devices import DEVICES
 
@@ -71,9 +85,9 @@ def _device(text: str) -> str:
 def _cmd_layers(args: argparse.Namespace) -> None:
     import torch
 
-    from hookmix.app.models import create_model, default_input_size
     from hookmix.cutpoints import UntraceableError, cut_points
     from hookmix.layers import format_layers, list_layers
+    from hookmix.models import create_model, default_input_size
 
     model = create_model(args.model)
     size = tuple(args.input_size) if args.input_size else default_input_size(model)
@@ -81,7 +95,11 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         raise UsageError(f"--input-size takes C H W (3 numbers), got {len(size)}: {' '.join(map(str, size))}.")
     try:
         cut_points(model)
-        note = "cut: yes = every path from the input to the output passes through it (sound to mix or split at)"
+        note = (
+            "cut: yes = every path from the input to the output passes through it (sound to mix or split at)\n"
+            "mixup here: ≡ X = only linear ops follow, so mixup here is exactly mixup at X (a cheaper point to "
+            "cache; CutMix differs)"
+        )
     except UntraceableError as err:
         if args.mixable:
             raise UsageError(f"--mixable needs the cut-point analysis, which is not possible: {err}") from None
@@ -127,9 +145,15 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         fp32=args.fp32,
         shots=args.shots,
         val=Path(args.val) if args.val else None,
+        labels=Path(args.labels) if args.labels else None,
+        val_labels=Path(args.val_labels) if args.val_labels else None,
         views=args.views,
         workers=args.workers,
         device=args.device,
+        head=args.head,
+        keep_maps=args.keep_maps,
+        calibrate=args.calibrate,
+        memory_budget=args.memory_budget,
         progress=not args.quiet,
     )
     config = _fit_config(args)
@@ -146,10 +170,24 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     settings = config.mixing
     methods = [f"{name} alpha={a}" for name, a in (("mixup", settings.alpha), ("cutmix", settings.cutmix_alpha)) if a]
     mixing = " + ".join(methods) if config.mix else "no mixup"
+    headline = (
+        f"val mAP {final['val_map']:.4f}, F1@0.5 {final['val_f1']:.4f}"
+        if payload["task"] == "multilabel"
+        else f"val accuracy {final['val_accuracy']:.4f}"
+    )
     print(
-        f"epoch {final['epoch']}: train loss {final['train_loss']:.4f}, val accuracy {final['val_accuracy']:.4f}, "
+        f"epoch {final['epoch']}: train loss {final['train_loss']:.4f}, {headline}, "
         f"NLL {final['val_nll']:.4f}, ECE {final['val_ece']:.4f} ({mixing})"
     )
+    if payload["final_tuned"] is not None:
+        print(f"per-label thresholds tuned on validation: F1 {payload['final_tuned']['val_f1']:.4f} (in-sample)")
+    calibration = payload["calibration"]
+    if calibration is not None:
+        print(
+            f"temperature T = {calibration['temperature']:.4f} (fitted on validation): NLL "
+            f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, ECE "
+            f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
+        )
     plots = "curves.png, reliability.png" + (", lambda_hist.png" if config.mix else "")
     print(f"wrote {spec.out_dir}/metrics.json, {plots}")
 
@@ -158,6 +196,30 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from hookmix.app.demo import run_demo
 
     run_demo(args.out, seeds=args.seeds, alpha=args.alpha, progress=not args.quiet)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from hookmix.app.predict import run_predict
+
+    out = Path(args.out) if args.out else None
+    rows = run_predict(
+        args.run,
+        args.inputs,
+        out,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if out is not None:
+        print(f"wrote {rows} predictions to {out}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from hookmix.app.export import run_export
+
+    for path in run_export(args.run, Path(args.out), onnx=args.onnx):
+        print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only cut points: layers every path to the output passes through (sound to mix at)",
     )
-    layers.set_defaults(run=_cmd_layers)
+    layers.set_defaults(handler=_cmd_layers)
 
     ft = sub.add_parser(
         "finetune",
@@ -200,6 +262,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         help="where to cut and mix, e.g. layer4 (default: the last stage before the pooling and head: layer4 of "
         "a ResNet, the last block of a ViT, the last stage of a ConvNeXt; stage2 for digits)",
+    )
+    ft.add_argument(
+        "--head",
+        choices=("model", "linear", "mlp"),
+        default="model",
+        help="the head to train: the model's own after the layer (default), a fresh pooled linear one, or "
+        "fastai's create_head MLP (concat pool, BatchNorm, dropout, 512, ReLU, ...)",
+    )
+    ft.add_argument(
+        "--keep-maps",
+        action="store_true",
+        help="cache the layer's maps even when only fixed linear ops (average pool, flatten) follow it; by "
+        "default the pooled features are cached then (the same training, often 49x smaller)",
+    )
+    ft.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="after training, fit a temperature T on the validation split (L-BFGS on the NLL); metrics.json "
+        "records T and the NLL / ECE before and after, reliability.png draws both",
+    )
+    ft.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="training features larger than this (e.g. 8G) are memory-mapped from --cache and streamed in "
+        "shuffled blocks with bounded memory (default: half the available RAM)",
     )
     ft.add_argument("--device", type=_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     ft.add_argument("--alpha", type=float, default=0.4, help="mixup lambda ~ Beta(alpha, alpha); 0: off (default 0.4)")
@@ -240,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
     ft.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
     ft.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="multi-label: a CSV with columns path,labels (labels ';'-separated, may be empty; paths under "
+        "--data); trains with BCEWithLogitsLoss on mixed label targets",
+    )
+    ft.add_argument("--val-labels", metavar="CSV", help="the validation CSV of --labels (default: split --labels)")
+    ft.add_argument(
         "--views",
         type=_positive_int,
         default=1,
@@ -249,7 +345,35 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, plots and checkpoints go")
     ft.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
-    ft.set_defaults(run=_cmd_finetune)
+    ft.set_defaults(handler=_cmd_finetune)
+
+    pr = sub.add_parser(
+        "predict",
+        help="classify images with a fine-tuned run; one CSV row per image",
+        description="Rebuild the run's model (its weights, layer, head, preprocessing and temperature) and "
+        "write, per image, the top-k classes and probabilities (and the predicted set of a multi-label run). "
+        "Unreadable images are reported on stderr and skipped.",
+    )
+    pr.add_argument("--run", required=True, metavar="DIR", help="the --out directory of hookmix finetune")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
+    pr.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: standard output)")
+    pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
+    pr.add_argument("--batch-size", type=_positive_int, default=64)
+    pr.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, mps")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(handler=_cmd_predict)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a fine-tuned run as one safetensors file (+ JSON config), optionally ONNX",
+        description="Write the backbone and the trained head as one safetensors state dict with the run's "
+        "configuration (model, weights reference, layer, head, classes, preprocessing, temperature, "
+        "thresholds) in its metadata and in FILE.json; hookmix.load_finetuned(FILE) rebuilds it.",
+    )
+    ex.add_argument("--run", required=True, metavar="DIR", help="the --out directory of hookmix finetune")
+    ex.add_argument("--out", required=True, metavar="FILE", help="e.g. model.safetensors")
+    ex.add_argument("--onnx", action="store_true", help="also write FILE.onnx (needs pip install 'hookmix[onnx]')")
+    ex.set_defaults(handler=_cmd_export)
 
     demo = sub.add_parser(
         "demo",
@@ -261,16 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=_positive_int, default=5)
     demo.add_argument("--alpha", type=float, default=0.4)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(run=_cmd_demo)
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        run(args)
+        handler(args)
     except (UsageError, FileNotFoundError) as exc:  # a user's mistake: one line; anything else keeps its traceback
         parser.exit(2, f"hookmix: error: {exc}\n")
     return 0

@@ -23,11 +23,11 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from hookmix._checks import is_int
 from hookmix._errors import UsageError
+from hookmix.models import DigitsCNN
 
 __all__ = [
     "DigitsCNN",
@@ -50,47 +50,14 @@ _SOURCE_STATES: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 """Trained source weights per ``(seed, epochs)``, so the demo and the tests train each model once."""
 
 
-class DigitsCNN(nn.Module):
-    """A small CNN for ``(B, 1, 8, 8)`` digit images whose stages are top-level, named cut points.
-
-    ``stem`` -> ``(B, 16, 8, 8)``, ``stage1`` -> ``(B, 32, 4, 4)``, ``stage2`` (the last conv stage) ->
-    ``(B, 64, 2, 2)``, ``head`` (global average pool + linear) -> ``(B, num_classes)``. ``head`` is its
-    own child so head-only fine-tuning can replace or reset it.
-    """
-
-    def __init__(self, num_classes: int = 5) -> None:
-        super().__init__()
-        if not is_int(num_classes, 1):
-            raise UsageError(f"num_classes must be a positive int, got {num_classes!r}.")
-        self.num_classes = num_classes
-        self.stem = self._conv_block(1, 16, pool=False)
-        self.stage1 = self._conv_block(16, 32, pool=True)
-        self.stage2 = self._conv_block(32, 64, pool=True)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-    @staticmethod
-    def _conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-        ]
-        if pool:
-            layers.append(nn.MaxPool2d(2))
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` of images ``(B, 1, 8, 8)``."""
-        return self.head(self.stage2(self.stage1(self.stem(x))))
-
-
 @dataclass(frozen=True, eq=False)
 class TransferSplit:
     """A labelled train/validation split of digit images.
 
-    ``train_x`` ``(N, 1, 8, 8)`` / ``train_y`` ``(N,)`` and ``val_x`` ``(M, 1, 8, 8)`` / ``val_y`` ``(M,)``
-    hold images in ``[0, 1]`` and labels ``0..len(class_names) - 1``; ``class_names[i]`` is the digit
-    that label ``i`` stands for.
+    ``train_x`` ``(N, 1, H, W)`` / ``train_y`` and ``val_x`` ``(M, 1, H, W)`` / ``val_y`` hold images in
+    ``[0, 1]`` and their labels: ``(N,)`` class indices ``0..len(class_names) - 1`` for single digits
+    (8x8), or ``(N, L)`` float multi-hot rows for mosaics (16x16, :mod:`hookmix.app.mosaics`);
+    ``class_names[i]`` is the digit that label ``i`` stands for.
     """
 
     train_x: torch.Tensor

@@ -8,29 +8,36 @@ is ``metrics.json`` (settings, history, final metrics, cache facts) and PNG plot
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from hookmix._checks import modes_restored
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
-from hookmix.app.digits import digits_transfer, pretrain_source
+from hookmix.app.digits import digits_transfer
 from hookmix.app.imagefolder import load_image_folder
-from hookmix.app.models import create_model, resolve_model, set_num_classes
-from hookmix.app.preprocessing import model_preprocessing
+from hookmix.app.labels_csv import load_labels_csv
+from hookmix.app.preprocessing import DIGITS_PREPROCESSING, model_preprocessing
+from hookmix.app.run import DIGITS_NAME, BackboneSource, save_run, sha256_of
 from hookmix.cache import CacheKey, FeatureCache
+from hookmix.calibration import fit_temperature
 from hookmix.cutpoints import stage_names
 from hookmix.devices import resolve_device
+from hookmix.equivalence import mix_equivalence
 from hookmix.finetune import FitConfig, fit
-from hookmix.metrics import reliability
-from hookmix.splitting import split
+from hookmix.finetuned import FinetunedConfig, assemble, example_shape
+from hookmix.metrics import evaluate, evaluate_multilabel, reliability, reliability_multilabel, tune_thresholds
+from hookmix.models import resolve_model
+from hookmix.streaming import ShardedFeatures, default_memory_budget
 from hookmix.targets import check_classes
 
 __all__ = ["DIGITS", "DIGITS_MODEL", "JobSpec", "default_layer", "run_finetune"]
@@ -54,11 +61,17 @@ class JobSpec:
     fp32: bool = False
     shots: int = 20
     val: Path | None = None
+    labels: Path | None = None
+    val_labels: Path | None = None
     val_fraction: float = 0.2
     views: int = 1
     workers: int = 0
     device: str = "auto"
     batch_size: int = 64
+    head: str = "model"
+    keep_maps: bool = False
+    calibrate: bool = False
+    memory_budget: int | None = None
     progress: bool = True
 
 
@@ -67,7 +80,7 @@ class _Prepared:
     """The model, data and cache-key parts one fine-tuning job works on."""
 
     model: torch.nn.Module
-    model_id: str
+    source: BackboneSource
     layer: str
     layer_is_default: bool
     train: Dataset
@@ -77,10 +90,7 @@ class _Prepared:
     train_transform: str
     val_transform: str
     preprocessing: dict[str, Any] | None
-
-
-def _weights_id(path: Path) -> str:
-    return "weights-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    task: str = "multiclass"
 
 
 def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], name: str) -> None:
@@ -108,14 +118,15 @@ def default_layer(model: torch.nn.Module, name: str) -> str:
 def _digits(spec: JobSpec, seed: int) -> _Prepared:
     if spec.model not in (None, DIGITS_MODEL):
         raise UsageError(f"--data digits uses the embedded {DIGITS_MODEL!r}; drop --model {spec.model}.")
-    for flag, given in (("--views", spec.views > 1), ("--val", spec.val is not None)):
+    for flag, given in (("--views", spec.views > 1), ("--val", spec.val is not None), ("--labels", spec.labels)):
         if given:
             raise UsageError(f"{flag} needs an image folder: the digits task has fixed tensors; drop {flag}.")
     task = digits_transfer(spec.shots, seed)
     transform = f"digits:k{spec.shots}:seed{seed}"
+    source = BackboneSource(DIGITS_NAME, digits_seed=0)
     return _Prepared(
-        model=pretrain_source(seed=0),
-        model_id="hookmix:digits-cnn(seed0)",
+        model=source.build(),
+        source=source,
         layer=spec.layer or "stage2",
         layer_is_default=spec.layer is None,
         train=TensorDataset(task.train_x, task.train_y),
@@ -124,7 +135,7 @@ def _digits(spec: JobSpec, seed: int) -> _Prepared:
         input_size=tuple(task.train_x.shape[1:]),
         train_transform=transform,
         val_transform=transform,
-        preprocessing=None,
+        preprocessing=DIGITS_PREPROCESSING.record(),
     )
 
 
@@ -133,33 +144,25 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
         return _digits(spec, seed)
     if spec.model is None:
         raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
+    if spec.val_labels is not None and spec.labels is None:
+        raise UsageError("--val-labels needs --labels (the training CSV); add it or drop --val-labels.")
+    if spec.labels is not None and spec.val is not None:
+        raise UsageError("--val is a folder of class sub-folders; with --labels give --val-labels CSV instead.")
     model_spec = resolve_model(spec.model)
-    model = create_model(spec.model, pretrained=spec.pretrained, weights=spec.weights, seed=seed)
+    weights = None if spec.weights is None else str(spec.weights)
+    digest = None if spec.weights is None else sha256_of(spec.weights)
+    embedded = model_spec.source == "hookmix" and weights is None  # the digits CNN, pretrained on digits 0-4
+    source = BackboneSource(model_spec.id, spec.pretrained, weights, digest, seed, 0 if embedded else None)
+    model = source.build()
     layer = spec.layer or default_layer(model, spec.model)
     preprocessing = model_preprocessing(model, model_spec, spec.input_size)
     input_size = preprocessing.input_size
     _check_input_size(model, input_size, spec.model)
-    folder = load_image_folder(
-        spec.data,
-        input_size,
-        preprocessing=preprocessing,
-        val_root=spec.val,
-        augment=spec.views > 1,
-        val_fraction=spec.val_fraction,
-        seed=seed,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        set_num_classes(model, len(folder.classes))
-    if spec.pretrained:
-        model_id = f"{model_spec.id}:pretrained"
-    elif spec.weights is not None:
-        model_id = f"{model_spec.id}:{_weights_id(spec.weights)}"
-    else:
-        model_id = f"{model_spec.id}:random-init-seed{seed}"
+    folder = _load_data(spec, input_size, preprocessing, seed)
+    source.resize(model, len(folder.classes))
     return _Prepared(
         model=model,
-        model_id=model_id,
+        source=source,
         layer=layer,
         layer_is_default=spec.layer is None,
         train=folder.train,
@@ -169,16 +172,104 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
         train_transform=preprocessing.fingerprint(training=folder.augmented),
         val_transform=preprocessing.fingerprint(),
         preprocessing=preprocessing.record(),
+        task="multilabel" if spec.labels is not None else "multiclass",
     )
 
 
+def _load_data(spec: JobSpec, input_size: tuple[int, int, int], preprocessing: Any, seed: int) -> Any:
+    """The training and validation images: class sub-folders of ``--data``, or the rows of ``--labels``
+    (multi-label) with paths under ``--data``; the validation part from ``--val`` / ``--val-labels`` or split."""
+    common = dict(preprocessing=preprocessing, augment=spec.views > 1, val_fraction=spec.val_fraction, seed=seed)
+    if spec.labels is None:
+        return load_image_folder(spec.data, input_size, val_root=spec.val, **common)
+    data = load_labels_csv(
+        spec.labels, spec.data, input_size, val_labels=spec.val_labels, progress=spec.progress, **common
+    )
+    for note in data.skipped:
+        print(f"hookmix: skipped unreadable image: {note}", file=sys.stderr)
+    return data
+
+
+@dataclass(frozen=True)
+class _CachePoint:
+    """What the job caches: ``layer``'s map, or the output of the fixed linear ops after it (``fixed_ops``);
+    ``reason`` says why (``""``: no fixed op follows the layer, so its map is the only choice)."""
+
+    layer: str
+    fixed_ops: tuple[str, ...]
+    map_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    reason: str
+
+    @property
+    def key_layer(self) -> str:
+        """The :attr:`CacheKey.layer` of this point: a pooled cache never serves a map request."""
+        return f"{self.layer}+{'+'.join(self.fixed_ops)}" if self.fixed_ops else self.layer
+
+    def record(self, views: int, itemsize: int) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "pooled": bool(self.fixed_ops),
+            "fixed_ops": list(self.fixed_ops),
+            "map_shape": list(self.map_shape),
+            "bytes_per_example_map": views * math.prod(self.map_shape) * itemsize,
+            "reason": self.reason,
+        }
+
+
+def _op_name(module: nn.Module, name: str) -> str:
+    """An op of :func:`~hookmix.equivalence.mix_equivalence` for people: its module's type when the name is
+    a bare ``Sequential`` index (``head.0`` -> ``AdaptiveAvgPool2d``), else the name (``avgpool``)."""
+    last = name.rpartition(".")[2]
+    submodules = dict(module.named_modules())
+    return type(submodules[name]).__name__ if last.isdigit() and name in submodules else name
+
+
+def _assemble(prepared: _Prepared, spec: JobSpec, config: FitConfig) -> tuple[nn.Module, nn.Module, _CachePoint]:
+    """The backbone to cache with, the head to train and what is cached: the pooled features when only fixed
+    linear ops (average pool, flatten) start the head — mixup commutes with them (:mod:`hookmix.equivalence`),
+    so that trains the same head — unless ``--keep-maps`` or CutMix, which pastes boxes of the map."""
+    keep = "--keep-maps" if spec.keep_maps else ""
+    keep = keep or ("CutMix pastes boxes of the map" if config.mix and config.mixing.uses_cutmix else "")
+    backbone, head, fixed = assemble(
+        prepared.model,
+        prepared.layer,
+        spec.head,
+        input_size=prepared.input_size,
+        num_classes=len(prepared.classes),
+        seed=config.seed,
+        pool=not keep,
+    )
+    map_shape = example_shape(backbone[0] if fixed else backbone, prepared.input_size)
+    if fixed:
+        ops = ", ".join(_op_name(backbone[1], name) for name in fixed)
+        reason = f"mixing {prepared.layer} ≡ mixing after {ops} (only fixed linear ops between)"
+        return (
+            backbone,
+            head,
+            _CachePoint(prepared.layer, fixed, map_shape, example_shape(backbone, prepared.input_size), reason),
+        )
+    reason = keep if keep and mix_equivalence(head, "input").fixed_ops else ""
+    return backbone, head, _CachePoint(prepared.layer, (), map_shape, map_shape, reason)
+
+
 def _extract(
-    prepared: _Prepared, backbone: torch.nn.Module, spec: JobSpec, device: torch.device, part: str
+    prepared: _Prepared,
+    backbone: torch.nn.Module,
+    spec: JobSpec,
+    device: torch.device,
+    part: str,
+    layer: str,
+    budget: int | None,
 ) -> FeatureCache:
+    """Extract (or load) one part's features; with a ``budget`` and a cache directory, a cache larger than
+    the budget comes back memory-mapped (streamed by :func:`~hookmix.finetune.fit`)."""
     train = part == "train"
     transform = prepared.train_transform if train else prepared.val_transform
     source = spec.val if not train and spec.val is not None else spec.data
-    key = CacheKey(prepared.model_id, prepared.layer, prepared.input_size, transform, f"{source}:{part}")
+    if spec.labels is not None:
+        source = spec.val_labels if not train and spec.val_labels is not None else spec.labels
+    key = CacheKey(prepared.source.id, layer, prepared.input_size, transform, f"{source}:{part}")
     return FeatureCache.extract(
         backbone,
         prepared.train if train else prepared.val,
@@ -190,14 +281,83 @@ def _extract(
         num_workers=spec.workers,
         device=device,
         progress=spec.progress,
+        mmap=None if budget is not None and spec.cache_dir is not None else False,
+        memory_budget=budget,
     )
+
+
+@dataclass
+class _Evaluation:
+    """What the run's validation logits say after training: the temperature, the multi-label thresholds,
+    and the reliability curves to draw."""
+
+    calibration: dict[str, float] | None
+    thresholds: tuple[float, ...] | None
+    curves: dict[str, Any]
+
+
+def _scores(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return evaluate_multilabel(logits, labels) if task == "multilabel" else evaluate(logits, labels)
+
+
+def _evaluate(task: str, logits: torch.Tensor, labels: torch.Tensor, calibrate: bool, label: str) -> _Evaluation:
+    """Fit a temperature when asked (validation NLL / ECE before and after; in-sample: T is fitted on these
+    examples), tune per-label thresholds of a multi-label run on the calibrated probabilities, and the
+    reliability curves (pooled over labels for multi-label)."""
+    curve = reliability_multilabel if task == "multilabel" else reliability
+    curves = {label: curve(logits, labels)}
+    calibration = None
+    temperature = 1.0
+    if calibrate:
+        temperature = fit_temperature(logits, labels)
+        before, after = _scores(task, logits, labels), _scores(task, logits / temperature, labels)
+        calibration = {"temperature": temperature, "fitted_on": "validation"}
+        for name in ("nll", "ece"):
+            calibration |= {f"val_{name}_before": before[name], f"val_{name}_after": after[name]}
+        curves[f"{label} + T={temperature:.3g}"] = curve(logits / temperature, labels)
+    thresholds = None
+    if task == "multilabel":
+        thresholds = tuple(tune_thresholds(logits / temperature, labels).tolist())
+    return _Evaluation(calibration, thresholds, curves)
+
+
+def _say_cache(say: Callable[[str], None], point: _CachePoint, layer: str, views: int, itemsize: int) -> None:
+    cached, maps = (views * math.prod(shape) * itemsize for shape in (point.shape, point.map_shape))
+    if point.fixed_ops:
+        smaller = f"instead of {maps:,} ({maps / cached:.0f}x smaller)" if maps > cached else "(as many as the maps)"
+        say(f"{point.reason}: caching {cached:,} B/image {smaller}")
+    elif point.reason:
+        say(f"caching the {layer} maps ({maps:,} B/image): {point.reason}")
+
+
+def _human(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+
+
+def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint, itemsize: int) -> int:
+    """The memory budget for the training features: over it they are memory-mapped and streamed from the
+    ``--cache`` directory in blocks, which must then be given."""
+    budget = spec.memory_budget if spec.memory_budget is not None else default_memory_budget()
+    need = len(prepared.train) * spec.views * math.prod(point.shape) * itemsize  # type: ignore[arg-type]
+    if need > budget and spec.cache_dir is None:
+        raise UsageError(
+            f"the training features need {_human(need)}, over the memory budget of {_human(budget)}; "
+            "give --cache DIR so they can be streamed from disk (or raise --memory-budget)."
+        )
+    return budget
 
 
 def run_finetune(
     spec: JobSpec, config: FitConfig, resume: bool = False, say: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Run the job and write its report; returns the ``metrics.json`` payload. ``say`` gets the first line
-    (model, layer, device) before the long work starts."""
+    """Run the job and write its report; returns the ``metrics.json`` payload. ``say`` gets the first lines
+    (model, layer, device; what is cached) before the long work starts."""
     from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
 
     device = resolve_device(spec.device)
@@ -205,13 +365,19 @@ def run_finetune(
     check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
     chosen = " (default: the last stage before the pooling and head)" if prepared.layer_is_default else ""
     picked = " (auto)" if spec.device == "auto" else ""
-    say(f"{prepared.model_id} @ {prepared.layer}{chosen} on {device}{picked}")
-    backbone, head = split(prepared.model, prepared.layer)
-    head.requires_grad_(True)
+    say(f"{prepared.source.id} @ {prepared.layer}{chosen} on {device}{picked}")
+    backbone, head, point = _assemble(prepared, spec, config)
+    itemsize = 4 if spec.fp32 else 2
+    _say_cache(say, point, prepared.layer, spec.views, itemsize)
+    budget = _check_budget(spec, prepared, point, itemsize)
     start = time.perf_counter()
-    train = _extract(prepared, backbone, spec, device, "train")
-    val = _extract(prepared, backbone, spec, device, "val")
+    train = _extract(prepared, backbone, spec, device, "train", point.key_layer, budget)
+    val = _extract(prepared, backbone, spec, device, "val", point.key_layer, None)
     extract_s = time.perf_counter() - start
+    streamed = isinstance(train.features, ShardedFeatures)
+    if streamed:
+        size, limit = _human(train.features.stored_bytes), _human(budget)
+        say(f"training features {size} > memory budget {limit}: memory-mapped, streamed from {train.path} in blocks")
     result = fit(
         head,
         "input",
@@ -228,29 +394,67 @@ def run_finetune(
     )
     out = spec.out_dir
     label = "mixup" if config.mix else "no mixup"
+    evaluation = _evaluate(prepared.task, result.val_logits, val.labels, spec.calibrate, label)
     plot_history({label: result.history}, out / "curves.png")
-    plot_reliability({label: reliability(result.val_logits, val.labels)}, out / "reliability.png")
+    plot_reliability(evaluation.curves, out / "reliability.png")
     if result.lams:
         plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=config.mixing.alpha)
+    calibration, thresholds = evaluation.calibration, evaluation.thresholds
+    temperature = calibration["temperature"] if calibration else 1.0
     payload = {
-        "model": prepared.model_id,
+        "model": prepared.source.id,
         "layer": prepared.layer,
         "layer_is_default": prepared.layer_is_default,
+        "task": prepared.task,
         "device": str(device),
         "device_requested": spec.device,
         "preprocessing": prepared.preprocessing,
         "views": spec.views,
         "workers": spec.workers,
-        "validation": str(spec.val) if spec.val is not None else f"split {spec.val_fraction} of --data",
+        "validation": _validation(spec),
         "classes": list(prepared.classes),
         "train_examples": len(train),
         "val_examples": len(val),
+        "head": spec.head,
+        "cached_point": point.record(spec.views, itemsize),
         "feature_shape": list(train.feature_shape),
         "cache_bytes_per_example": train.bytes_per_example,
+        "memory_budget": budget,
+        "streamed": streamed,
         "extract_seconds": round(extract_s, 3),
         "config": asdict(config),
         "final": result.final,
+        "calibration": calibration,
+        "thresholds": None if thresholds is None else dict(zip(prepared.classes, thresholds)),
+        "final_tuned": None if thresholds is None else _tuned(result.val_logits / temperature, val.labels, thresholds),
         "history": result.history,
     }
     atomic_write(out / "metrics.json", json.dumps(payload, indent=1).encode())
+    finetuned = FinetunedConfig(
+        model=prepared.source.model,
+        weights=prepared.source.id,
+        layer=prepared.layer,
+        head=spec.head,
+        pooled=bool(point.fixed_ops),
+        classes=prepared.classes,
+        task=prepared.task,
+        input_size=prepared.input_size,
+        preprocessing=prepared.preprocessing,
+        temperature=temperature,
+        thresholds=thresholds,
+        seed=config.seed,
+    )
+    save_run(out, finetuned, prepared.source, head)
     return payload
+
+
+def _validation(spec: JobSpec) -> str:
+    given = spec.val_labels if spec.labels is not None else spec.val
+    source = "--labels" if spec.labels is not None else "--data"
+    return str(given) if given is not None else f"split {spec.val_fraction} of {source}"
+
+
+def _tuned(logits: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...]) -> dict[str, float]:
+    """Multi-label validation metrics at the tuned thresholds (in-sample: tuned on these examples)."""
+    found = evaluate_multilabel(logits, labels, torch.tensor(thresholds, dtype=torch.float64))
+    return {"val_map": found["map"], "val_f1": found["f1"], "val_nll": found["nll"], "val_ece": found["ece"]}

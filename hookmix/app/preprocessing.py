@@ -28,9 +28,16 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms._presets import ImageClassification
 
-from hookmix.app.models import ModelSpec
+from hookmix.models import ModelSpec
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "default_preprocessing", "model_preprocessing"]
+__all__ = [
+    "DIGITS_PREPROCESSING",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "default_preprocessing",
+    "model_preprocessing",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +122,10 @@ class Preprocessing:
         return "preprocessing:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+DIGITS_PREPROCESSING = Preprocessing("hookmix:digits", (1, 8, 8), (0.0,), (1.0,), "bilinear", 1.0)
+"""The embedded digits tasks' input: an 8x8 greyscale image scaled to [0, 1] (as ``load_digits`` / 16)."""
+
+
 def default_preprocessing(input_size: tuple[int, int, int] = (3, 224, 224)) -> Preprocessing:
     """ImageNet statistics, crop ratio 0.875, bilinear: for models that state no configuration."""
     return Preprocessing("imagenet-default", tuple(input_size), IMAGENET_MEAN, IMAGENET_STD, "bilinear", 0.875)
@@ -124,6 +135,8 @@ def model_preprocessing(
     model: nn.Module, spec: ModelSpec, input_size: tuple[int, int, int] | None = None
 ) -> Preprocessing:
     """The preprocessing of ``model`` (built as ``spec``), cropping to ``input_size`` when given."""
+    if spec.source == "hookmix":
+        return DIGITS_PREPROCESSING.with_input_size(input_size)
     if spec.source == "timm":
         cfg = timm.data.resolve_model_data_config(model)
         found = Preprocessing(

@@ -1,9 +1,10 @@
 """Create torchvision and timm classification models by name, offline unless weights are asked for.
 
 Names: ``"resnet50"`` (torchvision when it has the name, else timm), or explicit ``"torchvision:resnet50"``
-/ ``"timm:convnext_tiny"``. With ``pretrained=False`` (the default) the model is randomly initialised
-and nothing is downloaded; ``pretrained=True`` loads the library's default weights (a download when not
-cached — the real loading path, never used by the tests).
+/ ``"timm:convnext_tiny"``; ``"hookmix:digits-cnn"`` is the small CNN of the embedded digits tasks. With
+``pretrained=False`` (the default) the model is randomly initialised and nothing is downloaded;
+``pretrained=True`` loads the library's default weights (a download when not cached — the real loading
+path, never used by the tests).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from hookmix._checks import is_int
 from hookmix._errors import UsageError
 from hookmix._io import load_state
 
 __all__ = [
     "create_model",
+    "DigitsCNN",
     "default_input_size",
     "load_weights",
     "ModelSpec",
@@ -32,10 +35,44 @@ __all__ = [
     "SOURCES",
 ]
 
-SOURCES = ("torchvision", "timm")
+SOURCES = ("torchvision", "timm", "hookmix")
 _WEIGHTS_FIX = (
     "give a .safetensors file or a torch.save(model.state_dict()) file: only tensors are read, pickled code never."
 )
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for ``(B, 1, 8, 8)`` digit images whose stages are top-level, named cut points.
+
+    ``stem`` -> ``(B, 16, 8, 8)``, ``stage1`` -> ``(B, 32, 4, 4)``, ``stage2`` (the last conv stage) ->
+    ``(B, 64, 2, 2)``, ``head`` (global average pool + linear) -> ``(B, num_classes)``. ``head`` is its
+    own child so head-only fine-tuning can replace or reset it.
+    """
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        if not is_int(num_classes, 1):
+            raise UsageError(f"num_classes must be a positive int, got {num_classes!r}.")
+        self.num_classes = num_classes
+        self.stem = self._conv_block(1, 16, pool=False)
+        self.stage1 = self._conv_block(16, 32, pool=True)
+        self.stage2 = self._conv_block(32, 64, pool=True)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+    @staticmethod
+    def _conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        ]
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, 1, 8, 8)``."""
+        return self.head(self.stage2(self.stage1(self.stem(x))))
 
 
 @lru_cache(maxsize=1)
@@ -43,6 +80,7 @@ def _catalogue() -> dict[str, tuple[str, ...]]:
     return {
         "torchvision": tuple(torchvision.models.list_models(module=torchvision.models)),
         "timm": tuple(timm.list_models()),
+        "hookmix": ("digits-cnn",),
     }
 
 
@@ -98,7 +136,11 @@ def create_model(
         raise UsageError("give pretrained=True or weights=PATH, not both.")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if spec.source == "timm":
+        if spec.source == "hookmix":
+            if pretrained:
+                raise UsageError(f"{name} has no downloadable weights; give weights=PATH or none.")
+            model = DigitsCNN()
+        elif spec.source == "timm":
             model = timm.create_model(spec.name, pretrained=pretrained)
         else:
             model = torchvision.models.get_model(spec.name, weights="DEFAULT" if pretrained else None)

@@ -1,0 +1,130 @@
+"""``hookmix predict``: classify image files with a fine-tuned run, one CSV row per image.
+
+The run directory is rebuilt exactly (:func:`hookmix.app.run.load_run`: the run's model and weights, layer,
+head, preprocessing and temperature). Inputs are image files and folders (searched recursively, in sorted
+order). An image that cannot be read is reported on standard error and skipped; the others are still
+classified. A path that does not exist, a folder without images, or nothing readable at all is a one-line
+error.
+
+Each row holds the path, the ``top_k`` classes with their probabilities (after the temperature), and for a
+multi-label run the predicted label set (each label at its own threshold), ``;``-separated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm.auto import tqdm
+
+from hookmix._errors import UsageError
+from hookmix.app.run import load_run
+from hookmix.devices import resolve_device
+from hookmix.finetuned import FinetunedModel
+
+__all__ = ["collect_images", "predict_images", "write_predictions"]
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """The image files named by ``inputs``: files as given, folders searched recursively (sorted)."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            if not images:
+                raise UsageError(f"{item} holds no images ({', '.join(IMG_EXTENSIONS)}); give image files or folders.")
+            found.extend(images)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise UsageError(f"{item} does not exist; give image files or folders.")
+    return found
+
+
+def _load(path: Path, transform: Callable, warn: Callable[[str], None]) -> torch.Tensor | None:
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        warn(f"hookmix: skipped {path}: not a readable image ({exc})")
+        return None
+
+
+def predict_images(
+    model: FinetunedModel,
+    transform: Callable,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> list[tuple[Path, torch.Tensor]]:
+    """``(path, probabilities (C,))`` of each readable image, in order; unreadable ones are reported to
+    ``warn`` and left out."""
+    target = resolve_device(device)
+    model.to(target)
+    results: list[tuple[Path, torch.Tensor]] = []
+    with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            loaded = [(p, x) for p in chunk if (x := _load(p, transform, warn)) is not None]
+            if loaded:
+                batch = torch.stack([x for _, x in loaded]).to(target)
+                probabilities = model.probabilities(batch).cpu()
+                results.extend(zip((p for p, _ in loaded), probabilities))
+            bar.update(len(chunk))
+    if not results:
+        raise UsageError(f"none of the {len(paths)} inputs is a readable image; nothing to predict.")
+    return results
+
+
+def write_predictions(
+    model: FinetunedModel, results: Sequence[tuple[Path, torch.Tensor]], top_k: int, out: TextIO
+) -> None:
+    """The CSV: ``path, class_1, prob_1, ..., class_k, prob_k`` (+ ``predicted`` for multi-label runs)."""
+    classes = model.config.classes
+    k = min(top_k, len(classes))
+    multilabel = model.config.task == "multilabel"
+    header = ["path"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header + (["predicted"] if multilabel else []))
+    for path, probabilities in results:
+        values, indices = probabilities.topk(k)
+        row = [str(path)] + [v for value, index in zip(values, indices) for v in (classes[index], f"{value:.6f}")]
+        if multilabel:
+            chosen = model.decide(probabilities[None])[0]
+            row.append(";".join(name for name, on in zip(classes, chosen) if on))
+        writer.writerow(row)
+
+
+def run_predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    out: Path | None,
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> int:
+    """Rebuild ``run``, classify ``inputs`` and write the CSV to ``out`` (standard output when ``None``);
+    returns the number of rows."""
+    loaded = load_run(run)
+    paths = collect_images(inputs)
+    results = predict_images(
+        loaded.model, loaded.transform, paths, batch_size=batch_size, device=device, progress=progress
+    )
+    text = io.StringIO()
+    write_predictions(loaded.model, results, top_k, text)
+    if out is None:
+        sys.stdout.write(text.getvalue())
+    else:
+        out.write_text(text.getvalue())
+    return len(results)

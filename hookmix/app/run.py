@@ -1,0 +1,169 @@
+"""The run directory ``hookmix finetune --out DIR`` leaves for ``hookmix predict`` and ``hookmix export``.
+
+Besides the report (``metrics.json``, plots) and the training checkpoint, a finished run holds:
+
+* ``run.json`` — the :class:`~hookmix.finetuned.FinetunedConfig` (model, layer, head, pooled cut, classes,
+  task, preprocessing, temperature, thresholds) and the :class:`BackboneSource`: how to rebuild the backbone's
+  weights (a pretrained download, a weights file checked by its sha256, a seeded random init, or the
+  embedded digits CNN);
+* ``head.safetensors`` — the trained head's weights.
+
+:func:`load_run` rebuilds exactly the run's model from these, so predictions use the run's weights, layer,
+head, preprocessing and temperature; a directory that is missing, unfinished or from another format version
+is refused with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from hookmix._errors import UsageError
+from hookmix._io import atomic_write
+from hookmix.app.digits import pretrain_source
+from hookmix.app.preprocessing import Preprocessing
+from hookmix.finetuned import FinetunedConfig, FinetunedModel, rebuild
+from hookmix.models import create_model, set_num_classes
+
+__all__ = ["BackboneSource", "HEAD_FILE", "LoadedRun", "RUN_FILE", "RUN_VERSION", "load_run", "save_run", "sha256_of"]
+
+RUN_FILE = "run.json"
+HEAD_FILE = "head.safetensors"
+RUN_VERSION = 1
+DIGITS_NAME = "hookmix:digits-cnn"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where a run's model weights come from; :meth:`build` makes the same model again.
+
+    Attributes:
+        model: the resolved architecture name, e.g. ``"torchvision:resnet50"``.
+        pretrained: the library's default weights (downloaded when not cached).
+        weights: a weights file, with its ``weights_sha256`` checked when the run is loaded.
+        seed: the random init (and the classifier resize) of a model without weights.
+        digits_seed: the seed of the embedded digits CNN's pretraining (``model == "hookmix:digits-cnn"``).
+    """
+
+    model: str
+    pretrained: bool = False
+    weights: str | None = None
+    weights_sha256: str | None = None
+    seed: int = 0
+    digits_seed: int | None = None
+
+    @property
+    def id(self) -> str:
+        """The weights reference recorded in reports and cache keys."""
+        if self.digits_seed is not None:
+            return f"{DIGITS_NAME}(seed{self.digits_seed})"
+        if self.pretrained:
+            return f"{self.model}:pretrained"
+        if self.weights is not None:
+            return f"{self.model}:weights-sha256:{(self.weights_sha256 or '')[:16]}"
+        return f"{self.model}:random-init-seed{self.seed}"
+
+    def build(self) -> nn.Module:
+        """The model with these weights and its own classifier (see :meth:`resize`)."""
+        if self.digits_seed is not None:
+            return pretrain_source(seed=self.digits_seed)
+        if self.weights is not None and self.weights_sha256 is not None:
+            path = Path(self.weights)
+            if not path.is_file() or sha256_of(path) != self.weights_sha256:
+                raise UsageError(
+                    f"the run's weights file {path} is missing or changed since the run (sha256 differs); "
+                    "restore it, or fine-tune again."
+                )
+        return create_model(self.model, pretrained=self.pretrained, weights=self.weights, seed=self.seed)
+
+    def resize(self, model: nn.Module, num_classes: int) -> None:
+        """Give ``model`` a classifier of ``num_classes`` outputs, initialised from :attr:`seed`."""
+        if self.digits_seed is not None and getattr(model, "num_classes", None) == num_classes:
+            return
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            set_num_classes(model, num_classes)
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt: the model (``head(backbone(x))``), the full model it was cut from, and the transform
+    that turns one PIL image into the model's input."""
+
+    model: FinetunedModel
+    source_model: nn.Module
+    transform: Callable[[Any], torch.Tensor]
+    source: BackboneSource
+
+
+def save_run(out: Path, config: FinetunedConfig, source: BackboneSource, head: nn.Module) -> None:
+    """Write ``run.json`` and ``head.safetensors`` into the run directory ``out``."""
+    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    atomic_write(out / HEAD_FILE, save(state))
+    payload = {"run_version": RUN_VERSION, "finetuned": config.to_json(), "backbone": asdict(source)}
+    atomic_write(out / RUN_FILE, json.dumps(payload, indent=1).encode())
+
+
+def _read_run(run: Path) -> tuple[FinetunedConfig, BackboneSource, dict[str, torch.Tensor]]:
+    if not run.is_dir():
+        raise UsageError(f"--run {run} is not a directory; give the --out directory of hookmix finetune.")
+    path = run / RUN_FILE
+    if not path.is_file():
+        raise UsageError(
+            f"--run {run} has no {RUN_FILE}: not a finished hookmix finetune run (or one from before hookmix "
+            "wrote it); run hookmix finetune --out DIR to the end."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); run hookmix finetune again.") from None
+    if not isinstance(data, dict) or data.get("run_version") != RUN_VERSION:
+        found = data.get("run_version") if isinstance(data, dict) else None
+        raise UsageError(
+            f"{path} is run format {found!r}; this hookmix reads {RUN_VERSION}: fine-tune again with this version."
+        )
+    config = FinetunedConfig.from_json(data.get("finetuned"), str(path))
+    names = {f.name for f in fields(BackboneSource)}
+    backbone = data.get("backbone")
+    if not isinstance(backbone, dict) or "model" not in backbone:
+        raise UsageError(f"{path} does not say where the backbone's weights come from; fine-tune again.")
+    source = BackboneSource(**{k: v for k, v in backbone.items() if k in names})
+    head_path = run / HEAD_FILE
+    if not head_path.is_file():
+        raise UsageError(f"--run {run} has no {HEAD_FILE}: the run did not finish; run hookmix finetune again.")
+    try:
+        head_state = load_file(head_path)
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"{head_path} is not a readable safetensors file ({exc}); fine-tune again.") from None
+    return config, source, head_state
+
+
+def _transform(config: FinetunedConfig) -> Callable[[Any], torch.Tensor]:
+    record = dict(config.preprocessing or {})
+    record.pop("resize", None)
+    names = {f.name for f in fields(Preprocessing)}
+    preprocessing = Preprocessing(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+    )
+    return preprocessing.eval_transform()
+
+
+def load_run(run: str | Path) -> LoadedRun:
+    """Rebuild the fine-tuned model of the run directory ``run`` (eval mode), checking every file first."""
+    config, source, head_state = _read_run(Path(run))
+    model = source.build()
+    source.resize(model, len(config.classes))
+    finetuned = rebuild(model, config, head_state, f"--run {run}")
+    return LoadedRun(finetuned, model, _transform(config), source)
