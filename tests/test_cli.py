@@ -96,7 +96,7 @@ def test_finetune_on_image_folder_writes_report_and_reuses_cache(tmp_path, capsy
     for name in ("curves.png", "reliability.png", "lambda_hist.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "checkpoint.safetensors").stat().st_size > 0
-    manifest = tmp_path / "cache" / "train" / "manifest.json"
+    manifest = tmp_path / "cache" / "train.avgpool+flatten" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     assert main([*args[:-3], "--out", str(tmp_path / "out2"), "--no-mix", "--quiet"]) == 0
     assert manifest.stat().st_mtime_ns == stamp  # the second run read the cache, it did not extract again

@@ -202,7 +202,7 @@ def test_pooled_features_train_the_head_the_maps_would(tmp_path: Path, images: P
     for a, b in zip(pooled["history"], maps["history"], strict=True):
         for name in ("train_loss", "val_nll", "val_accuracy", "val_ece"):
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
-    stored = json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())
+    stored = json.loads((tmp_path / "cache" / "train.avgpool+flatten" / "manifest.json").read_text())
     assert stored["key"]["layer"] == "layer4+avgpool+flatten" and stored["feature_shape"] == [512]
 
 
@@ -217,15 +217,18 @@ def test_cutmix_keeps_the_maps_and_says_why(tmp_path: Path, images: Path, capsys
 
 
 def test_head_kinds_reach_the_run_and_the_cli_lists_them_all(tmp_path: Path, images: Path) -> None:
-    """--head mlp (fastai's create_head: concat pool, so the maps are cached) and linear (pooled) both train;
-    the CLI's literal choices (kept literal so --help loads no torch) are the library's HEAD_KINDS."""
+    """--head mlp (fastai's create_head: concat pool, so the maps are cached) and linear (pooled) both train,
+    from one --cache directory holding both caches; the CLI's literal choices (kept literal so --help loads
+    no torch) are the library's HEAD_KINDS."""
     from hookmix.app.cli import build_parser
     from hookmix.heads import HEAD_KINDS
 
-    mlp = finetune(tmp_path / "mlp", images, "--head", "mlp", "--input-size", "3", "64", "64")
-    linear = finetune(tmp_path / "linear", images, "--head", "linear", "--input-size", "3", "64", "64")
+    cache = ("--input-size", "3", "64", "64", "--cache", str(tmp_path / "cache"))  # one directory for both caches
+    mlp = finetune(tmp_path / "mlp", images, "--head", "mlp", *cache)
+    linear = finetune(tmp_path / "linear", images, "--head", "linear", *cache)
     assert mlp["head"] == "mlp" and mlp["feature_shape"] == [512, 2, 2] and not mlp["cached_point"]["pooled"]
     assert linear["head"] == "linear" and linear["feature_shape"] == [512] and linear["cached_point"]["pooled"]
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {"train", "val", "train.0+1", "val.0+1"}
     finetune_parser = build_parser()._subparsers._group_actions[0].choices["finetune"]
     head = next(a for a in finetune_parser._actions if a.dest == "head")
     assert tuple(head.choices) == HEAD_KINDS

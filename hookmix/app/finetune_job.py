@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -253,6 +254,15 @@ def _assemble(prepared: _Prepared, spec: JobSpec, config: FitConfig) -> tuple[nn
     return backbone, head, _CachePoint(prepared.layer, (), map_shape, map_shape, reason)
 
 
+def _cache_name(part: str, key_layer: str, layer: str) -> str:
+    """The sub-directory of ``--cache`` for one part: ``train`` / ``val`` for the layer's maps, and
+    ``train.<ops>`` / ``val.<ops>`` (e.g. ``train.avgpool+flatten``) for features taken after the fixed ops,
+    so that every cache of one layer lives side by side (``--head mlp`` needs the maps, ``--head model`` the
+    pooled features)."""
+    suffix = key_layer.removeprefix(layer).lstrip("+")
+    return f"{part}.{re.sub(r'[^A-Za-z0-9+_.-]', '_', suffix)}" if suffix else part
+
+
 def _extract(
     prepared: _Prepared,
     backbone: torch.nn.Module,
@@ -274,7 +284,7 @@ def _extract(
         backbone,
         prepared.train if train else prepared.val,
         key,
-        path=spec.cache_dir / part if spec.cache_dir is not None else None,
+        path=spec.cache_dir / _cache_name(part, layer, prepared.layer) if spec.cache_dir is not None else None,
         dtype=torch.float32 if spec.fp32 else torch.float16,
         batch_size=spec.batch_size,
         views=spec.views if train else 1,
