@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from hookmix._errors import UsageError
 
@@ -222,6 +222,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _run_command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command that reads a finished run directory (``--run DIR``)."""
+    parser = sub.add_parser(name, help=summary, description=description)
+    parser.add_argument("--run", required=True, metavar="DIR", help="the --out directory of hookmix finetune")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookmix", description="Feature-level mixup through forward hooks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -347,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(handler=_cmd_finetune)
 
-    pr = sub.add_parser(
+    pr = _run_command(
+        sub,
         "predict",
-        help="classify images with a fine-tuned run; one CSV row per image",
-        description="Rebuild the run's model (its weights, layer, head, preprocessing and temperature) and "
-        "write, per image, the top-k classes and probabilities (and the predicted set of a multi-label run). "
-        "Unreadable images are reported on stderr and skipped.",
+        "classify images with a fine-tuned run; one CSV row per image",
+        "Rebuild the run's model (its weights, layer, head, preprocessing and temperature) and write, per image, "
+        "the top-k classes and probabilities (and the predicted set of a multi-label run). Unreadable images "
+        "are reported on stderr and skipped.",
     )
-    pr.add_argument("--run", required=True, metavar="DIR", help="the --out directory of hookmix finetune")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
     pr.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: standard output)")
     pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
@@ -363,14 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(handler=_cmd_predict)
 
-    ex = sub.add_parser(
+    ex = _run_command(
+        sub,
         "export",
-        help="write a fine-tuned run as one safetensors file (+ JSON config), optionally ONNX",
-        description="Write the backbone and the trained head as one safetensors state dict with the run's "
-        "configuration (model, weights reference, layer, head, classes, preprocessing, temperature, "
-        "thresholds) in its metadata and in FILE.json; hookmix.load_finetuned(FILE) rebuilds it.",
+        "write a fine-tuned run as one safetensors file (+ JSON config), optionally ONNX",
+        "Write the backbone and the trained head as one safetensors state dict with the run's configuration "
+        "(model, weights reference, layer, head, classes, preprocessing, temperature, thresholds) in its "
+        "metadata and in FILE.json; hookmix.load_finetuned(FILE) rebuilds it.",
     )
-    ex.add_argument("--run", required=True, metavar="DIR", help="the --out directory of hookmix finetune")
     ex.add_argument("--out", required=True, metavar="FILE", help="e.g. model.safetensors")
     ex.add_argument("--onnx", action="store_true", help="also write FILE.onnx (needs pip install 'hookmix[onnx]')")
     ex.set_defaults(handler=_cmd_export)
