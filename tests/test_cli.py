@@ -168,7 +168,7 @@ def test_demo_small(tmp_path, capsys):
 
     from hookmix import FitConfig, MixSettings, build_head, fit, split
     from hookmix.app.demo import run_demo
-    from hookmix.app.digits import _single_thread, digits_transfer, pretrain_source
+    from hookmix.app.digits import digits_transfer, pretrain_source, single_thread
 
     rows = run_demo(tmp_path, seeds=2, ks=(5,), epochs=(5,), progress=False)
     main, heads = [r for r in rows if r.get("head") == "model"], [r for r in rows if r.get("head") == "mlp"]
@@ -213,7 +213,7 @@ def test_demo_small(tmp_path, capsys):
     backbone = split(pretrain_source(seed=0), "stage2")[0].eval()
     with torch.no_grad():  # the cache stores float16
         train, val = backbone(data.train_x).half(), backbone(data.val_x).half()
-    with torch.random.fork_rng(devices=[]), _single_thread():  # as the demo runs it
+    with torch.random.fork_rng(devices=[]), single_thread():  # as the demo runs it
         torch.manual_seed(1)
         again = fit(
             build_head("mlp", feature_shape=(64, 2, 2), num_classes=5, seed=1),

@@ -8,8 +8,8 @@ from hookmix.app.digits import (
     MAX_SHOTS,
     DigitsCNN,
     TransferSplit,
-    _digits,
     _train_source,
+    all_digits,
     digits_transfer,
     pretrain_source,
     source_split,
@@ -120,4 +120,4 @@ def test_bad_seed_and_epochs() -> None:
 def test_missing_scikit_learn_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"pip install hookmix\[data\]"):
-        _digits.__wrapped__()
+        all_digits.__wrapped__()

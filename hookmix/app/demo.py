@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from hookmix._io import atomic_write
-from hookmix.app.digits import DigitsCNN, _single_thread, digits_transfer, pretrain_source
+from hookmix.app.digits import DigitsCNN, digits_transfer, pretrain_source, single_thread
 from hookmix.app.mosaics import digits_mosaics
 from hookmix.cache import CacheKey, FeatureCache
 from hookmix.calibration import fit_temperature
@@ -200,7 +200,7 @@ def transfer_experiment(
     return runs, curves
 
 
-@_single_thread()  # the 512-wide MLP spends 10x longer syncing two threads than computing on a busy machine
+@single_thread()  # the 512-wide MLP spends 10x longer syncing two threads than computing on a busy machine
 def head_experiment(
     k: int = 20, epochs: int = 100, seeds: int = 5, alpha: float = 0.4, progress: bool = True
 ) -> list[Run]:

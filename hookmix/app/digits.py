@@ -30,7 +30,10 @@ from hookmix._errors import UsageError
 from hookmix.models import DigitsCNN
 
 __all__ = [
+    "all_digits",
+    "check_seed",
     "DigitsCNN",
+    "single_thread",
     "TransferSplit",
     "source_split",
     "pretrain_source",
@@ -73,7 +76,7 @@ class TransferSplit:
 
 
 @functools.lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+def all_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits: images ``(1797, 1, 8, 8)`` in ``[0, 1]`` and labels ``(1797,)`` (read-only: index it)."""
     try:
         from sklearn.datasets import load_digits
@@ -92,7 +95,7 @@ def _split(classes: tuple[int, ...], take: int | float, seed: int) -> TransferSp
     ``take`` is the number (int) or fraction (float) of each class's examples that go to training.
     Both parts keep the dataset's order, so the split depends only on ``seed``.
     """
-    images, labels = _digits()
+    images, labels = all_digits()
     generator = torch.Generator().manual_seed(seed)
     train_parts, val_parts = [], []
     for digit in classes:
@@ -119,7 +122,7 @@ def source_split() -> TransferSplit:
     return _split(SOURCE_CLASSES, _SOURCE_TRAIN_FRACTION, _SPLIT_SEED)
 
 
-def _check_seed(seed: int) -> None:
+def check_seed(seed: int) -> None:
     if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}.")
     if not 0 <= seed < 2**63:
@@ -127,7 +130,7 @@ def _check_seed(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """Run torch ops on one CPU thread, restoring the thread count afterwards.
 
     For 8x8 images thread synchronisation costs more than it saves (10x slower on a busy 2-core
@@ -141,7 +144,7 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@_single_thread()
+@single_thread()
 def _train_source(seed: int, epochs: int, progress: bool) -> dict[str, torch.Tensor]:
     """Train a :class:`DigitsCNN` on the training part of :func:`source_split`; return its state dict."""
     with torch.random.fork_rng(devices=[]):
@@ -166,7 +169,7 @@ def pretrain_source(seed: int = 0, epochs: int = 10, progress: bool = False) -> 
     arguments give bitwise-equal weights. Training takes about a second and is cached per
     ``(seed, epochs)``: every call returns a fresh model, so fine-tuning it never alters the cache.
     """
-    _check_seed(seed)
+    check_seed(seed)
     if not is_int(epochs, 1):
         raise UsageError(f"epochs must be a positive int, got {epochs!r}; the default 10 reaches > 95 %.")
     if (seed, epochs) not in _SOURCE_STATES:
@@ -187,7 +190,7 @@ def _check_shots(k: int) -> None:
 def digits_few_shot(k: int, seed: int) -> TransferSplit:
     """All ten digits with ``k`` training examples per class and every other example for validation:
     the from-scratch task of the layer-sweep notebook."""
-    _check_seed(seed)
+    check_seed(seed)
     _check_shots(k)
     return _split(tuple(range(10)), k, seed)
 
@@ -198,6 +201,6 @@ def digits_transfer(k: int, seed: int) -> TransferSplit:
     ``train_x`` ``(5k, 1, 8, 8)`` holds exactly ``k`` examples of each class, drawn with a generator
     seeded by ``seed``; ``val_x`` holds every other 5-9 example (disjoint from training).
     """
-    _check_seed(seed)
+    check_seed(seed)
     _check_shots(k)
     return _split(TARGET_CLASSES, k, seed)

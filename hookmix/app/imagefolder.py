@@ -19,10 +19,10 @@ from torchvision import datasets
 from hookmix._errors import UsageError
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 
-__all__ = ["FolderSplit", "load_image_folder", "stratified_split"]
+__all__ = ["FolderSplit", "load_image_folder", "load_rgb", "stratified_split"]
 
 
-def _load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as file:
             return Image.open(file).convert("RGB")
@@ -45,7 +45,7 @@ def _image_folder(root: Path, transform: Callable[[Any], Any], flag: str) -> dat
     if not root.is_dir():
         raise UsageError(f"{flag} {root} is not a directory; give a folder with one sub-folder per class.")
     try:
-        folder = datasets.ImageFolder(root, transform=transform, loader=_load_rgb)
+        folder = datasets.ImageFolder(root, transform=transform, loader=load_rgb)
     except FileNotFoundError as exc:
         raise UsageError(
             f"{flag} {root} holds no images in class sub-folders ({exc}); expected root/<class>/<image>.png."
@@ -99,7 +99,7 @@ def load_image_folder(
             )
         return FolderSplit(train, val, tuple(train.classes), preprocessing, augment)
     train_idx, val_idx = stratified_split(train, val_fraction, seed)
-    val_reader = datasets.ImageFolder(root, transform=evaluation, loader=_load_rgb) if augment else train
+    val_reader = datasets.ImageFolder(root, transform=evaluation, loader=load_rgb) if augment else train
     return FolderSplit(
         Subset(train, train_idx), Subset(val_reader, val_idx), tuple(train.classes), preprocessing, augment
     )

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hookmix._errors import UsageError
-from hookmix.app.imagefolder import _load_rgb
+from hookmix.app.imagefolder import load_rgb
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 
 __all__ = ["LabelRow", "LabeledImages", "LabelsSplit", "load_labels_csv", "read_labels_csv", "LABEL_SEPARATOR"]
@@ -80,7 +80,7 @@ class LabeledImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(_load_rgb(self.paths[index])), self.targets[index]
+        return self.transform(load_rgb(self.paths[index])), self.targets[index]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from hookmix._checks import is_int
 from hookmix._errors import UsageError
-from hookmix.app.digits import TransferSplit, _check_seed, _digits
+from hookmix.app.digits import TransferSplit, all_digits, check_seed
 
 __all__ = ["MOSAIC_CLASSES", "digits_mosaics", "write_mosaics"]
 
@@ -41,7 +41,7 @@ _TILE = 8
 def _compose(pool: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` mosaics ``(n, 1, 16, 16)`` of images from ``pool`` (indices into the digits) and their
     multi-hot labels ``(n, 10)``."""
-    images, labels = _digits()
+    images, labels = all_digits()
     picks = pool[torch.randint(len(pool), (n, 4), generator=generator)]
     placed = torch.rand(n, 4, generator=generator) >= _BLANK_PROBABILITY
     tiles = images[picks] * placed[..., None, None, None]  # (n, 4, 1, 8, 8)
@@ -56,12 +56,12 @@ def digits_mosaics(n_train: int, n_val: int, seed: int) -> TransferSplit:
     The digit images are split in two random halves first (training mosaics use one, validation
     mosaics the other), then each mosaic draws its four quadrants from its half.
     """
-    _check_seed(seed)
+    check_seed(seed)
     for name, count in (("n_train", n_train), ("n_val", n_val)):
         if not is_int(count, 1):
             raise UsageError(f"{name} must be a positive int (number of mosaics), got {count!r}; e.g. {name}=500.")
     generator = torch.Generator().manual_seed(seed)
-    _, labels = _digits()
+    _, labels = all_digits()
     order = torch.randperm(len(labels), generator=generator)
     train_pool, val_pool = order[: len(order) // 2], order[len(order) // 2 :]
     train_x, train_y = _compose(train_pool, n_train, generator)
