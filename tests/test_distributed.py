@@ -95,16 +95,18 @@ def _ddp_train(rank: int, tmp: str) -> None:
 
 
 class CrashAt(Dataset):
-    """``images()`` that raises at index ``at``: a rank that dies in the middle of its rows."""
+    """``images()`` that raises at index ``at``: a rank that dies in the middle of its rows. It leaves the file
+    ``marker`` first, since which rank's error spawn reports is a race (the other rank's barrier fails too)."""
 
-    def __init__(self, at: int) -> None:
-        self.base, self.at = images(), at
+    def __init__(self, at: int, marker: str) -> None:
+        self.base, self.at, self.marker = images(), at, marker
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index == self.at:
+            Path(self.marker).write_text(f"simulated crash at example {index}")
             raise RuntimeError(f"simulated crash at example {index}")
         return self.base[index]
 
@@ -124,7 +126,7 @@ def _extract(rank: int, tmp: str, cache_dir: str | None = None, dataset: Dataset
 
 
 def _extract_rank1_crashes(rank: int, tmp: str) -> None:
-    _extract(rank, tmp, dataset=CrashAt(12) if rank == 1 else None)  # rank 1 holds rows 6..12
+    _extract(rank, tmp, dataset=CrashAt(12, f"{tmp}/crashed") if rank == 1 else None)  # rank 1 holds rows 6..12
 
 
 def _extract_again(rank: int, tmp: str) -> None:
@@ -187,8 +189,9 @@ def test_sharded_extraction_equals_one_process_and_is_one_standard_cache(tmp_pat
 
 
 def test_a_rank_writes_its_shards_itself_and_a_crashed_extraction_resumes(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="simulated crash"):
+    with pytest.raises(mp.ProcessRaisedException):  # rank 1's crash, or rank 0's barrier failing after it
         run_ranks(_extract_rank1_crashes, tmp_path)
+    assert (tmp_path / "crashed").read_text() == "simulated crash at example 12"
     cache = tmp_path / "cache"
     # rank 1's first shard (rows 6..10) is on disk under its final name although rank 1 never reached a barrier:
     # no rank but rank 1 ever held those rows
