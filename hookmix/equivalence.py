@@ -322,8 +322,8 @@ def same_mix_points(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, 
     except UntraceableError:
         return []
     for name in layers:
-        if name != "output" and points.why_not(name) is None:
-            nodes[name] = points.node(name)
+        if name not in (INPUT, "output") and (node := _start(points, name)) is not None:
+            nodes[name] = node
     for name, node in nodes.items():
         chains = _chains(model, points, node)
         reached = {*chains.fixed, *chains.affine}

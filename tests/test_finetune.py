@@ -21,6 +21,18 @@ def task():
     return source, data, feats, val
 
 
+def interrupt_at_call(n: int):
+    """A forward pre-hook that raises KeyboardInterrupt on the module's ``n``-th call (an interrupted fit)."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    return hook
+
+
 def fresh_head(source):
     model = copy.deepcopy(source)
     torch.nn.init.zeros_(model.head[-1].weight)
@@ -93,14 +105,7 @@ def test_resume_continues_bitwise(task, tmp_path):
     _, head_a = fresh_head(source)
     full = fit(head_a, "input", feats, data.train_y, val, data.val_y, config, num_classes=5, progress=False)
     _, head_b = fresh_head(source)
-    calls = []
-
-    def crash_in_epoch_3(module, args):
-        calls.append(1)
-        if len(calls) == 2 * 5 + 1:  # 4 train steps + 1 validation forward per epoch
-            raise KeyboardInterrupt
-
-    head_b.register_forward_pre_hook(crash_in_epoch_3)
+    head_b.register_forward_pre_hook(interrupt_at_call(2 * 5 + 1))  # 4 train steps + 1 validation per epoch
     with pytest.raises(KeyboardInterrupt):
         fit(
             head_b,
@@ -355,19 +360,13 @@ def test_dropout_heads_are_reproducible_and_a_batch_of_one_is_left_out(tmp_path)
 
     config = FitConfig(epochs=4, batch_size=8, lr=1e-2, seed=5)
     heads = [mlp(), mlp(), mlp()]
-    outside = torch.get_rng_state()
     for head in heads[:2]:
+        outside = torch.get_rng_state()
         fit(head, "input", x, y, x, y, config, num_classes=3, progress=False)
+        assert torch.equal(torch.get_rng_state(), outside)  # the fit restored the global RNG
         torch.rand(7)  # the global RNG moves on between the fits
-    assert not torch.equal(torch.get_rng_state(), outside)  # moved by torch.rand only: the fits restored it
-    calls = []
-
-    def crash_in_epoch_3(module, args):
-        calls.append(1)
-        if len(calls) == 2 * 3 + 1:  # 2 train steps (the 17th row left out) + 1 validation forward per epoch
-            raise KeyboardInterrupt
-
-    handle = heads[2].register_forward_pre_hook(crash_in_epoch_3)
+    # 2 train steps (the 17th row left out) + 1 validation forward per epoch: stop in epoch 3
+    handle = heads[2].register_forward_pre_hook(interrupt_at_call(2 * 3 + 1))
     with pytest.raises(KeyboardInterrupt):
         fit(heads[2], "input", x, y, x, y, config, num_classes=3, checkpoint_dir=tmp_path, progress=False)
     handle.remove()

@@ -9,7 +9,6 @@ is ``metrics.json`` (settings, history, final metrics, cache facts) and PNG plot
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from hookmix._cache_format import bytes_per_example
 from hookmix._checks import modes_restored
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
@@ -74,6 +74,11 @@ class JobSpec:
     calibrate: bool = False
     memory_budget: int | None = None
     progress: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The feature cache's storage dtype (``--fp32``, else float16)."""
+        return torch.float32 if self.fp32 else torch.float16
 
 
 @dataclass(frozen=True)
@@ -207,13 +212,17 @@ class _CachePoint:
         """The :attr:`CacheKey.layer` of this point: a pooled cache never serves a map request."""
         return f"{self.layer}+{'+'.join(self.fixed_ops)}" if self.fixed_ops else self.layer
 
-    def record(self, views: int, itemsize: int) -> dict[str, Any]:
+    def sizes(self, views: int, dtype: torch.dtype) -> tuple[int, int]:
+        """Bytes per example of what is cached and of the layer's map."""
+        return bytes_per_example(views, self.shape, dtype), bytes_per_example(views, self.map_shape, dtype)
+
+    def record(self, views: int, dtype: torch.dtype) -> dict[str, Any]:
         return {
             "layer": self.layer,
             "pooled": bool(self.fixed_ops),
             "fixed_ops": list(self.fixed_ops),
             "map_shape": list(self.map_shape),
-            "bytes_per_example_map": views * math.prod(self.map_shape) * itemsize,
+            "bytes_per_example_map": self.sizes(views, dtype)[1],
             "reason": self.reason,
         }
 
@@ -285,7 +294,7 @@ def _extract(
         prepared.train if train else prepared.val,
         key,
         path=spec.cache_dir / _cache_name(part, layer, prepared.layer) if spec.cache_dir is not None else None,
-        dtype=torch.float32 if spec.fp32 else torch.float16,
+        dtype=spec.dtype,
         batch_size=spec.batch_size,
         views=spec.views if train else 1,
         num_workers=spec.workers,
@@ -331,13 +340,13 @@ def _evaluate(task: str, logits: torch.Tensor, labels: torch.Tensor, calibrate: 
     return _Evaluation(calibration, thresholds, curves)
 
 
-def _say_cache(say: Callable[[str], None], point: _CachePoint, layer: str, views: int, itemsize: int) -> None:
-    cached, maps = (views * math.prod(shape) * itemsize for shape in (point.shape, point.map_shape))
+def _say_cache(say: Callable[[str], None], point: _CachePoint, views: int, dtype: torch.dtype) -> None:
+    cached, maps = point.sizes(views, dtype)
     if point.fixed_ops:
         smaller = f"instead of {maps:,} ({maps / cached:.0f}x smaller)" if maps > cached else "(as many as the maps)"
         say(f"{point.reason}: caching {cached:,} B/image {smaller}")
     elif point.reason:
-        say(f"caching the {layer} maps ({maps:,} B/image): {point.reason}")
+        say(f"caching the {point.layer} maps ({maps:,} B/image): {point.reason}")
 
 
 def _human(size: int) -> str:
@@ -350,11 +359,11 @@ def _human(size: int) -> str:
     return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
 
 
-def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint, itemsize: int) -> int:
+def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint) -> int:
     """The memory budget for the training features: over it they are memory-mapped and streamed from the
     ``--cache`` directory in blocks, which must then be given."""
     budget = spec.memory_budget if spec.memory_budget is not None else default_memory_budget()
-    need = len(prepared.train) * spec.views * math.prod(point.shape) * itemsize  # type: ignore[arg-type]
+    need = len(prepared.train) * point.sizes(spec.views, spec.dtype)[0]  # type: ignore[arg-type]
     if need > budget and spec.cache_dir is None:
         raise UsageError(
             f"the training features need {_human(need)}, over the memory budget of {_human(budget)}; "
@@ -377,9 +386,8 @@ def run_finetune(
     picked = " (auto)" if spec.device == "auto" else ""
     say(f"{prepared.source.id} @ {prepared.layer}{chosen} on {device}{picked}")
     backbone, head, point = _assemble(prepared, spec, config)
-    itemsize = 4 if spec.fp32 else 2
-    _say_cache(say, point, prepared.layer, spec.views, itemsize)
-    budget = _check_budget(spec, prepared, point, itemsize)
+    _say_cache(say, point, spec.views, spec.dtype)
+    budget = _check_budget(spec, prepared, point)
     start = time.perf_counter()
     train = _extract(prepared, backbone, spec, device, "train", point.key_layer, budget)
     val = _extract(prepared, backbone, spec, device, "val", point.key_layer, None)
@@ -426,7 +434,7 @@ def run_finetune(
         "train_examples": len(train),
         "val_examples": len(val),
         "head": spec.head,
-        "cached_point": point.record(spec.views, itemsize),
+        "cached_point": point.record(spec.views, spec.dtype),
         "feature_shape": list(train.feature_shape),
         "cache_bytes_per_example": train.bytes_per_example,
         "memory_budget": budget,

@@ -19,7 +19,7 @@ from torchvision import datasets
 from hookmix._errors import UsageError
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 
-__all__ = ["FolderSplit", "load_image_folder", "load_rgb", "stratified_split"]
+__all__ = ["FolderSplit", "check_image_args", "load_image_folder", "load_rgb", "stratified_split"]
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -28,6 +28,17 @@ def load_rgb(path: str) -> Image.Image:
             return Image.open(file).convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise UsageError(f"unreadable image {path}: {exc}. Remove or replace the file and run again.") from None
+
+
+def check_image_args(input_size: tuple[int, int, int], val_fraction: float) -> None:
+    """Refuse a validation fraction outside (0, 1) and an input size whose channels are neither RGB nor grey."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
+    if input_size[0] not in (1, 3):
+        raise UsageError(
+            f"--input-size {' '.join(map(str, input_size))} asks for {input_size[0]} channels, but images are read "
+            "as RGB: use C=3 (or 1 for grayscale)."
+        )
 
 
 @dataclass(frozen=True)
@@ -80,13 +91,7 @@ def load_image_folder(
             for ``--views``); validation images always get the evaluation transform.
     """
     root = Path(root)
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
-    if input_size[0] not in (1, 3):
-        raise UsageError(
-            f"--input-size {' '.join(map(str, input_size))} asks for {input_size[0]} channels, but images are read "
-            "as RGB: use C=3 (or 1 for grayscale)."
-        )
+    check_image_args(input_size, val_fraction)
     preprocessing = (preprocessing or default_preprocessing()).with_input_size(input_size)
     evaluation = preprocessing.eval_transform()
     train = _image_folder(root, preprocessing.train_transform() if augment else evaluation, "--data")

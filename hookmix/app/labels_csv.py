@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hookmix._errors import UsageError
-from hookmix.app.imagefolder import load_rgb
+from hookmix.app.imagefolder import check_image_args, load_rgb
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 
 __all__ = ["LabelRow", "LabeledImages", "LabelsSplit", "load_labels_csv", "read_labels_csv", "LABEL_SEPARATOR"]
@@ -251,13 +251,7 @@ def load_labels_csv(
     The classes are the sorted labels of the training rows; each dataset yields ``(x, y)`` with ``y`` the
     ``(len(classes),)`` float multi-hot target. Unreadable images are skipped and listed in ``skipped``.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. val_fraction=0.2.")
-    if input_size[0] not in (1, 3):
-        raise UsageError(
-            f"--input-size {' '.join(map(str, input_size))} asks for {input_size[0]} channels, but images are read "
-            "as RGB: use C=3 (or 1 for grayscale)."
-        )
+    check_image_args(input_size, val_fraction)
     train_rows, skipped = _readable(read_labels_csv(labels, root, "--labels"), progress)
     if val_labels is None:
         if not train_rows:
