@@ -6,9 +6,16 @@ examples, plus ``manifest.json`` (format version, the :class:`CacheKey` fields, 
 views, bytes per example, and each shard's row range, byte size and sha256). Every file is written
 atomically (temp file in the same directory, then ``os.replace``) and the manifest is rewritten after
 each completed shard, so an interrupted extraction resumes from its last complete shard; a kill may
-leave a ``.*.tmp`` file behind, which is safe to delete. Loading reads only JSON and safetensors
-(never pickle), checks every shard's size and checksum, and refuses any mismatch with a
-``ValueError`` that says what differs and how to fix it. One directory serves one extraction at a time.
+leave a ``.*.tmp`` file behind, which is safe to delete while no process holds the lock. Loading reads only
+JSON and safetensors (never pickle), checks every shard's size and checksum, and refuses any mismatch with
+a ``ValueError`` that says what differs and how to fix it.
+
+Writers and readers (:func:`writer_lock`): a process that writes shards or a manifest holds the directory's
+lock (``filelock`` on :data:`LOCK_NAME`; the operating system releases it when the process dies), so one
+process extends a cache at a time, and a writer appends shards but never rewrites a published one. A
+complete cache therefore never changes: reading it needs no lock (a read-only copy works), and a shard
+that fails its checksum was damaged after it was written, never a second writer's valid work. A reader
+of an incomplete cache asks the lock whether a writer is at work before calling it interrupted.
 
 A shard is read by memory-mapping its file (:func:`map_shard`): the sha256 is computed over the mapping as
 its pages come in — that pass is the read — and the tensors are views of the same mapping, so a caller
@@ -19,6 +26,7 @@ The safetensors header is parsed here (8-byte length, JSON, offsets) so that no 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -27,13 +35,14 @@ import mmap
 import re
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save as save_safetensors
 
 from hookmix._checks import is_int
@@ -49,6 +58,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "hookmix_version",
+    "LOCK_NAME",
     "Manifest",
     "MANIFEST_NAME",
     "map_shard",
@@ -56,15 +66,20 @@ __all__ = [
     "parse_dtype",
     "parse_shard",
     "read_shard",
-    "rebuild_hint",
+    "damaged_hint",
+    "elsewhere_hint",
     "Shard",
     "shard_name",
     "ShardWriter",
+    "writer_active",
+    "writer_lock",
 ]
 
 FORMAT = "hookmix-feature-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".writer.lock"
+"""The file whose lock a writer of the directory holds (hidden, like the temp files)."""
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # One completed shard hands (start, stop, features (V, n, *F), labels (n, ...)) to a sink.
@@ -90,8 +105,51 @@ def hookmix_version() -> str:
         return getattr(sys.modules.get("hookmix"), "__version__", "unknown")
 
 
-def rebuild_hint(directory: Path) -> str:
-    return f"delete {directory} (or use another --cache directory) and extract again"
+@contextlib.contextmanager
+def writer_lock(directory: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``directory``'s writer lock for the ``with`` block, waiting for another writer to finish first;
+    ``on_wait`` gets one line saying so when the lock is busy (a second process would otherwise look hung)."""
+    lock = FileLock(directory / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait(f"waiting for another process that is writing the feature cache in {directory}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def writer_active(directory: Path) -> bool:
+    """Whether a process holds ``directory``'s writer lock now (``False`` when the lock cannot be taken for
+    another reason, e.g. a read-only copy, where no hookmix writer can be at work)."""
+    lock = FileLock(directory / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
+def elsewhere_hint(directory: Path) -> str:
+    """The fix for a cache that is valid but not the one asked for: it may be another run's work, so it is
+    never to be deleted."""
+    return f"extract into another directory ({directory} is left as it is: it may serve other runs)"
+
+
+def damaged_hint(directory: Path) -> str:
+    """The fix for files changed after they were published. Writers hold the directory's lock and never rewrite
+    a published file, so this is damage (a disk fault, an edit, a copy cut short), not another writer at work;
+    still, nothing is deleted here and the advice to remove waits until no process uses the directory."""
+    return (
+        f"{directory} was left as it is: extract into another directory, or remove {directory} once no process "
+        "uses it and extract again"
+    )
 
 
 @dataclass(frozen=True)
@@ -165,10 +223,14 @@ class Manifest:
                 f"no feature cache in {directory}: {MANIFEST_NAME} is missing; "
                 "run FeatureCache.extract(..., path=...) to create it."
             )
+        data = _json_object(path, directory)
+        if data.get("format") == FORMAT and data.get("format_version") != FORMAT_VERSION:
+            raise UsageError(
+                f"{path} is a feature cache of format version {data.get('format_version')!r} (written by hookmix "
+                f"{data.get('hookmix_version', 'of an unknown version')}), but this hookmix {hookmix_version()} "
+                f"reads version {FORMAT_VERSION}; {elsewhere_hint(directory)}."
+            )
         try:
-            data = json.loads(path.read_bytes())
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             if _get(data, "format", str) != FORMAT or _get(data, "format_version", int) != FORMAT_VERSION:
                 raise UsageError(
                     f"format {data['format']!r} version {data['format_version']!r} is not "
@@ -188,10 +250,8 @@ class Manifest:
                 hookmix_version=_get(data, "hookmix_version", str),
             )
             manifest._check_layout(first_shard, first_row)
-        except (OSError, ValueError, TypeError) as exc:
-            raise UsageError(
-                f"{path} is not a valid feature cache manifest ({exc}); {rebuild_hint(directory)}."
-            ) from exc
+        except (ValueError, TypeError) as exc:
+            raise UsageError(_not_a_manifest(path, directory, exc)) from exc
         return manifest
 
     def _check_layout(self, first_shard: int, first_row: int) -> None:
@@ -206,6 +266,21 @@ class Manifest:
             ):
                 raise UsageError(f"shard entry {index} {vars(shard)} breaks the contiguous shard layout")
             previous_stop = shard.stop
+
+
+def _not_a_manifest(path: Path, directory: Path, problem: Exception) -> str:
+    return f"{path} is not a valid feature cache manifest ({problem}); {damaged_hint(directory)}."
+
+
+def _json_object(path: Path, directory: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that cannot be read or is no JSON object is a damaged manifest."""
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(_not_a_manifest(path, directory, exc)) from exc
+    return data
 
 
 def _get(data: dict[str, Any], name: str, kind: type) -> Any:
@@ -265,8 +340,7 @@ def check_request(
         if want is not None and stored[name] != want:
             raise UsageError(
                 f"the feature cache in {directory} was built for {name}={stored[name]!r}, but "
-                f"{name}={want!r} was requested; use another --cache directory, or "
-                f"delete {directory} to extract again."
+                f"{name}={want!r} was requested; {elsewhere_hint(directory)}."
             )
 
 
@@ -288,7 +362,7 @@ def _open_shard(directory: Path, shard: Shard, whole: bool) -> mmap.mmap:
     """A private mapping of the shard's file, after checking it exists and has the listed size; ``whole``:
     every byte will be read next, so the kernel is asked to start reading them all now."""
     path = directory / shard.file
-    fix = rebuild_hint(directory)
+    fix = damaged_hint(directory)
     try:
         with open(path, "rb") as file:
             size = path.stat().st_size
@@ -331,7 +405,7 @@ def _tensors(mapping: mmap.mmap, path: Path, directory: Path) -> dict[str, torch
             )
             tensors[name] = flat.view(shape)
     except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise UsageError(f"shard {path} is not a valid safetensors file ({exc}); {rebuild_hint(directory)}.") from None
+        raise UsageError(f"shard {path} is not a valid safetensors file ({exc}); {damaged_hint(directory)}.") from None
     return tensors
 
 
@@ -351,7 +425,7 @@ def _checked(
     found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     if found != expected:
         raise UsageError(
-            f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {rebuild_hint(directory)}."
+            f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {damaged_hint(directory)}."
         )
     return tuple(tensors[name] for name in names)
 
@@ -369,7 +443,7 @@ def map_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch.
     if digest != shard.sha256:
         raise UsageError(
             f"shard {path} fails its checksum (sha256 {digest[:12]}..., {MANIFEST_NAME} says "
-            f"{shard.sha256[:12]}...): the file is corrupted or was altered; {rebuild_hint(directory)}."
+            f"{shard.sha256[:12]}...): its bytes changed after it was written; {damaged_hint(directory)}."
         )
     features, labels = _checked(
         _tensors(mapping, path, directory), path, directory, shard, manifest, ("features", "labels")
@@ -461,5 +535,6 @@ def check_consistent(before: Manifest, now: Manifest, directory: Path) -> None:
         if getattr(before, name) != getattr(now, name):
             raise UsageError(
                 f"rows from {before.rows_done} have {name}={getattr(now, name)}, but the shards already in "
-                f"{directory} have {name}={getattr(before, name)}; {rebuild_hint(directory)}."
+                f"{directory} have {name}={getattr(before, name)}: the backbone or the data changed while the "
+                f"CacheKey stayed the same; give the key what tells them apart, or {elsewhere_hint(directory)}."
             )

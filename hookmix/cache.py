@@ -19,14 +19,19 @@ shard (extraction holds one shard at a time) and read back only after checking e
 (:mod:`hookmix._cache_format`). A cache larger than memory is not loaded but memory-mapped
 (``load(..., mmap=True)``, or ``mmap=None``: when it exceeds a memory budget): its ``features`` are then a
 :class:`~hookmix.streaming.ShardedFeatures` that :func:`~hookmix.finetune.fit` streams block by block.
+
+A stored cache serves only the :class:`CacheKey` it was built for, whose ``dataset`` names the rows' identity
+(:mod:`hookmix.dataset_identity`); :func:`keyed_directory` gives every key its own directory under one root.
+Writers hold the directory's lock and never rewrite a published shard, so processes may share a directory:
+a second writer of the same key waits and then reads the first one's cache (:attr:`FeatureCache.reused`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import re
+import sys
 from collections.abc import Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,13 +52,23 @@ from hookmix._cache_format import (
     check_request,
     dtype_name,
     read_shard,
+    writer_active,
+    writer_lock,
 )
 from hookmix._checks import check_int, is_int, modes_restored
 from hookmix._errors import UsageError
-from hookmix.devices import autocast_dtype, resolve_device
+from hookmix.devices import autocast_dtype, place_module
 from hookmix.streaming import ShardedFeatures, default_memory_budget
 
-__all__ = ["CacheKey", "extract_rows", "FeatureCache", "transform_fingerprint", "FEATURE_DTYPES", "MANIFEST_NAME"]
+__all__ = [
+    "CacheKey",
+    "extract_rows",
+    "FeatureCache",
+    "keyed_directory",
+    "transform_fingerprint",
+    "FEATURE_DTYPES",
+    "MANIFEST_NAME",
+]
 
 
 def transform_fingerprint(transform: object) -> str:
@@ -80,8 +95,10 @@ class CacheKey:
         layer: the layer the features are taken from, e.g. ``"layer4"``.
         input_size: the shape of one input example, e.g. ``(3, 224, 224)`` (a list is accepted).
         transform: a fingerprint of the preprocessing, e.g. ``transform_fingerprint(transform)``.
-        dataset: optional id of the data and split, e.g. ``"cifar10:train"``, so that a cache of one
-            split is never served for another of the same length (``""``: not recorded).
+        dataset: the identity of the rows, e.g. ``"train:" + dataset_fingerprint(dataset)``
+            (:mod:`hookmix.dataset_identity`: file names, labels, sizes and mtimes, or tensor bytes), so that a
+            cache is never served for changed files or another split; a name such as ``"cifar10:train"``
+            only guards against another split (``""``: not recorded).
     """
 
     model: str
@@ -114,9 +131,16 @@ class CacheKey:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _backbone_device(backbone: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+def keyed_directory(root: str | Path, name: str, key: CacheKey, *, dtype: torch.dtype, views: int) -> Path:
+    """``root/<name>-<12 hex digits>``: the directory of one cache among many under ``root``, named after its
+    key, storage dtype and views.
+
+    Runs with other data or settings then extract next to each other instead of refusing, or replacing, a
+    cache that another run may be reading; a changed dataset gets a new directory and the old one stays valid
+    for the old data. ``name`` (e.g. ``"train"``) only makes the listing readable.
+    """
+    text = json.dumps([key.fingerprint(), dtype_name(dtype), views])
+    return Path(root) / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _run_backbone(
@@ -238,6 +262,8 @@ class FeatureCache:
         path: the cache directory, or ``None`` for an in-memory cache.
         batches_run: how many batches the backbone ran to build this object (0 when loaded; on a
             resumed extraction, only the batches of the shards that were missing).
+        rows_reused: how many rows were read from a cache already on disk instead of extracted (all of them
+            when loaded, or when :meth:`extract` found a complete cache for the key; see :attr:`reused`).
     """
 
     features: torch.Tensor | ShardedFeatures
@@ -245,6 +271,7 @@ class FeatureCache:
     key: CacheKey
     path: Path | None = None
     batches_run: int = 0
+    rows_reused: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, (torch.Tensor, ShardedFeatures)) or self.features.ndim < 2:
@@ -271,6 +298,11 @@ class FeatureCache:
     @property
     def dtype(self) -> torch.dtype:
         return self.features.dtype
+
+    @property
+    def reused(self) -> bool:
+        """Whether every row came from a cache on disk (same key, dtype and views): nothing was extracted."""
+        return self.path is not None and self.rows_reused == len(self)
 
     @property
     def views(self) -> int:
@@ -317,8 +349,11 @@ class FeatureCache:
             key: what the features depend on; a stored cache must match it.
             path: cache directory. ``None`` keeps everything in memory. If the directory holds a
                 complete cache for the same key, dtype, views and dataset length, it is loaded without
-                running the backbone; if it holds an interrupted one, its complete shards are verified
-                and only the missing rows are computed; if it holds anything else, ``ValueError``.
+                running the backbone (:attr:`reused`); if it holds an interrupted one, its complete shards
+                are verified and only the missing rows are computed; if it holds anything else,
+                ``ValueError``. Writing holds the directory's lock (:func:`hookmix._cache_format.writer_lock`):
+                a second process extracting into it waits, then loads what the first one wrote.
+                :func:`keyed_directory` gives each key its own directory under one root.
             dtype: storage dtype: float16 (default; ~1e-3 relative error), bfloat16 or float32 (exact).
             batch_size: examples per backbone forward.
             shard_size: examples per shard file (``path`` only); a shard is the unit of resumption.
@@ -337,26 +372,23 @@ class FeatureCache:
         _check_mmap(mmap, memory_budget)
         if path is None and mmap:
             raise UsageError("mmap=True needs path=DIR: only a cache stored on disk can be memory-mapped.")
+        _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
         run = dict(dtype=dtype, batch_size=batch_size, views=views, num_workers=num_workers, device=device)
         if path is None:
-            _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
             parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def keep(start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
                 parts.append((features, labels))
 
             count = len(dataset)  # type: ignore[arg-type]
-            run["device"] = _placed_backbone(backbone, device)
+            run["device"] = place_module(backbone, device)
             batches = _run_backbone(backbone, dataset, [(0, count)], keep, progress=progress, **run)
             [(features, labels)] = parts
             return cls(features, labels, key, batches_run=batches)
         directory = Path(path)
-        rows = (0, len(dataset))  # type: ignore[arg-type]
-        batches = extract_rows(
-            backbone, dataset, key, directory, rows, 0, MANIFEST_NAME, shard_size=shard_size, progress=progress, **run
-        )
+        reused, batches = _complete(backbone, dataset, key, directory, shard_size=shard_size, progress=progress, **run)
         cache = cls.load(directory, key, dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
-        cache.batches_run = batches
+        cache.batches_run, cache.rows_reused = batches, reused
         return cache
 
     @classmethod
@@ -374,7 +406,8 @@ class FeatureCache:
 
         Refuses with ``ValueError`` a cache built for another key (naming the field, the stored and
         the requested value), another ``dtype`` or number of ``views`` (checked when given), an
-        incomplete extraction, a missing, truncated or altered shard, or an invalid manifest.
+        incomplete extraction (saying whether another process is extracting it now or it was
+        interrupted), a missing, truncated or altered shard, or an invalid manifest.
 
         Args:
             mmap: ``False`` reads every shard (checking its sha256) into one ``(V, N, *F)`` tensor. ``True``
@@ -388,19 +421,17 @@ class FeatureCache:
         """
         _check_mmap(mmap, memory_budget)
         directory = Path(path)
+        if not (directory / MANIFEST_NAME).is_file() and directory.is_dir() and writer_active(directory):
+            raise UsageError(f"{_BEING_WRITTEN.format(directory=directory, done='no shard is complete yet')}.")
         manifest = Manifest.read(directory, CacheKey)
         check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
         if not manifest.complete:
-            raise UsageError(
-                f"the feature cache in {directory} is incomplete ({manifest.rows_done} of {manifest.count} "
-                "examples; its extraction was interrupted); call FeatureCache.extract with the same key "
-                "and path to resume it."
-            )
+            raise UsageError(_incomplete(directory, manifest))
         if mmap is None:
             mmap = manifest.stored_bytes > (default_memory_budget() if memory_budget is None else memory_budget)
         if mmap:
             sharded = ShardedFeatures(directory, manifest)
-            return cls(sharded, sharded.labels(), manifest.key, path=directory)
+            return cls(sharded, sharded.labels(), manifest.key, path=directory, rows_reused=manifest.count)
         shape = (manifest.views, manifest.count, *manifest.feature_shape)
         features = torch.empty(shape, dtype=manifest.dtype)
         labels = torch.empty((manifest.count, *manifest.label_shape), dtype=manifest.label_dtype)
@@ -408,7 +439,7 @@ class FeatureCache:
             features[:, shard.start : shard.stop], labels[shard.start : shard.stop] = read_shard(
                 directory, shard, manifest
             )
-        return cls(features, labels, manifest.key, path=directory)
+        return cls(features, labels, manifest.key, path=directory, rows_reused=manifest.count)
 
     def save(self, path: str | Path, *, shard_size: int = 1024) -> FeatureCache:
         """Write this cache to the directory ``path`` in the on-disk format and return it with ``path`` set.
@@ -425,13 +456,14 @@ class FeatureCache:
             names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
             raise UsageError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
         directory = Path(path)
-        if (directory / MANIFEST_NAME).exists():
-            raise UsageError(f"{directory} already holds a feature cache; delete it or save to another path.")
         directory.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
-        for start in range(0, len(self), shard_size):
-            stop = min(start + shard_size, len(self))
-            writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
+        with writer_lock(directory):
+            if (directory / MANIFEST_NAME).exists():
+                raise UsageError(f"{directory} already holds a feature cache; save to another path.")
+            writer = ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
+            for start in range(0, len(self), shard_size):
+                stop = min(start + shard_size, len(self))
+                writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
         return FeatureCache(self.features, self.labels, self.key, path=directory)
 
 
@@ -451,14 +483,17 @@ def extract_rows(
     num_workers: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> int:
+) -> tuple[int, int]:
     """Extract rows ``[rows[0], rows[1])`` of ``dataset`` into shards ``first_shard, ...`` of ``directory``,
-    one shard in memory at a time, recording them in ``directory/manifest_name``; returns the batches run.
+    one shard in memory at a time, recording them in ``directory/manifest_name``; returns how many of the rows
+    were already stored and how many batches the backbone ran.
 
     The whole cache is ``rows=(0, N)``, ``first_shard=0`` and the manifest; one rank of a sharded extraction
     (:func:`hookmix.distributed.extract_sharded`) writes its own rows under their final shard names and
     keeps its own manifest. When that manifest exists, its shards are verified and only the rows after
     them are computed (resume after a crash). The other arguments are those of :meth:`FeatureCache.extract`.
+    The caller holds the lock on writing ``directory/manifest_name`` (:meth:`FeatureCache.extract` holds the
+    directory's writer lock; the ranks of a sharded extraction each write their own manifest).
     """
     _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
     first, last = rows
@@ -473,22 +508,61 @@ def extract_rows(
     done = previous.rows_done if previous and previous.shards else first
     ranges = [(start, min(start + shard_size, last)) for start in range(done, last, shard_size)]
     if not ranges:
-        return 0
-    target = _placed_backbone(backbone, device)
+        return done - first, 0
+    target = place_module(backbone, device)
     writer = ShardWriter(
         directory, key, dtype, views, count, previous, first_shard=first_shard, manifest_name=manifest_name
     )
     run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
-    return _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
+    return done - first, _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
 
 
-def _placed_backbone(backbone: nn.Module, device: str | torch.device | None) -> torch.device:
-    """Where the backbone runs: where its parameters are (``None``), or ``device``, to which it is moved."""
-    if device is None:
-        return _backbone_device(backbone)
-    target = resolve_device(device)
-    backbone.to(target)
-    return target
+def _complete(backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: Path, **options: Any) -> tuple[int, int]:
+    """Make ``directory`` hold the complete cache of ``key``; the rows found stored and the batches run.
+
+    A complete cache never changes, so one found complete is checked without the lock (a read-only copy works);
+    otherwise the missing rows are extracted under the directory's writer lock, after another writer's.
+    ``options``: the keyword arguments of :func:`extract_rows`.
+    """
+    count = len(dataset)  # type: ignore[arg-type]
+    published = _published(directory)
+    if published is not None:
+        check_request(published, directory, key, dtype=options["dtype"], views=options["views"], count=count)
+        return count, 0
+    directory.mkdir(parents=True, exist_ok=True)
+    with writer_lock(directory, _say_on_stderr if options["progress"] else None):
+        return extract_rows(backbone, dataset, key, directory, (0, count), 0, MANIFEST_NAME, **options)
+
+
+def _published(directory: Path) -> Manifest | None:
+    """The manifest of the complete cache in ``directory`` (of any key), or ``None``: no cache, an incomplete
+    one or an invalid manifest, which the writer's path (under the lock) reads again and reports."""
+    try:
+        manifest = Manifest.read(directory, CacheKey)
+    except UsageError:
+        return None
+    return manifest if manifest.complete else None
+
+
+def _say_on_stderr(line: str) -> None:
+    tqdm.write(f"hookmix: {line}", file=sys.stderr)
+
+
+_BEING_WRITTEN = (
+    "the feature cache in {directory} is being extracted by another process now ({done}); "
+    "FeatureCache.extract with the same key and path waits for it and then loads the cache"
+)
+
+
+def _incomplete(directory: Path, manifest: Manifest) -> str:
+    """Why an incomplete cache cannot be loaded: another process is extracting it now, or it was interrupted."""
+    done = f"{manifest.rows_done} of {manifest.count} examples"
+    if writer_active(directory):
+        return f"{_BEING_WRITTEN.format(directory=directory, done=done + ' so far')}."
+    return (
+        f"the feature cache in {directory} is incomplete ({done}; its extraction was interrupted); "
+        "call FeatureCache.extract with the same key and path to resume it."
+    )
 
 
 def _check_mmap(mmap: object, memory_budget: object) -> None:

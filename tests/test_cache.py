@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache, transform_fingerprint
+from hookmix._cache_format import LOCK_NAME, writer_lock
+from hookmix.cache import MANIFEST_NAME, CacheKey, FeatureCache, keyed_directory, transform_fingerprint
 from hookmix.finetune import FitConfig, FitResult, fit
 from hookmix.streaming import BlockLayout, ShardedFeatures
 
@@ -48,6 +50,12 @@ def extract(dataset: Dataset, path: Path | None = None, key: CacheKey = KEY, **k
     """Extract with a fresh test backbone; float32, BATCH and SHARD unless overridden."""
     options = dict(batch_size=BATCH, shard_size=SHARD, dtype=torch.float32, progress=False) | kwargs
     return FeatureCache.extract(make_backbone(), dataset, key, path=path, **options)
+
+
+def assert_safe_advice(message: str) -> None:
+    """A refusal names no command-line flag (the app adds those) and never says to delete: the cache it refuses
+    may be another run's valid work (removal is advised only for damaged files, once no process uses them)."""
+    assert "delete" not in message and not re.search(r"--[a-z]", message), message
 
 
 class FailOnce(Dataset):
@@ -87,7 +95,7 @@ def test_fp32_round_trip_is_bitwise_equal_to_eval_backbone(tmp_path: Path) -> No
     assert torch.equal(cache.labels, dataset.tensors[1]) and cache.labels.dtype == torch.int64
     assert cache.batches_run == 7  # ceil(16/8) * 3 full shards + 1 batch for the last 2 rows
     shards = [f"shard-0000{i}.safetensors" for i in range(4)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME, *shards]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_NAME, MANIFEST_NAME, *shards])
     loaded = FeatureCache.load(tmp_path, KEY)
     assert torch.equal(loaded.features, cache.features) and torch.equal(loaded.labels, cache.labels)
     assert loaded.batches_run == 0 and loaded.key == KEY
@@ -112,6 +120,23 @@ def test_extract_on_a_complete_cache_loads_it_without_running_the_backbone(tmp_p
     first = extract(make_dataset(), tmp_path)
     again = extract(make_dataset(), tmp_path)
     assert again.batches_run == 0 and torch.equal(again.features, first.features)
+    assert again.reused and again.rows_reused == N  # what the job reports as "reusing the cache in DIR"
+    assert not first.reused and first.rows_reused == 0 and not extract(make_dataset()).reused
+    assert FeatureCache.load(tmp_path, KEY).reused
+
+
+def test_keyed_directory_gives_each_key_dtype_and_views_its_own_directory(tmp_path: Path) -> None:
+    base = keyed_directory(tmp_path, "train", KEY, dtype=torch.float16, views=1)
+    assert base.parent == tmp_path and re.fullmatch(r"train-[0-9a-f]{12}", base.name)
+    assert keyed_directory(str(tmp_path), "train", KEY, dtype=torch.float16, views=1) == base  # stable
+    others = {
+        keyed_directory(
+            tmp_path, "train", dataclasses.replace(KEY, dataset="train:files:9:stat:0"), dtype=torch.float16, views=1
+        ),
+        keyed_directory(tmp_path, "train", KEY, dtype=torch.float32, views=1),
+        keyed_directory(tmp_path, "train", KEY, dtype=torch.float16, views=2),
+    }
+    assert len(others) == 3 and base not in others
 
 
 @pytest.mark.parametrize(
@@ -134,7 +159,8 @@ def test_a_cache_for_another_key_is_refused_naming_the_field(tmp_path: Path, fie
         message = str(info.value)
         assert f"{field}={getattr(KEY, field)!r}" in message  # the stored value
         assert f"{field}={getattr(other, field)!r}" in message  # the requested value
-        assert "--cache" in message and "delete" in message
+        assert "extract into another directory" in message
+        assert_safe_advice(message)
 
 
 @pytest.mark.parametrize(
@@ -174,7 +200,8 @@ def test_damaged_shard_refused(tmp_path: Path, damage, expected: str) -> None:
     damage(tmp_path / "shard-00002.safetensors")
     with pytest.raises(ValueError, match=expected) as info:
         FeatureCache.load(tmp_path, KEY)
-    assert "shard-00002" in str(info.value) and "delete" in str(info.value)
+    assert "shard-00002" in str(info.value) and "once no process uses it" in str(info.value)
+    assert_safe_advice(str(info.value))
 
 
 @pytest.mark.parametrize(
@@ -264,12 +291,39 @@ def test_resume_recomputes_only_missing_shards_and_equals_an_uninterrupted_run(t
         progress=False,
     )
     assert resumed.batches_run == 3 and forwards == [8, 8, 2]  # rows 32..49 only
+    assert resumed.rows_reused == 32 and not resumed.reused
     assert {p: (tmp_path / "resumed" / p).stat().st_mtime_ns for p in kept} == kept
     assert torch.equal(resumed.features, uninterrupted.features)
     assert torch.equal(resumed.labels, uninterrupted.labels)
     assert (tmp_path / "resumed" / "shard-00003.safetensors").read_bytes() == (
         tmp_path / "whole" / "shard-00003.safetensors"
     ).read_bytes()
+
+
+def test_load_says_whether_an_incomplete_cache_is_being_written_or_was_interrupted(tmp_path: Path) -> None:
+    """An incomplete cache is "interrupted" only when no writer holds the lock; while one does (a lock is per
+    open file, so this process holding it counts as another writer), load says so and how to wait for it."""
+    with pytest.raises(RuntimeError):
+        extract(FailOnce(make_dataset(), fail_at=40), tmp_path)
+    with pytest.raises(ValueError, match=r"incomplete \(32 of 50 examples; its extraction was interrupted"):
+        FeatureCache.load(tmp_path, KEY)
+    (tmp_path / "new").mkdir()
+    for directory, done in ((tmp_path, "32 of 50 examples so far"), (tmp_path / "new", "no shard is complete yet")):
+        with writer_lock(directory), pytest.raises(ValueError) as info:
+            FeatureCache.load(directory, KEY)
+        assert f"{directory} is being extracted by another process now ({done}); FeatureCache.extract" in str(
+            info.value
+        )
+
+
+def test_a_cache_of_another_format_version_is_left_as_it_is(tmp_path: Path) -> None:
+    extract(make_dataset(), tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest | {"format_version": 2, "hookmix_version": "0.9.0"}))
+    with pytest.raises(ValueError, match="format version 2 \\(written by hookmix 0.9.0\\)") as info:
+        FeatureCache.load(tmp_path, KEY)
+    assert "extract into another directory" in str(info.value)
+    assert_safe_advice(str(info.value))
 
 
 def test_resume_refuses_a_damaged_complete_shard(tmp_path: Path) -> None:
@@ -477,7 +531,8 @@ def test_a_corrupted_shard_is_refused_mid_epoch_before_its_rows_are_used(tmp_pat
     head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     with pytest.raises(ValueError, match=f"shard-{last:05d}.safetensors fails its checksum") as info:
         _fit(streamed, config, blocks=layout, head=head)
-    assert "delete" in str(info.value)
+    assert "once no process uses it" in str(info.value)
+    assert_safe_advice(str(info.value))
     used = torch.cat(seen)
     assert len(used) >= 40  # mid-epoch: the six other shards (42 or 48 rows) were trained on first
     start = 8 * last
