@@ -1,16 +1,32 @@
 """The labels CSV of ``hookmix finetune --labels CSV --data ROOT``: rows become images with multi-hot targets
-over the training labels, the split is seeded, and every bad input gets a one-line message or a reported skip."""
+over the training labels, the split is seeded, and every bad input gets a one-line message or a reported skip.
+
+Plausible maintainer bugs in the augmentation path, and the test that catches each:
+
+* ``augment`` ignored (training rows read with the evaluation transform), or the validation rows given the
+  random training transform -> ``test_augmented_training_rows_get_the_model_s_training_transform``;
+* the training transform built at another size or normalisation than the model's
+  -> ``test_augmented_training_rows_get_the_model_s_training_transform`` (equal to timm's, same seeds);
+* ``--views`` not reaching a multi-label run's cache (one view cached, or views that repeat one image)
+  -> ``test_views_of_a_labels_csv_run_are_cached_augmented``.
+"""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from hookmix.app.cli import main
 from hookmix.app.labels_csv import LabeledImages, load_labels_csv, read_labels_csv
+from hookmix.app.mosaics import digits_mosaics, write_mosaics
 from hookmix.app.preprocessing import default_preprocessing
 
 SIZE = (3, 16, 16)
@@ -181,3 +197,50 @@ def test_no_readable_image_at_all(root: Path, tmp_path: Path) -> None:
     train = write_csv(tmp_path / "train.csv", "path,labels\ntext.png,x\n")
     with pytest.raises(ValueError, match=r"no image could be read \(--labels .*line 2: .*text\.png"):
         load_labels_csv(train, root, SIZE)
+
+
+def seeded(seed: int, draw):
+    """``draw()`` with Python's and torch's generators seeded (timm's random crop draws from the first,
+    torchvision's flip and colour jitter from the second)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return draw()
+
+
+def test_augmented_training_rows_get_the_model_s_training_transform(root: Path, tmp_path: Path) -> None:
+    """augment=True: a training item is timm's training transform of the image at the input size and ImageNet
+    normalisation (the same tensor under the same seeds), and differs from draw to draw; a validation item is
+    the evaluation transform (timm's, crop_pct 0.875), the same every time."""
+    train = write_csv(tmp_path / "train.csv", "path,labels\na.png,cat\nb.png,dog\nsub/c.png,dog\n")
+    val = write_csv(tmp_path / "val.csv", "path,labels\ne.png,cat\n")
+    data = load_labels_csv(train, root, SIZE, val_labels=val, augment=True)
+    assert data.augmented
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    training = timm.data.create_transform(SIZE, is_training=True, interpolation="bilinear", mean=mean, std=std)
+    picture = Image.open(root / "a.png").convert("RGB")
+    draws = [seeded(seed, lambda: data.train[0][0]) for seed in (0, 1)]
+    for seed, x in zip((0, 1), draws):
+        assert torch.equal(x, seeded(seed, lambda: training(picture)))
+    assert not torch.equal(draws[0], draws[1])
+    evaluation = timm.data.create_transform(SIZE, crop_pct=0.875, interpolation="bilinear", mean=mean, std=std)
+    expected = evaluation(Image.open(root / "e.png").convert("RGB"))
+    assert torch.equal(seeded(0, lambda: data.val[0][0]), expected) and torch.equal(data.val[0][0], expected)
+    assert data.train[0][1].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_views_of_a_labels_csv_run_are_cached_augmented(tmp_path: Path) -> None:
+    """``finetune --labels CSV --views 2``: the training cache holds two different views of every row (its
+    manifest says 2, its features are (2, N, D)); the validation cache one, read with the evaluation transform."""
+    write_mosaics(tmp_path / "m", digits_mosaics(24, 8, 0))
+    data = ["--data", str(tmp_path / "m"), "--labels", str(tmp_path / "m" / "train.csv")]
+    model = ["--model", "digits-cnn", "--input-size", "1", "16", "16", "--epochs", "1", "--quiet"]
+    cache = tmp_path / "cache"
+    assert main(["finetune", *data, *model, "--views", "2", "--cache", str(cache), "--out", str(tmp_path / "r")]) == 0
+    manifests = {p.parent.name.split(".")[0]: json.loads(p.read_text()) for p in cache.glob("*/manifest.json")}
+    assert (manifests["train"]["views"], manifests["val"]["views"]) == (2, 1)
+    assert manifests["train"]["key"]["transform"] != manifests["val"]["key"]["transform"]
+    (train_dir,) = [p.parent for p in cache.glob("train*/manifest.json")]
+    features = load_file(train_dir / "shard-00000.safetensors")["features"]
+    assert features.shape[:2] == (2, manifests["train"]["count"])
+    assert (features[0] != features[1]).any(dim=1).all()  # every row's two views differ

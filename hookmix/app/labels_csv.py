@@ -15,8 +15,10 @@ or a reported skip:
   wrong, and training on what is left would silently drop data);
 * images that exist but cannot be read (not an image, truncated): skipped, and listed in
   :attr:`LabelsSplit.skipped` for the caller to report, so one bad file in a large CSV does not end a
-  run halfway. Every image is opened and verified (``PIL.Image.verify``) up front for this; a file that
-  still fails to decode later raises a :class:`~hookmix._errors.UsageError` naming it;
+  run halfway. Every image is opened and verified (``PIL.Image.verify``) up front for this, its size
+  checked against PIL's decompression-bomb limit and its pixel mode against those hookmix reads
+  (:func:`~hookmix.app.imagefolder.image_problem`); a file that still fails to decode later raises a
+  :class:`~hookmix._errors.UsageError` naming it;
 * a label of the validation CSV that no training row has: an error naming it and its line (the head
   has no output for it).
 """
@@ -29,12 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hookmix._errors import UsageError
-from hookmix.app.imagefolder import check_image_args, load_rgb
+from hookmix.app.imagefolder import check_image_args, image_problem, load_rgb
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 
 __all__ = ["LabelRow", "LabeledImages", "LabelsSplit", "load_labels_csv", "read_labels_csv", "LABEL_SEPARATOR"]
@@ -158,21 +159,11 @@ def read_labels_csv(csv_path: str | Path, root: str | Path, flag: str = "--label
     return rows
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why ``path`` cannot be read as an image, or ``None`` when it can."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, SyntaxError, ValueError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
-
-
 def _readable(rows: list[LabelRow], progress: bool) -> tuple[list[LabelRow], list[str]]:
     """The rows whose image opens and verifies, and a note for each skipped one."""
     kept, skipped = [], []
     for row in tqdm(rows, desc="check images", disable=not progress):
-        reason = _unreadable(row.path)
+        reason = image_problem(row.path, verify=True)
         if reason is None:
             kept.append(row)
         else:
