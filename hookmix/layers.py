@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from hookmix._checks import modes_restored
+from hookmix._checks import check_int, modes_restored
 from hookmix._errors import UsageError
 from hookmix._tree import first_tensor
 from hookmix.cutpoints import CutPointWarning, UntraceableError, cut_points, stage_names
@@ -147,17 +147,24 @@ class LayerInfo:
     same_as: str = ""
 
 
-def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
-    """Run one forward of ``model`` on ``example_input`` and describe every module it contains.
+def _describe_shape(example_input: Any) -> str:
+    """``example_input``'s tensor shapes for an error message: ``1x3x64x64``, or ``(1x3, 1x5)`` for several."""
+    if isinstance(example_input, torch.Tensor):
+        return "x".join(map(str, example_input.shape))
+    values = example_input.values() if isinstance(example_input, dict) else example_input
+    shapes = [_describe_shape(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+    return f"({', '.join(shapes)})"
 
-    The forward runs in eval mode under ``torch.no_grad()`` (the model's mode is restored afterwards),
-    so it neither mixes nor changes BatchNorm statistics. ``example_input`` is a tensor (e.g. ``(1, 3,
-    224, 224)``), or a tuple / dict of positional / keyword arguments. Cut points are those of the train
-    graph (where mixing happens); the row of the model itself (``"output"``) always is one.
-    """
+
+def _output_shapes(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], example_input: Any
+) -> tuple[dict[str, tuple[int, ...] | None], dict[str, int]]:
+    """The shape of each module's first output tensor, and how often it was called, in one eval-mode, no-grad
+    forward of ``model`` on ``example_input``. A forward the model refuses (wrong channels, or a timm ViT
+    given another image size than it was built for) is a :class:`~hookmix.UsageError` naming the input's
+    shape and the model's complaint: the caller chose the input, so it is the caller's to fix."""
     shapes: dict[str, tuple[int, ...] | None] = {}
     calls: dict[str, int] = {}
-    handles = []
 
     def recorder(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -168,10 +175,8 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
 
         return hook
 
-    modules = list(model.named_modules())
+    handles = [module.register_forward_hook(recorder(name)) for name, module in modules]
     try:
-        for name, module in modules:
-            handles.append(module.register_forward_hook(recorder(name)))
         with modes_restored(model, False), torch.no_grad():
             if isinstance(example_input, dict):
                 model(**example_input)
@@ -179,9 +184,29 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
                 model(*example_input)
             else:
                 model(example_input)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        complaint = next(iter(str(err).strip().splitlines()), "")
+        raise UsageError(
+            f"example_input of shape {_describe_shape(example_input)}: the model's forward refused it "
+            f"({type(err).__name__}: {complaint}); give an input of the size and channels the model was built for."
+        ) from err
     finally:
         for handle in handles:
             handle.remove()
+    return shapes, calls
+
+
+def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
+    """Run one forward of ``model`` on ``example_input`` and describe every module it contains.
+
+    The forward runs in eval mode under ``torch.no_grad()`` (the model's mode is restored afterwards),
+    so it neither mixes nor changes BatchNorm statistics. ``example_input`` is a tensor (e.g. ``(1, 3,
+    224, 224)``), or a tuple / dict of positional / keyword arguments; an input the model's forward refuses
+    is a :class:`~hookmix.UsageError`. Cut points are those of the train graph (where mixing happens); the
+    row of the model itself (``"output"``) always is one.
+    """
+    modules = list(model.named_modules())
+    shapes, calls = _output_shapes(model, modules, example_input)
     try:
         points = cut_points(model, training=True)
         cuts: set[str] | None = {"", *points.names}
@@ -211,7 +236,11 @@ def format_layers(rows: Sequence[LayerInfo], max_depth: int | None = None) -> st
 
     The ``cut`` column reads ``yes`` for cut points, ``no`` for other modules and ``?`` when the model
     could not be analysed; ``mixup here`` says where mixing a cut point is the same as mixing later.
+    ``max_depth`` (``None``: all) keeps the names of at most that many dotted parts; the model's own row
+    (``"output"``) is always shown.
     """
+    if max_depth is not None:
+        check_int("max_depth", max_depth, 1, " (None shows every depth; 1 the top-level names)")
     shown = [r for r in rows if max_depth is None or r.depth <= max_depth]
     table = [("name", "type", "output shape", "params", "cut", "mixup here")]
     for r in shown:

@@ -96,7 +96,7 @@ def test_finetune_on_image_folder_writes_report_and_reuses_cache(tmp_path, capsy
     for name in ("curves.png", "reliability.png", "lambda_hist.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "checkpoint.safetensors").stat().st_size > 0
-    manifest = tmp_path / "cache" / "train.avgpool+flatten" / "manifest.json"
+    (manifest,) = (tmp_path / "cache").glob("train.avgpool+flatten-*/manifest.json")  # one directory per cache key
     stamp = manifest.stat().st_mtime_ns
     assert main([*args[:-3], "--out", str(tmp_path / "out2"), "--no-mix", "--quiet"]) == 0
     assert manifest.stat().st_mtime_ns == stamp  # the second run read the cache, it did not extract again
@@ -183,7 +183,7 @@ def test_demo_small(tmp_path, capsys):
             (False, True),
         }
     )
-    payload = json.loads((tmp_path / "metrics.json").read_text())
+    payload = strict_json((tmp_path / "metrics.json").read_text())
     n_val = {seed: len(digits_transfer(5, seed).val_y) for seed in (0, 1)}
     check_rows_summarise_runs(main, payload["runs"], ("mix", "calibrated"), n_val)
     runs = payload["runs"]
@@ -269,3 +269,64 @@ def test_a_library_bug_keeps_its_traceback_and_a_usage_error_is_one_line(monkeyp
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo"])
     assert exit_info.value.code == 2 and capsys.readouterr().err == "hookmix: error: --data x is not a directory\n"
+
+
+# Small defects of `layers` and `demo` (issue 20, item 12): each a one-line usage error, exit 2, no traceback.
+
+
+def usage_error(capsys, args):
+    """``main(args)`` exits 2 with one line on stderr: that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_layers_names_the_input_size_a_model_refuses(capsys):
+    # a timm ViT is built for 224x224: its patch embedding refuses 64x64 with an AssertionError
+    line = usage_error(capsys, ["layers", "vit_tiny_patch16_224", "--input-size", "3", "64", "64"])
+    assert line.startswith("hookmix: error: --input-size 3 64 64: vit_tiny_patch16_224 refused a 1x3x64x64 input")
+    assert "Input height (64) doesn't match model (224)" in line and line.endswith("--input-size C H W.")
+    # one channel where three are expected: a RuntimeError from the first conv, the same one line
+    line = usage_error(capsys, ["layers", "resnet18", "--input-size", "1", "32", "32"])
+    assert line.startswith("hookmix: error: --input-size 1 32 32: resnet18 refused a 1x1x32x32 input")
+
+
+@pytest.mark.parametrize("depth", ["-1", "0"])
+def test_layers_refuses_a_depth_that_shows_no_layer(capsys, depth):
+    line = usage_error(capsys, ["layers", "resnet18", "--input-size", "3", "32", "32", "--depth", depth])
+    assert "--depth" in line and "must be >= 1" in line
+
+
+def test_demo_help_prints_a_percent_sign_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "95% CI" in out and "%%" not in out
+
+
+def test_demo_refuses_one_seed_before_any_work(capsys, monkeypatch):
+    import hookmix.app.demo as demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: pytest.fail("the demo ran with --seeds 1"))
+    line = usage_error(capsys, ["demo", "--seeds", "1"])
+    assert "--seeds" in line and "must be >= 2" in line
+
+
+def test_run_demo_refuses_one_seed(tmp_path):
+    from hookmix import UsageError
+    from hookmix.app.demo import run_demo
+
+    with pytest.raises(UsageError, match=r"seeds=1 must be an int >= 2: the tables give mean ± 95% CI"):
+        run_demo(tmp_path, seeds=1, ks=(5,), epochs=(1,), progress=False)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def strict_json(text):
+    """``text`` parsed as JSON proper: NaN and Infinity, which Python's json module writes by default, are refused."""
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)

@@ -63,3 +63,17 @@ def test_rows_mark_cut_points(resnet):
     lines = format_layers([rows["layer4.0"], rows["layer4.0.conv2"]]).splitlines()
     assert lines[0].split() == ["name", "type", "output", "shape", "params", "cut", "mixup", "here"]
     assert lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "no"
+
+
+def test_an_input_the_model_refuses_and_a_depth_below_one_are_usage_errors(resnet):
+    from hookmix import UsageError
+
+    resnet.train()
+    with pytest.raises(UsageError, match=r"example_input of shape 1x1x32x32: the model's forward refused it") as info:
+        list_layers(resnet, torch.randn(1, 1, 32, 32))  # one channel for a 3-channel conv
+    assert isinstance(info.value.__cause__, RuntimeError) and resnet.training  # the mode is restored
+    assert not resnet.conv1._forward_hooks  # and the recording hooks removed
+    rows = list_layers(resnet, torch.randn(1, 3, 32, 32))
+    for depth in (0, -1, 1.5):
+        with pytest.raises(UsageError, match=rf"max_depth={depth!r} must be an int >= 1"):
+            format_layers(rows, max_depth=depth)

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from hookmix._checks import check_int
 from hookmix._io import atomic_write
 from hookmix.app.digits import DigitsCNN, digits_transfer, pretrain_source, single_thread
 from hookmix.app.mosaics import digits_mosaics
@@ -331,9 +332,11 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Run :func:`transfer_experiment` and :func:`head_experiment` (the largest ``k``, the longest schedule),
     print their tables, write ``metrics.json`` (``summary`` / ``runs``, and ``heads``) and the PNG plots;
-    return the summary rows of both."""
+    return the summary rows of both. ``seeds`` must be at least 2: the tables report a 95% CI over seeds, which
+    one seed cannot give (it would print ``± nan`` and ``metrics.json`` would not be JSON)."""
     from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
 
+    check_int("seeds", seeds, 2, ": the tables give mean ± 95% CI over seeds, and one seed has no spread")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs, curves = transfer_experiment(ks, epochs, seeds, alpha, progress)
@@ -361,7 +364,7 @@ def run_demo(
         "heads": {"summary": head_rows, "runs": [asdict(r) for r in head_runs]},
         "multilabel": {"summary": multilabel_rows, "runs": [asdict(r) for r in multilabel_runs]},
     }
-    atomic_write(out / "metrics.json", json.dumps(payload, indent=1).encode())
+    atomic_write(out / "metrics.json", json.dumps(payload, indent=1, allow_nan=False).encode())  # strict JSON
     for k in sorted({r.k for r in runs}):
         pair = {label: c for label, c in curves.items() if label.startswith(f"k={k} ")}
         plot_history({label: c.history for label, c in pair.items()}, out / f"curves_k{k}.png")
