@@ -1,19 +1,24 @@
 """The ``hookmix`` command.
 
-Heavy imports (torch, timm, torchvision) happen inside the commands, so ``--help`` and usage errors
-answer at once.
+Heavy imports (torch, timm, torchvision) happen inside the commands, after the arguments and paths are
+checked, so ``--help``, a bad value, a missing input and an unwritable output answer at once.
 
-Usage errors (bad arguments, unknown model or layer names, unusable files: :class:`~hookmix.UsageError`
-and missing files) exit with code 2 and a one-line ``hookmix: error: ...`` message; any other exception
-is a bug and keeps its traceback.
+Usage errors (bad arguments, unknown model or layer names, unusable or unwritable files:
+:class:`~hookmix.UsageError` and missing files) exit with code 2 and one line, ``hookmix: error: ...``,
+that names the flag (``--alpha``, also where the library's message names its Python argument ``alpha=``);
+an argparse error adds where to read more (``see hookmix finetune --help``) instead of the usage block.
+Ctrl-C exits with code 130 and one line saying what was kept and how to continue. Any other exception is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from hookmix._errors import UsageError
 
@@ -41,18 +46,26 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _number_in(low: float, high: float, high_open: bool = False) -> Callable[[str], float]:
-    """A float in [low, high] ([low, high) when ``high_open``; high = inf for no upper bound)."""
+def _number_in(
+    low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """A finite float between ``low`` and ``high`` (``math.inf``: no upper bound), each end included
+    unless ``low_open`` / ``high_open``: checked as the flag is parsed, so no model is loaded first."""
+    if high == math.inf:
+        bound = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        above = value >= high if high_open else value > high
-        if not low <= value or above or value != value:
-            bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high != float("inf") else f">= {low:g}"
-            raise argparse.ArgumentTypeError(f"{text} must be {'in ' if high != float('inf') else ''}{bound}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number; give one {bound}")
+        below = value <= low if low_open else value < low
+        if below or (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
         return value
 
     parse.__name__ = "number"
@@ -74,6 +87,9 @@ def _size(text: str) -> int:
 
 
 def _device(text: str) -> str:
+    """A device name of :data:`hookmix.devices.DEVICES`. Importing it imports torch, and argparse converts a
+    string default with this function on every command line: so the ``--device`` flags default to ``None``
+    (meaning ``"auto"``), and torch is loaded at parse time only when a device is named."""
     from hookmix.devices import DEVICES
 
     head, _, index = text.partition(":")
@@ -104,10 +120,22 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         if args.mixable:
             raise UsageError(f"--mixable needs the cut-point analysis, which is not possible: {err}") from None
         note = f"cut: ? = not analysed: {err}"
-    rows = list_layers(model, torch.zeros(1, *size))
+    try:
+        rows = list_layers(model, torch.zeros(1, *size))
+    except UsageError as err:  # the model's forward refused the input (the library's error names example_input)
+        given = f"--input-size {' '.join(map(str, size))}" if args.input_size else f"the default input size {size}"
+        raise UsageError(
+            f"{given}: {args.model} refused a 1x{'x'.join(map(str, size))} input ({err.__cause__ or err!r}); "
+            "give the size it was built for with --input-size C H W."
+        ) from None
     print(f"{args.model}: input 1x{'x'.join(map(str, size))}, {rows[0].params:,} parameters")
     print(format_layers([r for r in rows if r.cut_point or not args.mixable], max_depth=args.depth))
     print(note)
+
+
+# The head's default optimisation: the small digits CNN's head (100 examples) wants the demo's larger steps.
+_IMAGE_FIT = {"lr": 3e-3, "batch_size": 32}
+_DIGITS_FIT = {"lr": 3e-2, "batch_size": 16}
 
 
 def _fit_config(args: argparse.Namespace) -> "FitConfig":
@@ -125,12 +153,47 @@ def _fit_config(args: argparse.Namespace) -> "FitConfig":
         stop_epoch=args.stop_epoch,
         exclude_classes=excluded,
     )
+    defaults = _DIGITS_FIT if args.data == "digits" else _IMAGE_FIT
     return FitConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixing=mixing, mix=not args.no_mix, seed=args.seed
+        epochs=args.epochs,
+        batch_size=args.batch_size if args.batch_size is not None else defaults["batch_size"],
+        lr=args.lr if args.lr is not None else defaults["lr"],
+        mixing=mixing,
+        mix=not args.no_mix,
+        seed=args.seed,
     )
 
 
+_DIGITS = "digits"  # hookmix.app.finetune_job.DIGITS, named here without importing torch
+
+
+def _check_finetune_paths(args: argparse.Namespace) -> None:
+    """The inputs ``finetune`` reads exist, ``--out`` and ``--cache`` can be written, and an image folder
+    comes with ``--model``: checked before torch is imported or a model built, so such a mistake answers
+    at once (and leaves nothing behind)."""
+    from hookmix.app.paths import existing_dir, existing_file, writable_dir
+
+    if args.data != _DIGITS:
+        root = "the folder the CSV's paths are relative to" if args.labels else "a folder with one sub-folder per class"
+        existing_dir("--data", Path(args.data), f"give {root}, or 'digits'")
+    if args.val:
+        existing_dir("--val", Path(args.val), "give a folder with the same class sub-folders as --data")
+    for flag, given in (("--labels", args.labels), ("--val-labels", args.val_labels)):
+        if given:
+            existing_file(flag, Path(given), "give a CSV file with the columns path,labels")
+    if args.weights:
+        existing_file("--weights", Path(args.weights), "give a .safetensors file or a torch state dict")
+    for flag, given in (("--out", args.out), ("--cache", args.cache)):
+        if given:
+            writable_dir(flag, Path(given))
+    if args.data != _DIGITS and args.model is None:
+        raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
+
+
 def _cmd_finetune(args: argparse.Namespace) -> None:
+    _check_finetune_paths(args)
+    config = _fit_config(args)  # every setting checked before the model is built
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     from hookmix.app.finetune_job import JobSpec, run_finetune
 
     spec = JobSpec(
@@ -149,19 +212,19 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         val_labels=Path(args.val_labels) if args.val_labels else None,
         views=args.views,
         workers=args.workers,
-        device=args.device,
+        device=args.device or "auto",
         head=args.head,
         keep_maps=args.keep_maps,
         calibrate=args.calibrate,
         memory_budget=args.memory_budget,
         progress=not args.quiet,
     )
-    config = _fit_config(args)
-    for flag, path in (("--out", spec.out_dir), ("--cache", spec.cache_dir)):
-        if path is not None and path.exists() and not path.is_dir():
-            raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing).")
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = run_finetune(spec, config, resume=args.resume, say=print)
+    payload = run_finetune(spec, config, resume=args.resume, overwrite=args.overwrite, say=print)
+    _print_finetune_report(payload, config, spec.out_dir)
+
+
+def _print_finetune_report(payload: dict[str, Any], config: "FitConfig", out: Path) -> None:
+    """The closing lines of ``finetune``: the data, the final epoch's metrics, calibration, files written."""
     final = payload["final"]
     print(
         f"{payload['train_examples']} train / {payload['val_examples']} val, "
@@ -189,7 +252,66 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
             f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
         )
     plots = "curves.png, reliability.png" + (", lambda_hist.png" if config.mix else "")
-    print(f"wrote {spec.out_dir}/metrics.json, {plots}")
+    print(f"wrote {out}/metrics.json, {plots}")
+
+
+def _finetune_interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted ``finetune`` leaves and how to go on: the next run reuses the features cached in
+    ``--cache``, and ``--resume`` continues from the checkpoint of the last finished epoch in ``--out``."""
+    out = Path(args.out)
+    finetune = sys.modules.get("hookmix.finetune")  # imported before any epoch starts: absent, none finished
+    kept = [f"the features cached in --cache {args.cache} (the next run reuses them)"] if args.cache else []
+    if finetune is not None and (out / finetune.CHECKPOINT_WEIGHTS).exists():
+        kept.append(f"the checkpoint of the last finished epoch in --out {out}")
+    if not kept:
+        return "no epoch had finished and no --cache was given, so nothing is kept; run the same command again"
+    return f"kept {' and '.join(kept)}; continue with the same command and --resume"
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    """``hookmix sweep``: checked like ``finetune`` before torch is imported, then :func:`run_sweep`."""
+    from hookmix.app.paths import existing_dir, writable_dir
+
+    if args.data != _DIGITS:
+        existing_dir("--data", Path(args.data), "give a folder with one sub-folder per class, or 'digits'")
+        if args.model is None:
+            raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
+    if args.val:
+        existing_dir("--val", Path(args.val), "give a folder with the same class sub-folders as --data")
+    for flag, given in (("--out", args.out), ("--cache", args.cache)):
+        if given:
+            writable_dir(flag, Path(given))
+    from hookmix.finetune import FitConfig
+
+    defaults = _DIGITS_FIT if args.data == _DIGITS else _IMAGE_FIT
+    base = FitConfig(epochs=args.epochs, batch_size=args.batch_size or defaults["batch_size"])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    from hookmix.app.finetune_job import JobSpec
+    from hookmix.app.sweep_job import SweepSpec, format_table, run_sweep
+
+    job = JobSpec(
+        data=args.data,
+        layer=None,
+        out_dir=Path(args.out),
+        model=args.model,
+        pretrained=args.pretrained,
+        cache_dir=Path(args.cache) if args.cache else None,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        shots=args.shots,
+        val=Path(args.val) if args.val else None,
+        device=args.device or "auto",
+        head=args.head,
+        progress=not args.quiet,
+    )
+    lrs = tuple(args.lr) if args.lr else (defaults["lr"],)
+    spec = SweepSpec(job, tuple(args.layers or ()) or None, tuple(args.alpha), lrs, args.seeds, base, args.overwrite)
+    payload = run_sweep(spec, say=print)
+    print(format_table(payload["records"]))
+    for line in payload["verdicts"] + payload["warnings"]:
+        print(line)
+    best = payload["best"]
+    print(f"best on validation NLL: {best['layer']} α={best['alpha']:g} lr {best['lr']:g} seed {best['seed']}")
+    print(f"wrote {args.out}/sweep.json, sweep.csv, sweep.png and the best cell's run in {args.out}/best")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -208,7 +330,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         out,
         top_k=args.top_k,
         batch_size=args.batch_size,
-        device=args.device,
+        device=args.device or "auto",
         progress=not args.quiet,
     )
     if out is not None:
@@ -222,6 +344,22 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _predict_interrupted(args: argparse.Namespace) -> str:
+    written = f"nothing was written to --out {args.out}" if args.out else "nothing was printed"
+    return f"{written} (the CSV is written whole, after the last image); run the same command again"
+
+
+def _export_interrupted(args: argparse.Namespace) -> str:
+    return (
+        f"no file of --out {args.out} is half-written (each is written whole, after the model is traced); "
+        "run the same command again"
+    )
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    return "run the same command again"
+
+
 def _run_command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     """A sub-command that reads a finished run directory (``--run DIR``)."""
     parser = sub.add_parser(name, help=summary, description=description)
@@ -229,8 +367,33 @@ def _run_command(sub: Any, name: str, summary: str, description: str) -> argpars
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose error is one line and where to read more (``see hookmix finetune --help``),
+    not the usage block above it (15 lines for ``finetune``); its sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hookmix: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``{Python argument: flag}`` of ``parser``'s options, e.g. ``{"cutmix_alpha": "--cutmix-alpha"}``."""
+    return {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+
+
+def _with_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each ``name=value`` of a Python argument that a flag sets written as that flag,
+    ``alpha=-1.0`` -> ``--alpha -1.0``, ``device='cuda'`` -> ``--device cuda``: the library's messages name
+    its arguments, the user typed flags."""
+    if not flags:
+        return message
+    names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
+    pattern = rf"(?<![\w.-])({names})=(?:'([^']*)')?"
+    return re.sub(pattern, lambda found: f"{flags[found[1]]} {found[2] or ''}", message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hookmix", description="Feature-level mixup through forward hooks.")
+    parser = _Parser(prog="hookmix", description="Feature-level mixup through forward hooks.")
+    parser.set_defaults(interrupted=_interrupted, flags={})
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     layers = sub.add_parser(
         "layers",
@@ -246,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("C", "H", "W"),
         help="input size (default: the model's own, else 3 224 224)",
     )
-    layers.add_argument("--depth", type=int, default=None, help="show names up to this many dotted parts")
+    layers.add_argument(
+        "--depth", type=_positive_int, default=None, help="show names up to this many dotted parts (>= 1)"
+    )
     layers.add_argument(
         "--mixable",
         action="store_true",
@@ -297,11 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="training features larger than this (e.g. 8G) are memory-mapped from --cache and streamed in "
         "shuffled blocks with bounded memory (default: half the available RAM)",
     )
-    ft.add_argument("--device", type=_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
-    ft.add_argument("--alpha", type=float, default=0.4, help="mixup lambda ~ Beta(alpha, alpha); 0: off (default 0.4)")
+    ft.add_argument(
+        "--device", type=_device, default=None, help="auto (cuda, then mps, then cpu; the default), cpu, cuda, mps"
+    )
+    ft.add_argument(
+        "--alpha",
+        type=_number_in(0),
+        default=0.4,
+        help="mixup lambda ~ Beta(alpha, alpha); 0: off (default 0.4)",
+    )
     ft.add_argument(
         "--cutmix-alpha",
-        type=_number_in(0, float("inf")),
+        type=_number_in(0),
         default=0.0,
         help="cutmix at the layer, lambda ~ Beta(a, a); 0: off (default)",
     )
@@ -326,9 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--no-mix", action="store_true", help="train the baseline head without mixup")
     ft.add_argument("--epochs", type=_positive_int, default=20)
-    ft.add_argument("--batch-size", type=_positive_int, default=32)
-    ft.add_argument("--lr", type=float, default=3e-3)
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="head training batch (default 32; digits: 16)"
+    )
+    ft.add_argument(
+        "--lr", type=_number_in(0, low_open=True), default=None, help="AdamW learning rate (default 3e-3; digits: 3e-2)"
+    )
+    ft.add_argument("--seed", type=_non_negative_int, default=0)
     ft.add_argument("--exclude-classes", type=int, nargs="+", metavar="C", help="class indices never mixed")
     ft.add_argument("--cache", metavar="DIR", help="keep features on disk here (reused when they match)")
     ft.add_argument("--fp32", action="store_true", help="cache features in float32 (default float16)")
@@ -350,9 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
     ft.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, plots and checkpoints go")
-    ft.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again = ft.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
-    ft.set_defaults(handler=_cmd_finetune)
+    ft.set_defaults(handler=_cmd_finetune, interrupted=_finetune_interrupted)
 
     pr = _run_command(
         sub,
@@ -366,9 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: standard output)")
     pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
     pr.add_argument("--batch-size", type=_positive_int, default=64)
-    pr.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, mps")
+    pr.add_argument("--device", type=_device, default=None, help="auto (the default), cpu, cuda, mps")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.set_defaults(handler=_cmd_predict)
+    pr.set_defaults(handler=_cmd_predict, interrupted=_predict_interrupted)
 
     ex = _run_command(
         sub,
@@ -380,20 +558,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--out", required=True, metavar="FILE", help="e.g. model.safetensors")
     ex.add_argument("--onnx", action="store_true", help="also write FILE.onnx (needs pip install 'hookmix[onnx]')")
-    ex.set_defaults(handler=_cmd_export)
+    ex.set_defaults(handler=_cmd_export, interrupted=_export_interrupted)
 
     demo = sub.add_parser(
         "demo",
         help="the digits-transfer experiment: head-only fine-tuning with and without feature mixup",
         description="Frozen CNN pretrained on digits 0-4, head trained on few labels of digits 5-9 with and "
-        "without feature mixup at stage2, over seeds; prints mean ± 95%% CI and writes plots.",
+        "without feature mixup at stage2, over seeds; prints mean ± 95% CI and writes plots.",
     )
     demo.add_argument("--out", default="demo_out", metavar="DIR")
-    demo.add_argument("--seeds", type=_positive_int, default=5)
+    demo.add_argument(
+        "--seeds", type=_int_at_least(2), default=5, help="at least 2: a 95%% CI needs a spread over seeds"
+    )
     demo.add_argument("--alpha", type=float, default=0.4)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+    _add_sweep(sub)
+    for command in sub.choices.values():
+        command.set_defaults(flags=_flag_names(command))
     return parser
+
+
+def _add_sweep(sub: Any) -> None:
+    """The ``sweep`` sub-command: finetune's inputs, with lists where a grid makes sense."""
+    sw = sub.add_parser(
+        "sweep",
+        help="train a grid of heads (layer x alpha x lr x seed) on cached features; paired CIs against alpha=0",
+        description="Per layer, cache the features once and train every cell (alpha x lr x seed) together; "
+        "report each alpha against alpha=0 on the same seeds with 95%% CIs, and write the best cell on "
+        "validation NLL as a run directory --out/best.",
+    )
+    sw.add_argument("--data", required=True, help="an image folder (one sub-folder per class) or 'digits'")
+    sw.add_argument("--model", help="torchvision/timm model name (not with --data digits)")
+    sw.add_argument("--pretrained", action="store_true", help="load the library's default weights (download)")
+    sw.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
+    sw.add_argument("--layers", nargs="+", metavar="L", help="layers to cut at (default: the last two stages)")
+    sw.add_argument("--head", choices=("model", "linear", "mlp"), default="model", help="as finetune --head")
+    sw.add_argument("--alpha", type=_number_in(0), nargs="+", default=[0.0, 0.2, 0.4, 1.0], help="0 is always in")
+    sw.add_argument("--lr", type=_number_in(0, low_open=True), nargs="+", help="AdamW lrs (default as finetune)")
+    sw.add_argument("--seeds", type=_int_at_least(2), default=5, help="seeds 0..K-1 per cell (>= 2, default 5)")
+    sw.add_argument("--epochs", type=_positive_int, default=20)
+    sw.add_argument("--batch-size", type=_positive_int, default=None, help="default 32; digits: 16")
+    sw.add_argument("--cache", metavar="DIR", help="feature caches, shared with finetune")
+    sw.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
+    sw.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
+    sw.add_argument("--device", type=_device, default=None, help="auto (the default), cpu, cuda, mps")
+    sw.add_argument("--out", required=True, metavar="DIR", help="sweep.json, sweep.csv, sweep.png, best/")
+    sw.add_argument("--overwrite", action="store_true", help="replace a finished sweep in --out")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(handler=_cmd_sweep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler(args)
     except (UsageError, FileNotFoundError) as exc:  # a user's mistake: one line; anything else keeps its traceback
-        parser.exit(2, f"hookmix: error: {exc}\n")
+        parser.exit(2, f"hookmix: error: {_with_flags(str(exc), args.flags)}\n")
+    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not the traceback of where it landed
+        parser.exit(130, f"hookmix: interrupted; {args.interrupted(args)}.\n")
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
+from hookmix.app.paths import writable_file
 from hookmix.app.run import load_run
 from hookmix.finetuned import FinetunedModel, save_finetuned
 
@@ -52,17 +53,18 @@ def export_onnx(model: FinetunedModel, path: Path) -> Path:
 
 def run_export(run: str | Path, out: Path, *, onnx: bool = False) -> list[Path]:
     """Export the run directory ``run`` to ``out`` (and ``out.json``, ``out.onnx`` with ``onnx``); returns
-    the files written."""
-    if onnx:  # before the long work, so a missing extra fails at once
+    the files written.
+
+    A missing ONNX extra and an unwritable ``out`` fail before the long work; the ONNX model is traced
+    before anything is written, so an interrupted or failed trace leaves no export behind."""
+    if onnx:
         _require_onnx()
-    if out.exists() and out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name, e.g. model.safetensors.")
+    writable_file("--out", out, "model.safetensors")
     loaded = load_run(run)
     model = loaded.model
-    written = [save_finetuned(out, loaded.source_model, model.head, model.config)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    traced = [export_onnx(model, out.with_suffix(".onnx"))] if onnx else []
+    weights = save_finetuned(out, loaded.source_model, model.head, model.config)
     config = out.with_name(out.name + ".json")
     atomic_write(config, json.dumps(model.config.to_json(), indent=1).encode())
-    written.append(config)
-    if onnx:
-        written.append(export_onnx(model, out.with_suffix(".onnx")))
-    return written
+    return [weights, config, *traced]

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from hookmix._errors import UsageError
+from hookmix._io import atomic_write
+from hookmix.app.imagefolder import UnreadableImage, read_rgb
+from hookmix.app.paths import writable_file
 from hookmix.app.run import load_run
 from hookmix.devices import resolve_device
 from hookmix.finetuned import FinetunedModel
@@ -48,10 +50,11 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def _load(path: Path, transform: Callable, warn: Callable[[str], None]) -> torch.Tensor | None:
+    """``path`` read as the run's training images were (:func:`~hookmix.app.imagefolder.read_rgb`) and
+    transformed; ``None``, reported to ``warn``, when it cannot be read."""
     try:
-        with Image.open(path) as image:
-            return transform(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return transform(read_rgb(path))
+    except UnreadableImage as exc:
         warn(f"hookmix: skipped {path}: not a readable image ({exc})")
         return None
 
@@ -115,9 +118,12 @@ def run_predict(
     progress: bool = True,
 ) -> int:
     """Rebuild ``run``, classify ``inputs`` and write the CSV to ``out`` (standard output when ``None``);
-    returns the number of rows."""
-    loaded = load_run(run)
+    returns the number of rows. ``out`` and the inputs are checked first, so an unwritable ``--out`` is
+    one line before the work; the CSV is written whole (atomically) after the last image."""
+    if out is not None:
+        writable_file("--out", out, "predictions.csv")
     paths = collect_images(inputs)
+    loaded = load_run(run)
     results = predict_images(
         loaded.model, loaded.transform, paths, batch_size=batch_size, device=device, progress=progress
     )
@@ -126,5 +132,6 @@ def run_predict(
     if out is None:
         sys.stdout.write(text.getvalue())
     else:
-        out.write_text(text.getvalue())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, text.getvalue().encode())
     return len(results)
