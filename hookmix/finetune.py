@@ -38,7 +38,7 @@ from hookmix._checks import check_int, is_number, modes_restored
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write, load_state
 from hookmix._tasks import MULTICLASS, Task, task_of
-from hookmix.devices import resolve_device
+from hookmix.devices import place_module
 from hookmix.mixer import HookMixer
 from hookmix.settings import MixSettings
 from hookmix.streaming import BlockLayout, ShardedFeatures
@@ -85,12 +85,14 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: the per-epoch history, the λ drawn on mixed steps, and the last
-    validation logits (for the reliability diagram)."""
+    """What :func:`fit` returns: the per-epoch history, the λ drawn on mixed steps, the last validation
+    logits (for the reliability diagram), and ``restarts``: the epochs (0-based) at which a resumed fit that
+    was given more ``epochs`` than its finished checkpoint restarted the cosine schedule at ``lr``."""
 
     history: list[dict[str, float]]
     lams: list[float] = field(default_factory=list)
     val_logits: torch.Tensor | None = None
+    restarts: list[int] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, float]:
@@ -167,27 +169,13 @@ def _check_logits(output: torch.Tensor, num_classes: int) -> torch.Tensor:
     return output
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _on(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    """``device`` resolved, with ``model`` moved there; ``None``: where the model already is."""
-    if device is None:
-        return _model_device(model)
-    target = resolve_device(device)
-    model.to(target)
-    return target
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, *, device: str | torch.device | None = None
 ) -> torch.Tensor:
     """Logits (N, C) on the CPU of ``model`` on ``inputs`` (N, ...) in eval mode, batch by batch; the modes
     are restored. ``device``: as for :func:`fit` (``None``: where the model is)."""
-    target = _on(device, model)
+    target = place_module(model, device)
     with modes_restored(model, False):
         return torch.cat(
             [
@@ -244,7 +232,10 @@ def fit(
         config: optimisation and mixing settings.
         num_classes: number of classes (checks the labels, the exclusion and the model's output width).
         checkpoint_dir: where to write a checkpoint after every epoch; with ``resume=True`` training
-            continues from the checkpoint found there.
+            continues from the checkpoint found there (with the same settings). A finished checkpoint of
+            fewer ``epochs`` is trained further: its cosine schedule has annealed the learning rate to 0, so
+            the extra epochs run a new cosine cycle from ``lr`` (a warm restart, in ``FitResult.restarts``)
+            — not the single longer cycle a fresh fit of that many epochs would run.
         device: where to train: ``None`` — where the model's parameters are — or ``"auto"`` / ``"cpu"`` /
             ``"cuda"`` / ``"mps"`` (:func:`~hookmix.devices.resolve_device`), to which the model is moved.
         preload: move the training inputs to ``device`` once (``True``) or copy them batch by batch from
@@ -270,22 +261,32 @@ def fit(
     if _check_data(val_inputs, val_labels, "val", num_classes)[1] != task:
         raise UsageError(f"train_labels are {task.name} targets but val_labels are not; give both of one kind.")
     blocks = _check_blocks(blocks, views, train_labels.shape[0])
-    target = _on(device, model)
+    target = place_module(model, device)
     views, train_labels = _placed(views, target, preload), train_labels.to(target)
     n = train_labels.shape[0]
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * len(_batch_starts(n, config.batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     result = FitResult(history=[])
-    mixing = asdict(config.mixing if config.mix else replace(config.mixing, prob=0.0))
+    settings = config.mixing if config.mix else replace(config.mixing, prob=0.0)
     devices = [target] if target.type == "cuda" else []
     with (
         torch.random.fork_rng(devices=devices),  # dropout in the head draws from the global RNG: seed it here
-        HookMixer(model, layer, num_classes=num_classes, seed=config.seed, targets=task.targets, **mixing) as mixer,
+        HookMixer(
+            model, layer, settings=settings, num_classes=num_classes, seed=config.seed, targets=task.targets
+        ) as mixer,
     ):
         torch.manual_seed(config.seed)
         state = _TrainState(
-            config, model, optimizer, scheduler, mixer, torch.Generator().manual_seed(config.seed), result, task
+            config,
+            model,
+            optimizer,
+            scheduler,
+            mixer,
+            torch.Generator().manual_seed(config.seed),
+            result,
+            task,
+            len(_batch_starts(n, config.batch_size)),
         )
         if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
             state.load(Path(checkpoint_dir))
@@ -344,11 +345,13 @@ def _train_epoch(
     mixer.set_epoch(epoch)
     _freeze_mode(model)
     n = labels.shape[0]
-    plan = blocks.order(state.data_gen) if blocks is not None else None
-    order = plan.order if plan is not None else torch.randperm(n, generator=state.data_gen)
+    epoch_order = blocks.order(state.data_gen) if blocks is not None else None
+    order = epoch_order.order if epoch_order is not None else torch.randperm(n, generator=state.data_gen)
     view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
     streamed = (
-        views.batches(plan, view, state.config.batch_size) if plan and isinstance(views, ShardedFeatures) else None
+        views.batches(epoch_order, view, state.config.batch_size)
+        if epoch_order and isinstance(views, ShardedFeatures)
+        else None
     )
     order, view = order.to(labels.device), view.to(labels.device)
     criterion = state.task.criterion()
@@ -394,6 +397,7 @@ class _TrainState:
     data_gen: torch.Generator
     result: FitResult
     task: Task = MULTICLASS
+    steps_per_epoch: int = 1
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The tensors and the JSON-serialisable state of this point of training."""
@@ -415,24 +419,19 @@ class _TrainState:
             "scheduler": self.scheduler.state_dict(),
             "optimizer_groups": optim_state["param_groups"],
             "mixer": mixer_state,
+            "restarts": self.result.restarts,
         }
         return tensors, state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], source: str) -> None:
         """Restore :meth:`state_dict`; ``source`` names where it came from in the errors."""
-        stored, wanted = _settings(state["config"]), _settings(json.loads(json.dumps(asdict(self.config))))
-        if stored != wanted:
-            diff = {k: (stored.get(k), wanted[k]) for k in wanted if stored.get(k) != wanted[k]}
-            raise UsageError(
-                f"{source} was trained with other settings {diff} (stored, requested); "
-                "resume with the same settings or use another --out directory."
-            )
+        extend = self._check_settings(state, source)
         weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         load_state(
             self.model,
             weights,
             f"{source} (another head shape?)",
-            "resume with the same model and layer, or use another --out directory",
+            "resume with the same model and layer, or fit with another checkpoint_dir",
         )
         optim_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_groups"]}
         for key, value in tensors.items():
@@ -447,6 +446,39 @@ class _TrainState:
         self.mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer"]})
         self.result.history.extend(state["history"])
         self.result.lams.extend(tensors["result.lams"].tolist())
+        self.result.restarts.extend(state.get("restarts", []))
+        if extend:
+            self._restart_schedule(len(state["history"]))
+
+    def _check_settings(self, state: dict[str, Any], source: str) -> bool:
+        """Refuse a checkpoint of other settings; ``True`` when it is a finished fit of fewer epochs, which
+        this fit trains further (:meth:`_restart_schedule`)."""
+        stored, wanted = _settings(state["config"]), _settings(json.loads(json.dumps(asdict(self.config))))
+        diff = {k: (stored.get(k), wanted[k]) for k in wanted if stored.get(k) != wanted[k]}
+        done = len(state["history"])
+        if set(diff) == {"epochs"} and done == stored["epochs"] < wanted["epochs"]:
+            return True
+        if set(diff) == {"epochs"}:
+            now = "finished" if done == stored["epochs"] else f"at epoch {done}"
+            raise UsageError(
+                f"{source} is {now} of epochs={stored['epochs']}; resume it with epochs={stored['epochs']} "
+                f"(a finished fit can then be trained further with more epochs), or start another fit."
+            )
+        if diff:
+            raise UsageError(
+                f"{source} was trained with other settings {diff} (stored, requested); "
+                "resume with the same settings, or start another fit."
+            )
+        return False
+
+    def _restart_schedule(self, done: int) -> None:
+        """A new cosine cycle from ``lr`` over the epochs after ``done``: the finished schedule ended at 0."""
+        steps = (self.config.epochs - done) * self.steps_per_epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        self.scheduler.T_max, self.scheduler.last_epoch = steps, 0
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.result.restarts.append(done)
 
     def save(self, directory: Path) -> None:
         """Write the checkpoint of this point of training into ``directory``."""
@@ -466,5 +498,8 @@ class _TrainState:
             if not isinstance(state, dict) or state.get("format") != 1:
                 raise UsageError(f"{CHECKPOINT_WEIGHTS} carries no format-1 hookmix checkpoint state")
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: not safetensors (e.g. a pickle)
-            raise UsageError(f"cannot read the checkpoint in {directory}: {exc}; delete it to start over.") from None
+            raise UsageError(
+                f"cannot read the checkpoint in {directory}: {exc}; resume from another checkpoint_dir, or train "
+                "from the start with resume=False (its checkpoints then replace this one)."
+            ) from None
         self.load_state_dict(tensors, state, f"the checkpoint in {directory}")

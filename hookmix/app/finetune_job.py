@@ -24,17 +24,18 @@ from hookmix._cache_format import bytes_per_example
 from hookmix._checks import modes_restored
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
+from hookmix.app.data_identity import data_identity
 from hookmix.app.digits import digits_transfer
 from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.labels_csv import load_labels_csv
 from hookmix.app.preprocessing import DIGITS_PREPROCESSING, model_preprocessing
-from hookmix.app.run import DIGITS_NAME, BackboneSource, save_run, sha256_of
-from hookmix.cache import CacheKey, FeatureCache
+from hookmix.app.run import DIGITS_NAME, BackboneSource, finished_run, save_run, sha256_of
+from hookmix.cache import CacheKey, FeatureCache, keyed_directory
 from hookmix.calibration import fit_temperature
 from hookmix.cutpoints import stage_names
 from hookmix.devices import resolve_device
 from hookmix.equivalence import mix_equivalence
-from hookmix.finetune import FitConfig, fit
+from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, FitResult, fit
 from hookmix.finetuned import FinetunedConfig, assemble, example_shape
 from hookmix.metrics import evaluate, evaluate_multilabel, reliability, reliability_multilabel, tune_thresholds
 from hookmix.models import resolve_model
@@ -187,7 +188,7 @@ def _load_data(spec: JobSpec, input_size: tuple[int, int, int], preprocessing: A
     (multi-label) with paths under ``--data``; the validation part from ``--val`` / ``--val-labels`` or split."""
     common = dict(preprocessing=preprocessing, augment=spec.views > 1, val_fraction=spec.val_fraction, seed=seed)
     if spec.labels is None:
-        return load_image_folder(spec.data, input_size, val_root=spec.val, **common)
+        return load_image_folder(spec.data, input_size, val_root=spec.val, progress=spec.progress, **common)
     data = load_labels_csv(
         spec.labels, spec.data, input_size, val_labels=spec.val_labels, progress=spec.progress, **common
     )
@@ -272,31 +273,39 @@ def _cache_name(part: str, key_layer: str, layer: str) -> str:
     return f"{part}.{re.sub(r'[^A-Za-z0-9+_.-]', '_', suffix)}" if suffix else part
 
 
+def _cache_key(prepared: _Prepared, part: str, layer: str) -> CacheKey:
+    """The key of one part's features: the weights, the cached point, the preprocessing and the data's
+    identity (each row's file — name, size, mtime — and label, or the tensors' bytes)."""
+    train = part == "train"
+    transform = prepared.train_transform if train else prepared.val_transform
+    dataset = prepared.train if train else prepared.val
+    return CacheKey(prepared.source.id, layer, prepared.input_size, transform, f"{part}:{data_identity(dataset)}")
+
+
 def _extract(
     prepared: _Prepared,
     backbone: torch.nn.Module,
     spec: JobSpec,
     device: torch.device,
-    part: str,
-    layer: str,
+    key: CacheKey,
     budget: int | None,
 ) -> FeatureCache:
     """Extract (or load) one part's features; with a ``budget`` and a cache directory, a cache larger than
     the budget comes back memory-mapped (streamed by :func:`~hookmix.finetune.fit`)."""
-    train = part == "train"
-    transform = prepared.train_transform if train else prepared.val_transform
-    source = spec.val if not train and spec.val is not None else spec.data
-    if spec.labels is not None:
-        source = spec.val_labels if not train and spec.val_labels is not None else spec.labels
-    key = CacheKey(prepared.source.id, layer, prepared.input_size, transform, f"{source}:{part}")
+    part, layer = key.dataset.partition(":")[0], key.layer
+    dataset, views = (prepared.train, spec.views) if part == "train" else (prepared.val, 1)
+    path = None
+    if spec.cache_dir is not None:  # one directory per key: other data or settings never meet this cache
+        name = _cache_name(part, layer, prepared.layer)
+        path = keyed_directory(spec.cache_dir, name, key, dtype=spec.dtype, views=views)
     return FeatureCache.extract(
         backbone,
-        prepared.train if train else prepared.val,
+        dataset,
         key,
-        path=spec.cache_dir / _cache_name(part, layer, prepared.layer) if spec.cache_dir is not None else None,
+        path=path,
         dtype=spec.dtype,
         batch_size=spec.batch_size,
-        views=spec.views if train else 1,
+        views=views,
         num_workers=spec.workers,
         device=device,
         progress=spec.progress,
@@ -372,13 +381,180 @@ def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint) -> int
     return budget
 
 
+RUN_FILES = (
+    "run.json",
+    "head.safetensors",
+    "job.json",
+    "metrics.json",
+    CHECKPOINT_WEIGHTS,
+    CHECKPOINT_STATE,
+    "curves.png",
+    "reliability.png",
+    "lambda_hist.png",
+)
+JOB_FILE = "job.json"
+
+
+def _checkpoint_epoch(out: Path) -> int | None:
+    """The epochs the checkpoint in ``out`` has trained, ``None`` without one (``-1``: unreadable)."""
+    if not (out / CHECKPOINT_WEIGHTS).exists():
+        return None
+    try:
+        return int(json.loads((out / CHECKPOINT_STATE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over a run in ``--out`` unless asked: a finished run (``run.json``) or an unfinished
+    one (a checkpoint) needs ``--resume`` to continue it or ``--overwrite`` to replace it."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    if resume or overwrite:
+        return
+    finished = finished_run(out)
+    if finished is not None:
+        done = finished.get("finetuned", {}) if isinstance(finished.get("finetuned"), dict) else {}
+        what = f"{done.get('weights', '?')} @ {done.get('layer', '?')}"
+        raise UsageError(
+            f"--out {out} holds a finished run ({what}); give another --out, --resume (with more --epochs) to "
+            "train it further, or --overwrite to replace it."
+        )
+    epoch = _checkpoint_epoch(out)
+    if epoch is not None:
+        raise UsageError(
+            f"--out {out} holds an unfinished run (a checkpoint after epoch {epoch}); continue it with --resume, "
+            "or give --overwrite to start over (or another --out)."
+        )
+
+
+def _identity(spec: JobSpec, prepared: _Prepared, point: _CachePoint, config: FitConfig, data: list[str]) -> dict:
+    """What a run is trained on, checked by ``--resume``: the weights, the cut, the head, the classes, the
+    preprocessing, the data (the train and validation cache keys, which cover the files and their labels)
+    and the settings; ``epochs`` is left to :func:`fit`, which lets a finished run be trained further."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("epochs", "mixing")} | asdict(config.mixing)
+    return json.loads(
+        json.dumps(
+            {
+                "model": prepared.source.id,
+                "layer": prepared.layer,
+                "head": spec.head,
+                "cached": point.key_layer,
+                "task": prepared.task,
+                "classes": list(prepared.classes),
+                "preprocessing": prepared.preprocessing,
+                "views": spec.views,
+                "cache_dtype": str(spec.dtype),
+                "calibrate": spec.calibrate,
+                "train_data": data[0],
+                "val_data": data[1],
+                "settings": settings,
+            }
+        )
+    )
+
+
+def _check_resume(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse to continue a run in ``out`` that was trained on other data, weights, cut or settings."""
+    try:
+        stored = json.loads((out / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        raise UsageError(
+            f"--resume: {out / JOB_FILE} is missing or unreadable, so what the checkpoint in --out {out} was "
+            "trained on cannot be checked; give --overwrite to start over, or another --out."
+        ) from None
+    then = {**stored, **(stored.get("settings") or {})}
+    now = {**identity, **identity["settings"]}
+    changed = [name for name in now if name != "settings" and then.get(name) != now[name]]
+    if changed:
+        data = [n for n in changed if n.endswith("_data")]
+        detail = "; ".join(
+            [f"{n}: the files, their labels or contents differ" for n in data]
+            + [f"{n}: {then.get(n)!r} then, {now[n]!r} now" for n in changed if n not in data][:4]
+        )
+        raise UsageError(
+            f"--resume: the run in --out {out} was trained on something else ({detail}); resume with what it "
+            "was trained on, or give another --out (or --overwrite to replace it)."
+        )
+
+
+def _say_resume(say: Callable[[str], None], out: Path, config: FitConfig) -> None:
+    epoch = _checkpoint_epoch(out)
+    if epoch is None:
+        say(f"--resume: no checkpoint in {out}; training from epoch 1")
+    elif epoch < config.epochs and finished_run(out) is not None:
+        say(
+            f"training the finished {epoch}-epoch run further to {config.epochs} epochs: its cosine schedule "
+            f"ended at lr 0, so epochs {epoch + 1}-{config.epochs} run a new cosine cycle from lr {config.lr:g}"
+        )
+    elif epoch < config.epochs:
+        say(f"resuming at epoch {epoch + 1} of {config.epochs} from the checkpoint in {out}")
+    else:
+        say(f"the run in {out} has trained its {epoch} epochs: nothing to train, the report is written again")
+
+
+def _say_caches(say: Callable[[str], None], caches: tuple[FeatureCache, FeatureCache]) -> None:
+    for part, cache in zip(("train", "val"), caches):
+        if cache.path is not None and cache.reused:
+            say(f"reusing the {part} cache in {cache.path} (same model, layer, preprocessing and data)")
+
+
+def _extract_all(
+    spec: JobSpec,
+    prepared: _Prepared,
+    backbone: nn.Module,
+    point: _CachePoint,
+    keys: tuple[CacheKey, CacheKey],
+    device: torch.device,
+    say: Callable,
+) -> tuple[FeatureCache, FeatureCache, int, float]:
+    """The train and validation features (extracted, or reused from ``--cache``), the memory budget and the
+    extraction time; says whether the training features are streamed or kept in memory."""
+    budget = _check_budget(spec, prepared, point)
+    start = time.perf_counter()
+    train = _extract(prepared, backbone, spec, device, keys[0], budget)
+    val = _extract(prepared, backbone, spec, device, keys[1], None)
+    extract_s = time.perf_counter() - start
+    _say_caches(say, (train, val))
+    limit = _human(budget)
+    if isinstance(train.features, ShardedFeatures):
+        size = _human(train.features.stored_bytes)
+        say(f"training features {size} > memory budget {limit}: memory-mapped, streamed from {train.path} in blocks")
+    elif spec.cache_dir is not None or spec.memory_budget is not None:
+        size = _human(len(train) * train.bytes_per_example)
+        say(f"training features {size} <= memory budget {limit}: kept in memory")
+    return train, val, budget, extract_s
+
+
+def _start_training(spec: JobSpec, config: FitConfig, identity: dict, resume: bool, say: Callable) -> None:
+    """Say where a resumed run continues, or clear ``--out`` of an overwritten run (only now, after every
+    check and the extraction passed); then record the run's identity (``job.json``) before its first
+    checkpoint."""
+    out = spec.out_dir
+    if resume:
+        _say_resume(say, out, config)
+    else:
+        replaced = [name for name in RUN_FILES if (out / name).exists()]
+        if replaced:
+            say(f"--overwrite: replacing the run in {out}")
+        for name in replaced:
+            (out / name).unlink()
+    atomic_write(out / JOB_FILE, json.dumps(identity, indent=1).encode())
+
+
 def run_finetune(
-    spec: JobSpec, config: FitConfig, resume: bool = False, say: Callable[[str], None] = print
+    spec: JobSpec,
+    config: FitConfig,
+    resume: bool = False,
+    say: Callable[[str], None] = print,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the job and write its report; returns the ``metrics.json`` payload. ``say`` gets the first lines
-    (model, layer, device; what is cached) before the long work starts."""
-    from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
-
+    (model, layer, device; what is cached, reused, resumed) before the long work starts. A run already in
+    ``spec.out_dir`` is continued with ``resume`` (checked against this job's data, model, cut and settings),
+    replaced with ``overwrite``, and otherwise refused."""
+    _check_out(spec.out_dir, resume, overwrite)
     device = resolve_device(spec.device)
     prepared = _prepare(spec, config.seed)
     check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
@@ -387,15 +563,12 @@ def run_finetune(
     say(f"{prepared.source.id} @ {prepared.layer}{chosen} on {device}{picked}")
     backbone, head, point = _assemble(prepared, spec, config)
     _say_cache(say, point, spec.views, spec.dtype)
-    budget = _check_budget(spec, prepared, point)
-    start = time.perf_counter()
-    train = _extract(prepared, backbone, spec, device, "train", point.key_layer, budget)
-    val = _extract(prepared, backbone, spec, device, "val", point.key_layer, None)
-    extract_s = time.perf_counter() - start
-    streamed = isinstance(train.features, ShardedFeatures)
-    if streamed:
-        size, limit = _human(train.features.stored_bytes), _human(budget)
-        say(f"training features {size} > memory budget {limit}: memory-mapped, streamed from {train.path} in blocks")
+    keys = (_cache_key(prepared, "train", point.key_layer), _cache_key(prepared, "val", point.key_layer))
+    identity = _identity(spec, prepared, point, config, [key.fingerprint() for key in keys])
+    if resume and _checkpoint_epoch(spec.out_dir) is not None:  # before the extraction: it may be long
+        _check_resume(spec.out_dir, identity)
+    train, val, budget, extract_s = _extract_all(spec, prepared, backbone, point, keys, device, say)
+    _start_training(spec, config, identity, resume, say)
     result = fit(
         head,
         "input",
@@ -410,13 +583,35 @@ def run_finetune(
         device=device,
         progress=spec.progress,
     )
-    out = spec.out_dir
+    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
+    return _report(spec, config, prepared, point, _Trained(train, val, head, result, facts, identity))
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What the training phase leaves for the report: the caches, the trained head and its fit, the job's
+    facts (device, memory budget, extraction time) and the run's identity."""
+
+    train: FeatureCache
+    val: FeatureCache
+    head: nn.Module
+    result: FitResult
+    facts: dict[str, Any]
+    identity: dict[str, Any]
+
+
+def _report(spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _CachePoint, done: _Trained) -> dict:
+    """Calibrate and tune thresholds on the validation logits, draw the plots, and write ``metrics.json``,
+    then the run files (``head.safetensors``, ``run.json`` last: the run is finished once it is there)."""
+    from hookmix.plots import lambda_density_alpha, plot_history, plot_lambda_hist, plot_reliability
+
+    out, train, val, result, facts = spec.out_dir, done.train, done.val, done.result, done.facts
     label = "mixup" if config.mix else "no mixup"
     evaluation = _evaluate(prepared.task, result.val_logits, val.labels, spec.calibrate, label)
     plot_history({label: result.history}, out / "curves.png")
     plot_reliability(evaluation.curves, out / "reliability.png")
     if result.lams:
-        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=config.mixing.alpha)
+        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=lambda_density_alpha(config.mixing))
     calibration, thresholds = evaluation.calibration, evaluation.thresholds
     temperature = calibration["temperature"] if calibration else 1.0
     payload = {
@@ -424,12 +619,12 @@ def run_finetune(
         "layer": prepared.layer,
         "layer_is_default": prepared.layer_is_default,
         "task": prepared.task,
-        "device": str(device),
+        "device": facts["device"],
         "device_requested": spec.device,
         "preprocessing": prepared.preprocessing,
         "views": spec.views,
         "workers": spec.workers,
-        "validation": _validation(spec),
+        "validation": _validation(spec, len(train), len(val)),
         "classes": list(prepared.classes),
         "train_examples": len(train),
         "val_examples": len(val),
@@ -437,17 +632,19 @@ def run_finetune(
         "cached_point": point.record(spec.views, spec.dtype),
         "feature_shape": list(train.feature_shape),
         "cache_bytes_per_example": train.bytes_per_example,
-        "memory_budget": budget,
-        "streamed": streamed,
-        "extract_seconds": round(extract_s, 3),
+        "memory_budget": facts["memory_budget"],
+        "streamed": isinstance(train.features, ShardedFeatures),
+        "extract_seconds": facts["extract_seconds"],
+        "cache_reused": {"train": train.batches_run == 0, "val": val.batches_run == 0},
         "config": asdict(config),
+        "schedule_restarts": result.restarts,
         "final": result.final,
         "calibration": calibration,
         "thresholds": None if thresholds is None else dict(zip(prepared.classes, thresholds)),
         "final_tuned": None if thresholds is None else _tuned(result.val_logits / temperature, val.labels, thresholds),
         "history": result.history,
     }
-    atomic_write(out / "metrics.json", json.dumps(payload, indent=1).encode())
+    atomic_write(out / "metrics.json", json.dumps(payload, indent=1, allow_nan=False).encode())
     finetuned = FinetunedConfig(
         model=prepared.source.model,
         weights=prepared.source.id,
@@ -462,11 +659,13 @@ def run_finetune(
         thresholds=thresholds,
         seed=config.seed,
     )
-    save_run(out, finetuned, prepared.source, head)
+    save_run(out, finetuned, prepared.source, done.head, done.identity)
     return payload
 
 
-def _validation(spec: JobSpec) -> str:
+def _validation(spec: JobSpec, n_train: int, n_val: int) -> str:
+    if spec.data == DIGITS:
+        return f"the digits task's own split ({n_train} train / {n_val} val)"
     given = spec.val_labels if spec.labels is not None else spec.val
     source = "--labels" if spec.labels is not None else "--data"
     return str(given) if given is not None else f"split {spec.val_fraction} of {source}"

@@ -6,7 +6,9 @@ Besides the report (``metrics.json``, plots) and the training checkpoint, a fini
   task, preprocessing, temperature, thresholds) and the :class:`BackboneSource`: how to rebuild the backbone's
   weights (a pretrained download, a weights file checked by its sha256, a seeded random init, or the
   embedded digits CNN);
-* ``head.safetensors`` — the trained head's weights.
+* ``head.safetensors`` — the trained head's weights, bound to its ``run.json``: the head's metadata holds the
+  run's fingerprint (a hash of everything ``run.json`` says), so a head copied from another run, or a
+  ``run.json`` edited after the run, is refused naming both files instead of predicting with the wrong model.
 
 :func:`load_run` rebuilds exactly the run's model from these, so predictions use the run's weights, layer,
 head, preprocessing and temperature; a directory that is missing, unfinished or from another format version
@@ -22,22 +24,34 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
 from hookmix.app.digits import pretrain_source
-from hookmix.app.preprocessing import Preprocessing
+from hookmix.app.preprocessing import EvalTransform
 from hookmix.finetuned import FinetunedConfig, FinetunedModel, rebuild
 from hookmix.models import create_model, set_num_classes
 
-__all__ = ["BackboneSource", "HEAD_FILE", "LoadedRun", "RUN_FILE", "RUN_VERSION", "load_run", "save_run", "sha256_of"]
+__all__ = [
+    "BackboneSource",
+    "HEAD_FILE",
+    "LoadedRun",
+    "RUN_FILE",
+    "RUN_VERSION",
+    "finished_run",
+    "load_run",
+    "run_fingerprint",
+    "save_run",
+    "sha256_of",
+]
 
 RUN_FILE = "run.json"
 HEAD_FILE = "head.safetensors"
-RUN_VERSION = 1
+RUN_VERSION = 2
+FINGERPRINT_KEY = "hookmix_run_fingerprint"
 DIGITS_NAME = "hookmix:digits-cnn"
 
 
@@ -108,15 +122,44 @@ class LoadedRun:
     source: BackboneSource
 
 
-def save_run(out: Path, config: FinetunedConfig, source: BackboneSource, head: nn.Module) -> None:
-    """Write ``run.json`` and ``head.safetensors`` into the run directory ``out``."""
+def run_fingerprint(payload: dict[str, Any]) -> str:
+    """A stable 16-hex-digit hash of a ``run.json`` payload (all of it but its ``fingerprint`` entry)."""
+    body = {k: v for k, v in payload.items() if k != "fingerprint"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def save_run(
+    out: Path, config: FinetunedConfig, source: BackboneSource, head: nn.Module, identity: dict[str, Any]
+) -> None:
+    """Write ``head.safetensors`` and then ``run.json`` (the run is finished once ``run.json`` is there) into
+    ``out``; ``identity`` is what the run was trained on (data, settings), which ``--resume`` checks."""
+    payload: dict[str, Any] = {
+        "run_version": RUN_VERSION,
+        "finetuned": config.to_json(),
+        "backbone": asdict(source),
+        "identity": identity,
+    }
+    payload = json.loads(json.dumps(payload))  # the fingerprint of what the file will read back
+    payload["fingerprint"] = run_fingerprint(payload)
     state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    atomic_write(out / HEAD_FILE, save(state))
-    payload = {"run_version": RUN_VERSION, "finetuned": config.to_json(), "backbone": asdict(source)}
+    atomic_write(out / HEAD_FILE, save(state, metadata={FINGERPRINT_KEY: payload["fingerprint"]}))
     atomic_write(out / RUN_FILE, json.dumps(payload, indent=1).encode())
 
 
-def _read_run(run: Path) -> tuple[FinetunedConfig, BackboneSource, dict[str, torch.Tensor]]:
+def finished_run(directory: Path) -> dict[str, Any] | None:
+    """The ``run.json`` payload of a finished run in ``directory``; ``None`` when there is none. A file that
+    cannot be read as one still counts as a run (a dict without entries): it is never taken for free space."""
+    path = directory / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_payload(run: Path) -> dict[str, Any]:
     if not run.is_dir():
         raise UsageError(f"--run {run} is not a directory; give the --out directory of hookmix finetune.")
     path = run / RUN_FILE
@@ -134,30 +177,44 @@ def _read_run(run: Path) -> tuple[FinetunedConfig, BackboneSource, dict[str, tor
         raise UsageError(
             f"{path} is run format {found!r}; this hookmix reads {RUN_VERSION}: fine-tune again with this version."
         )
+    return data
+
+
+def _read_head(run: Path, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The head's weights, refused unless its metadata carries ``fingerprint`` (the run's own)."""
+    head_path = run / HEAD_FILE
+    if not head_path.is_file():
+        raise UsageError(f"--run {run} has no {HEAD_FILE}: the run did not finish; run hookmix finetune again.")
+    try:
+        with safe_open(head_path, framework="pt") as handle:
+            bound = (handle.metadata() or {}).get(FINGERPRINT_KEY)
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"{head_path} is not a readable safetensors file ({exc}); fine-tune again.") from None
+    if bound != fingerprint:
+        raise UsageError(
+            f"{head_path} (run {bound}) does not belong to {run / RUN_FILE} (run {fingerprint}): the files "
+            "come from different runs or one was edited; use the two files one run wrote."
+        )
+    return state
+
+
+def _read_run(run: Path) -> tuple[FinetunedConfig, BackboneSource, dict[str, torch.Tensor]]:
+    data = _read_payload(run)
+    path = run / RUN_FILE
     config = FinetunedConfig.from_json(data.get("finetuned"), str(path))
     names = {f.name for f in fields(BackboneSource)}
     backbone = data.get("backbone")
     if not isinstance(backbone, dict) or "model" not in backbone:
         raise UsageError(f"{path} does not say where the backbone's weights come from; fine-tune again.")
     source = BackboneSource(**{k: v for k, v in backbone.items() if k in names})
-    head_path = run / HEAD_FILE
-    if not head_path.is_file():
-        raise UsageError(f"--run {run} has no {HEAD_FILE}: the run did not finish; run hookmix finetune again.")
-    try:
-        head_state = load_file(head_path)
-    except (SafetensorError, OSError) as exc:
-        raise UsageError(f"{head_path} is not a readable safetensors file ({exc}); fine-tune again.") from None
-    return config, source, head_state
+    return config, source, _read_head(run, run_fingerprint(data))
 
 
-def _transform(config: FinetunedConfig) -> Callable[[Any], torch.Tensor]:
-    record = dict(config.preprocessing or {})
-    record.pop("resize", None)
-    names = {f.name for f in fields(Preprocessing)}
-    preprocessing = Preprocessing(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
-    )
-    return preprocessing.eval_transform()
+def _transform(config: FinetunedConfig, where: str) -> Callable[[Any], torch.Tensor]:
+    """The run's evaluation transform, rebuilt from the steps it recorded as applied (not recomputed from
+    the model's configuration, whose arithmetic the library may change)."""
+    return EvalTransform.from_record((config.preprocessing or {}).get("eval"), where).build()
 
 
 def load_run(run: str | Path) -> LoadedRun:
@@ -166,4 +223,4 @@ def load_run(run: str | Path) -> LoadedRun:
     model = source.build()
     source.resize(model, len(config.classes))
     finetuned = rebuild(model, config, head_state, f"--run {run}")
-    return LoadedRun(finetuned, model, _transform(config), source)
+    return LoadedRun(finetuned, model, _transform(config, str(Path(run) / RUN_FILE)), source)
