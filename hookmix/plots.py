@@ -21,11 +21,12 @@ from hookmix._checks import is_number
 from hookmix._errors import UsageError
 from hookmix._io import atomic_write
 from hookmix.metrics import Reliability
+from hookmix.settings import MixSettings
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_history", "plot_reliability", "plot_lambda_hist"]
+__all__ = ["lambda_density_alpha", "plot_history", "plot_reliability", "plot_lambda_hist"]
 
 History = Sequence[Mapping[str, float]]
 HISTORY_PANELS = (
@@ -159,6 +160,15 @@ def _beta_density(x: np.ndarray, alpha: float) -> np.ndarray:
     """Density of Beta(α, α) at ``x`` in ``(0, 1)``."""
     log_norm = math.lgamma(2.0 * alpha) - 2.0 * math.lgamma(alpha)
     return np.exp(log_norm + (alpha - 1.0) * (np.log(x) + np.log1p(-x)))
+
+
+def lambda_density_alpha(settings: MixSettings) -> float | None:
+    """The α of the Beta(α, α) density that the λ recorded in training under ``settings`` follow, for
+    :func:`plot_lambda_hist`; ``None`` when they follow no Beta(α, α): a CutMix step records the share each
+    row really kept (its box is clipped at the map's edge and rounded to whole positions), and ``dominant``
+    folds λ onto [0.5, 1]. So only mixup alone draws a curve (``alpha`` is 0 in a CutMix-only run)."""
+    mixup_only = settings.alpha > 0 and not settings.uses_cutmix
+    return settings.alpha if mixup_only and not settings.dominant else None
 
 
 def plot_lambda_hist(lams: torch.Tensor | np.ndarray, path: str | os.PathLike[str], alpha: float | None = None) -> Path:

@@ -1,5 +1,20 @@
 """From a fine-tuned run to a model in use: ``hookmix predict``, ``hookmix export``, ``load_finetuned`` and
-ONNX, checked against a model rebuilt by hand from the run's files."""
+ONNX, checked against a model rebuilt by hand from the run's files (the backbone from its seed or the
+embedded digits CNN, head.safetensors put into a freshly built classifier) and inputs prepared by hand or
+by the model library's own preset: never against the code under test.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+- predict or export forgets the temperature, or applies it twice: ``test_predict_writes_the_run_s_calibrated_
+  probabilities``, ``test_an_image_folder_run_predicts_with_its_own_preprocessing``;
+- the run records or rebuilds another transform than the model's (mean/std, resize, crop, interpolation), or
+  reads images in another order: ``test_an_image_folder_run_predicts_with_its_own_preprocessing``;
+- the recorded NLL / ECE "after" are computed without T, or T is not the NLL's minimum:
+  ``test_the_recorded_calibration_is_that_of_the_run_s_logits``;
+- multi-label thresholds tuned on uncalibrated logits, the wrong argmax (largest threshold among ties,
+  ``>`` for ``>=``), or predict applying other thresholds than the F1-best ones:
+  ``test_multilabel_runs_end_to_end_with_thresholds``;
+- export / ONNX differ from the run: ``test_export_reloads_and_onnx_matches``.
+"""
 
 import csv
 import json
@@ -9,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 
 from hookmix import load_finetuned
 from hookmix.app.cli import main
 from hookmix.app.digits import digits_transfer, pretrain_source
-from hookmix.app.run import load_run
-from tests.conftest import write_folder
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +105,101 @@ def test_export_reloads_and_onnx_matches(digits_run: Path, digit_images: Path, t
     assert np.abs(from_onnx - logits.numpy()).max() <= 1e-4
 
 
-def test_an_image_folder_run_predicts_with_its_own_preprocessing(tmp_path: Path, capsys) -> None:
-    """resnet18 on RGB images: predict (the run rebuilt from its seed) equals the exported model applied
-    with the run's recorded transform."""
-    data = write_folder(tmp_path / "imgs", per_class=3, size=40)
+def colour_folder(root: Path) -> Path:
+    """Three classes of smooth RGB PNGs (a 3x3 grid of random colours, tinted by class, resized bilinearly) in
+    four sizes and aspect ratios: smooth, so that the pooled features of a random-init network differ between
+    images (noise averages out), and of other shapes, so that the short-side resize and the crop both matter."""
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(("cat", "dog", "eel")):
+        (root / c).mkdir(parents=True)
+        for i, (h, w) in enumerate(((40, 56), (64, 40), (48, 48), (56, 48))):
+            cells = rng.random((3, 3, 3)) * 0.6
+            cells[..., k] += 0.4
+            grid = Image.fromarray((cells * 255).astype("uint8"))
+            grid.resize((w, h), Image.BILINEAR).save(root / c / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_run_predicts_with_its_own_preprocessing(tmp_path: Path) -> None:
+    """resnet18 (random init from the run's seed 0) on RGB images, calibrated (T ≠ 1): every row's classes and
+    probabilities are softmax(logits / T) of torchvision's resnet18 built by hand with the trained fc put back,
+    on the images transformed by torchvision's own ResNet18 preset (short side to 256, centre crop 224,
+    bilinear, ImageNet mean/std); the export gives the same probabilities."""
+    data = colour_folder(tmp_path / "imgs")
     run = tmp_path / "run"
-    common = ["--model", "resnet18", "--input-size", "3", "32", "32", "--epochs", "1", "--quiet"]
-    assert main(["finetune", "--data", str(data), *common, "--head", "linear", "--out", str(run)]) == 0
-    assert main(["predict", "--run", str(run), str(data), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    assert (
+        main(
+            ["finetune", "--data", str(data), "--model", "resnet18", "--epochs", "2", "--calibrate"]
+            + ["--out", str(run), "--quiet"]
+        )
+        == 0
+    )
+    assert main(["predict", "--run", str(run), str(data), "--out", str(tmp_path / "p.csv"), "--top-k", "3"]) == 0
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
     rows = read_csv(tmp_path / "p.csv")
-    assert len(rows) == 9
-    model = load_finetuned(tmp_path / "m.safetensors")
-    transform = load_run(run).transform
-    image = Image.open(rows[0]["path"]).convert("RGB")
-    expected = model.probabilities(transform(image)[None])[0]
-    assert float(rows[0]["prob_1"]) == pytest.approx(expected.max().item(), abs=2e-6)
+    images = sorted(data.rglob("*.png"))
+    assert [Path(r["path"]) for r in rows] == images
+    temperature = json.loads((run / "metrics.json").read_text())["calibration"]["temperature"]
+    assert abs(temperature - 1) > 0.05
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18()
+    head = load_file(run / "head.safetensors")
+    model.fc = torch.nn.Linear(512, 3)
+    model.fc.load_state_dict({"weight": head["fc.weight"], "bias": head["fc.bias"]})
+    transform = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    x = torch.stack([transform(Image.open(path).convert("RGB")) for path in images])
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(x) / temperature, dim=1)
+    for row, p in zip(rows, expected, strict=True):
+        got = {row[f"class_{k}"]: float(row[f"prob_{k}"]) for k in (1, 2, 3)}
+        assert got == pytest.approx(dict(zip(("cat", "dog", "eel"), p.tolist())), abs=1e-5)
+        assert [row[f"class_{k}"] for k in (1, 2, 3)] == [("cat", "dog", "eel")[j] for j in p.argsort(descending=True)]
+    exported = load_finetuned(tmp_path / "m.safetensors")
+    torch.testing.assert_close(exported.probabilities(x), expected, rtol=0, atol=1e-5)
+
+
+def digits_val_logits(run: Path) -> torch.Tensor:
+    """The run's validation logits computed by hand (the digits task of the fixture: 20 shots, seed 0), float64."""
+    task = digits_transfer(20, 0)
+    model = pretrain_source(seed=0).eval()
+    head = load_file(run / "head.safetensors")
+    model.head[2].load_state_dict({"weight": head["head.2.weight"], "bias": head["head.2.bias"]})
+    with torch.no_grad():
+        return model(task.val_x).double()
+
+
+def top1_ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error by hand: top-1 softmax confidence in equal-width bins (closed on the right),
+    the count-weighted mean of |accuracy − confidence|."""
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    total = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            hits = (predicted[members] == labels[members]).double()
+            total += members.sum().item() * abs(hits.mean().item() - confidence[members].mean().item())
+    return total / len(labels)
+
+
+def test_the_recorded_calibration_is_that_of_the_run_s_logits(digits_run: Path) -> None:
+    """metrics.json's NLL and ECE before and after calibration are those of the validation logits computed by
+    hand, divided by the recorded T for "after"; and T is the NLL's minimum (1.05 T or T / 1.05 do worse)."""
+    calibration = json.loads((digits_run / "metrics.json").read_text())["calibration"]
+    temperature = calibration["temperature"]
+    logits, labels = digits_val_logits(digits_run), digits_transfer(20, 0).val_y
+
+    def nll(t: float) -> float:
+        return F.cross_entropy(logits / t, labels).item()
+
+    tolerance = 1e-4  # features cached in float16: 1e-5 measured between the cached and the by-hand logits
+    assert calibration["val_nll_before"] == pytest.approx(nll(1.0), abs=tolerance)
+    assert calibration["val_nll_after"] == pytest.approx(nll(temperature), abs=tolerance)
+    assert calibration["val_ece_before"] == pytest.approx(top1_ece(logits, labels), abs=tolerance)
+    assert calibration["val_ece_after"] == pytest.approx(top1_ece(logits / temperature, labels), abs=tolerance)
+    assert nll(1.0) - nll(temperature) > 10 * tolerance
+    assert nll(temperature) < min(nll(temperature * 1.05), nll(temperature / 1.05))
 
 
 @pytest.mark.parametrize("case", ["missing", "unfinished", "other-version", "no-images", "no-input", "onnx-extra"])
@@ -160,34 +254,70 @@ def mosaics(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def best_f1_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per label, by brute force: the threshold t (one of the observed probabilities, predicting ``p >= t``)
+    with the highest F1, the smallest among ties; 0.5 and NaN for a label without positives. Returns the
+    thresholds and the F1 each reaches."""
+    thresholds = torch.full((probabilities.shape[1],), 0.5, dtype=torch.float64)
+    scores = torch.full((probabilities.shape[1],), float("nan"), dtype=torch.float64)
+    for j in range(probabilities.shape[1]):
+        p, truth = probabilities[:, j], targets[:, j].bool()
+        if not truth.any():
+            continue
+        for t in sorted(set(p.tolist())):
+            predicted = p >= t
+            hits = (predicted & truth).sum().item()
+            f1 = 2 * hits / (predicted.sum().item() + truth.sum().item())
+            if not f1 <= scores[j]:  # strictly better (or the first): the smallest t among ties stays
+                thresholds[j], scores[j] = t, f1
+    return thresholds, scores
+
+
 def test_multilabel_runs_end_to_end_with_thresholds(mosaics: Path, tmp_path: Path, capsys) -> None:
-    """--labels CSV on digit mosaics: BCE training, calibrated, thresholds tuned and saved; predict's set is
-    each label whose calibrated probability reaches its saved threshold; the export reloads to the same
-    probabilities."""
+    """--labels CSV on digit mosaics, calibrated: the saved thresholds are the F1-best ones recomputed by brute
+    force on the validation logits computed by hand (the digits CNN with the trained classifier on the PNGs
+    read as pixel / 255) divided by T (T ≠ 1); the tuned F1, the NLL after T and predict's label sets follow
+    from them; the export carries them."""
     run = tmp_path / "run"
-    common = ["--data", str(mosaics), "--model", "digits-cnn", "--input-size", "1", "16", "16", "--quiet"]
+    common = ["--data", str(mosaics), "--model", "digits-cnn", "--input-size", "1", "16", "16", "--quiet", "--fp32"]
     labels = ["--labels", str(mosaics / "train.csv"), "--val-labels", str(mosaics / "val.csv")]
     assert main(["finetune", *labels, *common, "--epochs", "5", "--calibrate", "--out", str(run)]) == 0
     assert "val mAP" in capsys.readouterr().out
     report = json.loads((run / "metrics.json").read_text())
-    assert report["task"] == "multilabel" and set(report["thresholds"]) == set(report["classes"])
-    assert {"val_map", "val_f1"} <= set(report["final"]) and report["final_tuned"]["val_f1"] >= report["final"][
-        "val_f1"
-    ]
-    assert main(["predict", "--run", str(run), str(mosaics / "val"), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
-    model = load_finetuned(tmp_path / "m.safetensors")
-    assert model.config.thresholds == tuple(report["thresholds"][c] for c in report["classes"])
-    rows = read_csv(tmp_path / "p.csv")
-    assert len(rows) == 60
-    x = torch.stack([torch.from_numpy(np.array(Image.open(r["path"]), dtype=np.float32) / 255)[None] for r in rows])
+    classes, temperature = report["classes"], report["calibration"]["temperature"]
+    assert report["task"] == "multilabel" and abs(temperature - 1) > 0.02
+    val = read_csv(mosaics / "val.csv")
+    x = torch.stack(
+        [torch.from_numpy(np.array(Image.open(mosaics / r["path"]), dtype=np.float32) / 255)[None] for r in val]
+    )
+    targets = torch.tensor([[float(c in r["labels"].split(";")) for c in classes] for r in val])
+    model = pretrain_source(seed=0).eval()
+    head = load_file(run / "head.safetensors")
+    model.head[2] = torch.nn.Linear(64, len(classes))
+    model.head[2].load_state_dict({"weight": head["head.2.weight"], "bias": head["head.2.bias"]})
     with torch.no_grad():
-        probabilities = torch.sigmoid(model(x) / report["calibration"]["temperature"])
-    thresholds = torch.tensor(model.config.thresholds)
-    for row, p in zip(rows, probabilities):
-        expected = [c for c, q, t in zip(report["classes"], p, thresholds) if q >= t]
-        assert (row["predicted"].split(";") if row["predicted"] else []) == expected
-        assert float(row["prob_1"]) == pytest.approx(p.max().item(), abs=2e-6)
+        logits = model(x).double()
+    probabilities = torch.sigmoid(logits / temperature)
+    thresholds, f1 = best_f1_thresholds(probabilities, targets)
+    tolerance = 1e-5  # float32 features: the cached and the by-hand logits agree to 1e-6
+    assert [report["thresholds"][c] for c in classes] == pytest.approx(thresholds.tolist(), abs=tolerance)
+    assert report["final_tuned"]["val_f1"] == pytest.approx(f1.nanmean().item(), abs=tolerance)
+    nll_after = F.binary_cross_entropy_with_logits(logits / temperature, targets.double()).item()
+    assert report["calibration"]["val_nll_after"] == pytest.approx(nll_after, abs=tolerance)
+    assert main(["predict", "--run", str(run), str(mosaics / "val"), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "p.csv")}
+    assert len(rows) == len(val) == 60
+    borderline = 0
+    for r, p in zip(val, probabilities):
+        predicted = rows[Path(r["path"]).name]["predicted"]
+        clear = (p - thresholds).abs() > tolerance  # the example that sets a threshold sits on it
+        borderline += int((~clear).sum())
+        expected = {c for c, q, t, ok in zip(classes, p, thresholds, clear) if ok and q >= t}
+        assert {c for c, ok in zip(classes, clear) if ok} & set(predicted.split(";") if predicted else []) == expected
+    assert borderline <= len(classes)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+    exported = load_finetuned(tmp_path / "m.safetensors").config.thresholds
+    assert exported == pytest.approx(thresholds.tolist(), abs=tolerance)
 
 
 def test_a_cache_over_the_memory_budget_is_streamed_or_needs_a_cache_dir(mosaics: Path, tmp_path: Path, capsys):
