@@ -51,7 +51,7 @@ _WHERE = {
     "evaluate_multilabel": "metrics",
     "reliability_multilabel": "metrics",
     "tune_thresholds": "metrics",
-    "GateWarning": "mixer",
+    "GateWarning": "gate",
     "HookMixer": "mixer",
     "MixPlan": "plan",
     "PlanSampler": "plan",
@@ -136,6 +136,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ se
     from hookmix.equivalence import MixEquivalence, SameMixPointWarning, mix_equivalence
     from hookmix.finetune import FitConfig, FitResult, fit
     from hookmix.finetuned import FinetunedConfig, FinetunedModel, load_finetuned, save_finetuned
+    from hookmix.gate import GateWarning
     from hookmix.heads import HEAD_KINDS, AdaptiveConcatPool2d, TokenPool, build_head
     from hookmix.layers import LayerInfo, check_mix_points, format_layers, list_layers, resolve_layers
     from hookmix.layouts import LAYOUTS
@@ -149,7 +150,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ se
         reliability_multilabel,
         tune_thresholds,
     )
-    from hookmix.mixer import GateWarning, HookMixer
+    from hookmix.mixer import HookMixer
     from hookmix.plan import MixPlan, PlanSampler
     from hookmix.settings import MixSettings
     from hookmix.splitting import split

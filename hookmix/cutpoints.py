@@ -358,7 +358,7 @@ def stage_names(model: nn.Module) -> list[str]:
         if not listed:
             raise UsageError(
                 f"layers='stages' needs timm's feature_info or the cut-point analysis, which is not possible: "
-                f"{err} Name the layers instead (`hookmix layers MODEL` lists them)."
+                f"{err} Name the layers instead (list_layers(model, example_input) lists them)."
             ) from None
         stages = _blocks(model, listed)
     else:
@@ -367,6 +367,6 @@ def stage_names(model: nn.Module) -> list[str]:
     if not stages:
         raise UsageError(
             f"layers='stages': no block (module with submodules) of {type(model).__name__} is a stage; name the "
-            "layers instead (`hookmix layers MODEL --mixable` lists the cut points)."
+            "layers instead (cut_points(model).names lists the cut points)."
         )
     return stages

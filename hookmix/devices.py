@@ -3,17 +3,22 @@
 Used by :meth:`~hookmix.FeatureCache.extract`, :func:`~hookmix.fit` and :func:`~hookmix.finetune.predict`,
 and by ``hookmix finetune --device``. On a GPU the backbone runs under autocast (bfloat16 where the card
 supports it, else float16): the cache stores half-precision features anyway.
+
+This module is also the one answer to "which device is this module on" (:func:`module_device`) and to
+"run this module there" (:func:`place_module`) for the mixer, the extraction, ``fit`` and the heads.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
+from torch import nn
 
 from hookmix._errors import UsageError
 
-__all__ = ["DEVICES", "autocast_dtype", "resolve_device"]
+__all__ = ["DEVICES", "autocast_dtype", "module_device", "place_module", "resolve_device"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _NAME = re.compile(r"(cpu|cuda|mps)(:\d+)?")
@@ -54,3 +59,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if device.type == "mps" else None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` is: the device of its first parameter, else of its first buffer, else the CPU."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def place_module(module: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where ``module`` runs: ``None`` — where it is (:func:`module_device`) — or ``device`` resolved
+    (:func:`resolve_device`), to which it is moved in place."""
+    if device is None:
+        return module_device(module)
+    target = resolve_device(device)
+    module.to(target)
+    return target

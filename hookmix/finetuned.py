@@ -102,7 +102,7 @@ class FinetunedConfig:
     @classmethod
     def from_json(cls, data: Any, source: str) -> FinetunedConfig:
         """Parse what :meth:`to_json` wrote; a ``UsageError`` naming ``source`` when it is not that."""
-        fix = "export the run again with this version of hookmix (hookmix export --run DIR --out FILE)"
+        fix = "save the trained model again with this version of hookmix (save_finetuned)"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UsageError(f"{source} is not a hookmix fine-tuned model; {fix}.")
         if data.get("format_version") != FORMAT_VERSION:

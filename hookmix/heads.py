@@ -29,6 +29,7 @@ from torch import nn
 
 from hookmix._checks import check_int, is_int
 from hookmix._errors import UsageError
+from hookmix.devices import module_device
 
 __all__ = ["AdaptiveConcatPool2d", "build_head", "HEAD_KINDS", "TokenPool"]
 
@@ -224,5 +225,4 @@ def build_head(
         head = _fresh_head(kind, shape, num_classes, model)
         if kind == "mlp":
             _fastai_init(head)
-    param = next(iter(model.parameters()), None) if model is not None else None
-    return head.to(param.device) if param is not None else head
+    return head.to(module_device(model)) if model is not None else head

@@ -32,7 +32,7 @@ from hookmix._errors import UsageError
 from hookmix.cutpoints import CutPoints, UntraceableError, cut_points
 from hookmix.layers import INPUT, OUTPUT
 
-__all__ = ["LAYOUTS", "check_layout", "channel_axes", "layout_of"]
+__all__ = ["LAYOUTS", "LayerLayouts", "check_layout", "channel_axes", "layout_of"]
 
 LAYOUTS = ("NCHW", "NHWC", "NCL", "NLC")
 """Batch-first layouts CutMix knows: 2-D maps channels first / last, 1-D signals, token sequences."""
@@ -370,3 +370,46 @@ def layout_of(axis: int | None, rank: int) -> str | None:
         return None
     at = _normalised(axis, rank)
     return {(4, 1): "NCHW", (4, 3): "NHWC", (3, 1): "NCL", (3, 2): "NLC"}.get((rank, at))
+
+
+class LayerLayouts:
+    """The layout CutMix uses for each leaf of each mixed layer's output: the one given, else the model's.
+
+    Args:
+        model: the hooked model (its traced graph or timm's ``output_fmt`` says where the channels are).
+        layers: the mixed layers.
+        layout: ``layout=`` as given to :class:`~hookmix.HookMixer` (see :func:`check_layout`).
+        cutmix: whether CutMix is on; without it the model is not read (mixup needs no layout).
+        batch_dim: the batch dimension of the outputs; 1 means sequence-first ``(L, N, C)`` tokens.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], layout: Any, *, cutmix: bool, batch_dim: int) -> None:
+        self._given = check_layout(layout, layers)
+        self._axes = channel_axes(model, [n for n in layers if n not in self._given]) if cutmix else {}
+        self._batch_dim, self._model_name = batch_dim, type(model).__name__
+
+    def of(self, name: str, t: torch.Tensor) -> str | None:
+        """The layout of ``t``, a leaf of layer ``name``'s output (``None``: interpolate it, no box); refuses
+        a 3-D or 4-D leaf whose layout is neither given nor known from the model."""
+        if self._batch_dim != 0:
+            return "LNC" if self._batch_dim == 1 and t.dim() == 3 else None
+        if t.dim() not in (3, 4):
+            return None
+        given = self._given.get(name)
+        if given is not None:
+            if len(given) != t.dim():
+                raise UsageError(
+                    f"layout={given!r} was given for layer {name!r}, but it produced a {t.dim()}-D tensor "
+                    f"{tuple(t.shape)}; give a {t.dim()}-letter layout "
+                    f"({', '.join(repr(x) for x in LAYOUTS if len(x) == t.dim())})."
+                )
+            return given
+        found = layout_of(self._axes.get(name), t.dim())
+        if found is None:
+            raise UsageError(
+                f"cutmix at layer {name!r} needs to know which axes of its output {tuple(t.shape)} are positions and "
+                f"which are channels, and {self._model_name} does not say (hookmix reads it from the traced "
+                f"graph or timm's output_fmt). Pass layout={{{name!r}: 'NCHW'}} (or 'NHWC', 'NCL', 'NLC' for tokens) "
+                "to HookMixer, or use mixup at this layer (cutmix_alpha=0)."
+            )
+        return found

@@ -2,26 +2,21 @@
 
 Each training step draws one :class:`~hookmix.plan.MixPlan` (``mixer.plan(y)``) that *arms* the hooks
 for exactly one forward of the model. A root-level pre-hook takes the armed plan when a *training*
-forward starts, the layer hooks mix their outputs with it, and a root-level post-hook (always called,
-exceptions included) retires it. Everything else passes through untouched: forwards of a model in
-``eval()``, under ``torch.no_grad()`` / ``torch.inference_mode()``, and forwards that were not armed.
+forward starts (:mod:`hookmix.gate` decides which forwards train), the layer hooks mix their outputs with
+it, and a root-level post-hook (always called, exceptions included) retires it. Everything else passes
+through untouched: forwards of a model in ``eval()``, under ``torch.no_grad()`` /
+``torch.inference_mode()``, and forwards that were not armed.
 
-A forward trains when grad is enabled and the part of the model that trains — the modules that own a
-parameter with ``requires_grad=True`` — is in train mode. The root's own flag is not enough: a frozen
-timm ViT's root owns ``cls_token`` and ``pos_embed``, and the linear-probe idiom is ``model.eval();
-model.fc.train()``. The trainable set is found when the plan is drawn, not inside the forward.
-
-A plan lives until its backward is done: gradient checkpointing re-runs the mixed layer inside backward.
-The post-hook leaves a pre-hook on the output's autograd node that, when backward reaches it, hands the
-plan (and the cutmix box the forward pasted) to that backward; a layer that runs again while it lasts
-is mixed again the same way, so the recomputed activations equal the original ones.
+The mixer owns that arm / take / retire cycle and nothing else: the gate, the replay of a mixed forward
+that gradient checkpointing recomputes inside backward (:mod:`hookmix.replay`), the CutMix layout of each
+layer (:class:`~hookmix.layouts.LayerLayouts`), the draw of the plans (:class:`~hookmix.plan.PlanSampler`)
+and the targets' checks (:mod:`hookmix.targets`) each live in their own module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
-import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -33,21 +28,20 @@ from hookmix._errors import UsageError
 from hookmix._tree import tensor_leaves
 from hookmix._wrappers import refuse_replicas, unwrap
 from hookmix.blend import Cut, mix_structure
+from hookmix.devices import module_device
 from hookmix.equivalence import warn_same_mix_points
+from hookmix.gate import TrainGate
 from hookmix.layers import INPUT, OUTPUT, check_resolved_mix_points, resolve_layers
-from hookmix.layouts import LAYOUTS, channel_axes, check_layout, layout_of
+from hookmix.layouts import LayerLayouts
 from hookmix.plan import MixPlan, PlanSampler, identity_plan
+from hookmix.replay import BackwardReplays
 from hookmix.settings import MixSettings
-from hookmix.targets import (
-    KINDS,
-    MixStep,
-    check_classes,
-    excluded_rows,
-    infer_kind,
-    validate_targets,
-)
+from hookmix.targets import MixStep, TargetRules
 
-__all__ = ["GateWarning", "HookMixer"]
+__all__ = ["HookMixer"]
+
+_MIX_KEYWORDS = tuple(f.name for f in dataclasses.fields(MixSettings))
+"""The keyword arguments of :class:`HookMixer` that build its :class:`~hookmix.settings.MixSettings`."""
 
 
 def _describe(obj: Any) -> str:
@@ -58,19 +52,51 @@ def _describe(obj: Any) -> str:
     return f"{type(obj).__name__} with tensors {shapes}{' ...' if len(leaves) > 4 else ''}"
 
 
-class GateWarning(UserWarning):
-    """The modes of the model's trainable modules disagree, so whether a forward trains is a judgement."""
+def _settings_of(settings: MixSettings | None, keywords: dict[str, Any]) -> MixSettings:
+    """``settings``, or the :class:`MixSettings` the keyword arguments build; refuses both at once."""
+    unknown = sorted(set(keywords) - set(_MIX_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"HookMixer got unexpected keyword argument(s) {unknown}; its mixing keywords are {_MIX_KEYWORDS}."
+        )
+    if settings is None:
+        return MixSettings(**keywords)
+    if not isinstance(settings, MixSettings):
+        raise TypeError(f"settings must be a hookmix.MixSettings, got {type(settings).__name__}.")
+    if keywords:
+        raise UsageError(
+            f"HookMixer got settings= and the mixing keywords {sorted(keywords)}; give one of them, e.g. "
+            f"settings=dataclasses.replace(settings, {sorted(keywords)[0]}=...)."
+        )
+    return settings
 
 
-_Replay = tuple[MixPlan | None, Cut | None]
-"""What a backward needs to recompute a forward: its plan (``None``: not mixed) and the cut it pasted."""
+def _unused_layers(plan: MixPlan, applied: set[str]) -> str | None:
+    """What went wrong when the forward that took ``plan`` never called a layer it mixes (``None``: nothing)."""
+    missing = [name for name in plan.layers if name not in applied]
+    if not missing:
+        return None
+    return (
+        f"the plan of step {plan.step} mixes {missing} but the model's forward never called "
+        f"{'that layer' if len(missing) == 1 else 'those layers'}; choose layers the forward uses "
+        "(list_layers marks unused ones '(not called)')."
+    )
 
 
-def _replay_on_backward(mixer_ref: weakref.ref, replay: _Replay, grad_outputs: Any) -> None:
-    """Autograd pre-hook on a forward's output node: the backward now running recomputes that forward."""
-    mixer = mixer_ref()
-    if mixer is not None:
-        mixer._backward_reached(replay)
+def _batch_size_of(targets: torch.Tensor | None, batch_size: int | None) -> int:
+    """The step's batch size: the targets' rows, or ``batch_size`` when no targets are given."""
+    if targets is None:
+        if not is_int(batch_size, 1):
+            raise UsageError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
+        return batch_size
+    if batch_size is not None and batch_size != targets.shape[0]:
+        raise UsageError(f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them.")
+    return targets.shape[0]
+
+
+def _no_layout(t: torch.Tensor) -> None:
+    """The layout of every leaf while cutmix is off: none is needed, mixup interpolates."""
+    return None
 
 
 class HookMixer:
@@ -83,26 +109,19 @@ class HookMixer:
             ``"blocks.*"``), ``"input"`` (input mixup), ``"output"`` (logit mixup) or a list of those.
             A list is manifold mixup: one layer drawn per step (``weights`` to bias the draw), or every
             listed layer with the same plan in one forward when ``mode="all"``.
-        alpha: mixup λ ~ Beta(alpha, alpha); 0.4 keeps one sample dominant most of the time; 0 turns
-            mixup off (cutmix only).
-        cutmix_alpha: > 0 turns on CutMix at the layer: a box of the partner's (B, C, H, W) map, or a random
-            subset of its (B, N, D) tokens (the first ``prefix_tokens`` never swapped), replaces the row's
-            own; λ is corrected to the area really kept.
-        switch_prob: with both methods on, the probability that a step uses cutmix (as timm's ``Mixup``).
+        settings: how to mix, a :class:`~hookmix.settings.MixSettings` (default: ``MixSettings()``, mixup
+            with alpha 0.4 at every step). With ``cutmix_alpha > 0`` a box of the partner's (B, C, H, W) map,
+            or a random subset of its (B, N, D) tokens (the first ``prefix_tokens`` never swapped), replaces
+            the row's own, and λ is corrected to the area really kept.
+        **mixing: the fields of ``MixSettings`` as keywords instead (``alpha=0.4, cutmix_alpha=1.0, prob=...,
+            lam_mode=..., mode=..., weights=..., stop_epoch=..., label_smoothing=..., exclude_classes=...``);
+            a convenience that builds the settings. Give ``settings`` or these, not both.
         prefix_tokens: class / register tokens at the start of token sequences (default: the model's
             ``num_prefix_tokens`` as in timm ViTs, else 0).
-        stop_step / stop_epoch: plain training from this step / epoch on (see :meth:`set_epoch`).
-        mode: ``"one"`` or ``"all"`` (see ``layers``).
-        weights: relative probability of each resolved layer for ``mode="one"``.
-        prob: probability that a step mixes at all.
-        lam_mode: ``"batch"`` (one λ per batch) or ``"sample"`` (one λ per row).
-        dominant: use ``max(λ, 1-λ)`` so each row's own sample dominates (fastai's choice).
         num_classes: number of classes; needed for soft targets from class indices, label smoothing and
             checks on the targets' range.
         targets: target kind — ``"auto"`` (inferred from dtype and shape), ``"index"``, ``"label"`` or
             ``"regression"``; see :mod:`hookmix.targets`.
-        label_smoothing: smoothing of class targets, applied before mixing.
-        exclude_classes: rows whose class (or whose partner's class) is listed are not mixed (λ = 1).
         batch_dim: the batch dimension of the hooked outputs (1 for sequence-first modules).
         layout: for cutmix, where the channels of a layer's output are — ``"NCHW"``, ``"NHWC"``,
             ``"NCL"`` or ``"NLC"`` (tokens) — for every layer, or ``{layer: layout}``. By default it is
@@ -114,7 +133,7 @@ class HookMixer:
 
     Use it as a context manager (or call :meth:`close`) so the hooks are always removed::
 
-        with HookMixer(model, "layer4", alpha=0.4, seed=0) as mixer:
+        with HookMixer(model, "layer4", settings=MixSettings(alpha=0.4), seed=0) as mixer:
             for x, y in loader:
                 step = mixer.plan(y)                   # arms the next forward
                 loss = step.loss(criterion, model(x))  # layer4's output was mixed
@@ -125,78 +144,41 @@ class HookMixer:
         model: nn.Module,
         layers: str | Sequence[str],
         *,
-        alpha: float = 0.4,
-        cutmix_alpha: float = 0.0,
-        switch_prob: float = 0.5,
+        settings: MixSettings | None = None,
         prefix_tokens: int | None = None,
-        mode: str = "one",
-        weights: Sequence[float] | None = None,
-        prob: float = 1.0,
-        lam_mode: str = "batch",
-        dominant: bool = False,
         num_classes: int | None = None,
         targets: str = "auto",
-        label_smoothing: float = 0.0,
-        exclude_classes: Sequence[int] | None = None,
         batch_dim: int = 0,
         layout: str | Mapping[str, str] | None = None,
-        stop_step: int | None = None,
-        stop_epoch: int | None = None,
         strict: bool = False,
         validate: bool = True,
         seed: int | None = None,
+        **mixing: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         refuse_replicas(model)
         model = unwrap(model)
-        settings = MixSettings(
-            alpha=alpha,
-            cutmix_alpha=cutmix_alpha,
-            switch_prob=switch_prob,
-            lam_mode=lam_mode,
-            prob=prob,
-            dominant=dominant,
-            mode=mode,
-            weights=weights,
-            stop_step=stop_step,
-            stop_epoch=stop_epoch,
-            label_smoothing=label_smoothing,
-            exclude_classes=exclude_classes,
-        )
-        if num_classes is not None:
-            check_int("num_classes", num_classes, 2, " (or None)")
-        if targets not in KINDS:
-            raise UsageError(f"targets={targets!r} is not one of {KINDS}.")
-        if settings.label_smoothing and num_classes is None:
-            raise UsageError("label_smoothing needs num_classes=C to know the uniform share s / C.")
+        settings = _settings_of(settings, mixing)
+        self._targets = TargetRules.build(settings, num_classes, targets, validate)
         check_int("batch_dim", batch_dim, 0, " (0 for batch-first, 1 for sequence-first)")
         if prefix_tokens is None:
             prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self.prefix_tokens = check_int("prefix_tokens", prefix_tokens, 0, " (class/register tokens)")
         resolved = resolve_layers(model, layers)
-        check_resolved_mix_points(model, resolved, strict, mode=mode, stacklevel=3)
+        check_resolved_mix_points(model, resolved, strict, mode=settings.mode, stacklevel=3)
         if settings.alpha > 0 and len(resolved) > 1:
             warn_same_mix_points(model, resolved, stacklevel=2)
         self._model = model
         self._sampler = PlanSampler(resolved, settings, seed=seed)
-        self.num_classes = num_classes
-        self.target_kind = targets
-        self._excluded = check_classes(settings.exclude_classes, num_classes)
         self.batch_dim = batch_dim
-        self.validate = bool(validate)
-        self._layouts = check_layout(layout, resolved)
-        self._axes = channel_axes(model, [n for n in resolved if n not in self._layouts]) if cutmix_alpha else {}
+        self._layouts = LayerLayouts(model, resolved, layout, cutmix=settings.cutmix_alpha > 0, batch_dim=batch_dim)
+        self._gate = TrainGate(model)
+        self._replays = BackwardReplays()
         self._armed: MixPlan | None = None
         self._active: MixPlan | None = None
         self._applied: set[str] = set()
         self._cut: Cut | None = None
-        self._owners = [(m, params) for m in model.modules() if (params := tuple(m.parameters(recurse=False)))]
-        self._flags: list[bool] | None = None
-        self._trainable_owners: list[nn.Module] = []
-        self._trainable: list[nn.Module] = []
-        self._gate_warned = False
-        self._backward: dict[int, list[_Replay]] = {}
         self._problem: str | None = None
         self._handles: list[RemovableHandle] = []
         self._register()
@@ -210,89 +192,15 @@ class HookMixer:
             if name not in (INPUT, OUTPUT):
                 self._handles.append(modules[name].register_forward_hook(self._layer_hook(name)))
 
-    def _find_trainable(self) -> list[nn.Module]:
-        """The modules that own a parameter with ``requires_grad=True``.
-
-        Worked out again only when some parameter's ``requires_grad`` changed (progressive unfreezing):
-        reading the flags of the parameters known at construction costs microseconds, walking the
-        module tree a millisecond per step. Like the hooks, this follows the modules the model had then.
-        """
-        flags = [p.requires_grad for _, params in self._owners for p in params]
-        if flags != self._flags:
-            self._flags = flags
-            self._trainable_owners = [m for m, params in self._owners if any(p.requires_grad for p in params)]
-        return self._trainable_owners
-
-    def _trains(self) -> bool:
-        """Whether a forward now is a training forward: grad enabled, and the trainable part (as found at
-        the last ``plan()``) in train mode — any of it; the root's flag when nothing is trainable."""
-        if not torch.is_grad_enabled():
-            return False
-        if not self._trainable:
-            return self._model.training
-        return any(m.training for m in self._trainable)
-
-    def _gate(self) -> bool:
-        """:meth:`_trains` for the step being planned, after finding the trainable part afresh."""
-        self._trainable = self._find_trainable() if torch.is_grad_enabled() else []
-        modes = {m.training for m in self._trainable}
-        if len(modes) > 1 and not self._gate_warned:
-            self._gate_warned = True
-            names = {module: name for name, module in self._model.named_modules()}
-            by_mode = {
-                mode: [names[m] or "(root)" for m in self._trainable if m.training == mode][:3] for mode in modes
-            }
-            warnings.warn(
-                f"of the modules that own trainable parameters, {by_mode[True]} are in train mode and "
-                f"{by_mode[False]} in eval mode; hookmix mixes because some of them train. If these forwards are "
-                "not training steps, run them under torch.no_grad() or put the model in eval(); if they are (e.g. "
-                "BatchNorm kept in eval on purpose), this is right. Shown once per mixer.",
-                GateWarning,
-                stacklevel=3,
-            )
-        return self._trains()
-
-    def _layout(self, name: str, t: torch.Tensor) -> str | None:
-        """The layout cutmix uses for ``t``, a leaf of layer ``name``'s output (``None``: interpolate it)."""
-        if self._sampler.settings.cutmix_alpha == 0:
-            return None
-        if self.batch_dim != 0:
-            return "LNC" if self.batch_dim == 1 and t.dim() == 3 else None
-        if t.dim() not in (3, 4):
-            return None
-        given = self._layouts.get(name)
-        if given is not None:
-            if len(given) != t.dim():
-                raise UsageError(
-                    f"layout={given!r} was given for layer {name!r}, but it produced a {t.dim()}-D tensor "
-                    f"{tuple(t.shape)}; give a {t.dim()}-letter layout "
-                    f"({', '.join(repr(x) for x in LAYOUTS if len(x) == t.dim())})."
-                )
-            return given
-        found = layout_of(self._axes.get(name), t.dim())
-        if found is None:
-            raise UsageError(
-                f"cutmix at layer {name!r} needs to know which axes of its output {tuple(t.shape)} are positions and "
-                f"which are channels, and {type(self._model).__name__} does not say (hookmix reads it from the traced "
-                f"graph or timm's output_fmt). Pass layout={{{name!r}: 'NCHW'}} (or 'NHWC', 'NCL', 'NLC' for tokens) "
-                "to HookMixer, or use mixup at this layer (cutmix_alpha=0)."
-            )
-        return found
-
-    def _mix(self, name: str, obj: Any, plan: MixPlan, replay: Cut | None = None, replaying: bool = False) -> Any:
-        """Mix ``obj``, layer ``name``'s output, with ``plan``; ``replaying``: recompute it inside backward,
-        pasting the forward's cut ``replay``."""
-        if not replaying:
-            self._applied.add(name)
-        if not plan.mixed:
-            return obj
+    def _blend(self, name: str, obj: Any, plan: MixPlan, cut: Cut | None) -> tuple[Any, Cut | None]:
+        """``obj``, layer ``name``'s output, mixed with ``plan`` (pasting ``cut`` when given), and the cut made."""
         mixed, count, cut = mix_structure(
             obj,
             plan,
             batch_dim=self.batch_dim,
             prefix_tokens=self.prefix_tokens,
-            layout=functools.partial(self._layout, name),
-            cut=replay if replaying else self._cut,
+            layout=functools.partial(self._layouts.of, name) if self.settings.cutmix_alpha else _no_layout,
+            cut=cut,
         )
         if count == 0:
             raise UsageError(
@@ -301,14 +209,28 @@ class HookMixer:
                 "targets given to plan(); pass this batch's targets, set batch_dim for sequence-first "
                 "layers, or choose a layer whose output holds a floating (B, ...) tensor."
             )
-        if not replaying and cut is not None and self._cut is None:
-            plan.lam.copy_(cut.kept)  # targets follow the area this forward really pasted
+        return mixed, cut
+
+    def _mix(self, name: str, obj: Any, plan: MixPlan) -> Any:
+        """Mix ``obj``, layer ``name``'s output in the training forward, with ``plan``; the first cut made
+        is shared by the later layers, and the targets follow the area it really pasted."""
+        self._applied.add(name)
+        if not plan.mixed:
+            return obj
+        mixed, cut = self._blend(name, obj, plan, self._cut)
+        if cut is not None and self._cut is None:
+            plan.lam.copy_(cut.kept)
             self._cut = cut
         return mixed
 
+    def _replay(self, name: str, output: Any) -> Any:
+        """Mix ``output`` again if layer ``name`` is being recomputed inside a backward (checkpointing)."""
+        found = self._replays.find(name)
+        return None if found is None else self._blend(name, output, *found)[0]
+
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         plan = self._armed
-        if plan is None or not self._trains():
+        if plan is None or not self._gate.trains():
             return self._replay(INPUT, (args, kwargs)) if plan is None else None
         self._armed, self._active, self._applied, self._cut = None, plan, set(), None
         if INPUT in plan.layers:
@@ -324,56 +246,10 @@ class HookMixer:
             if output is None:  # the forward raised (this hook is always called): nothing to check
                 return None
             result = self._mix(OUTPUT, output, plan) if OUTPUT in plan.layers else None
-            missing = [name for name in plan.layers if name not in self._applied]
-            if missing:
-                self._problem = (
-                    f"the plan of step {plan.step} mixes {missing} but the model's forward never called "
-                    f"{'that layer' if len(missing) == 1 else 'those layers'}; choose layers the forward uses "
-                    "(list_layers marks unused ones '(not called)')."
-                )
-        if output is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._await_backward(output if result is None else result, (plan, None if plan is None else self._cut))
+            self._problem = _unused_layers(plan, self._applied)
+        if output is not None:
+            self._replays.attach(output if result is None else result, (plan, None if plan is None else self._cut))
         return result
-
-    def _await_backward(self, output: Any, replay: _Replay) -> None:
-        """Leave ``replay`` on the autograd nodes of ``output`` for the backward that will reach them.
-
-        Under ``torch.compile`` this is skipped: the compiled graph recomputes without Python hooks.
-        """
-        hook = functools.partial(_replay_on_backward, weakref.ref(self), replay)
-        nodes = {leaf.grad_fn for leaf in tensor_leaves(output) if leaf.grad_fn is not None}
-        for node in nodes:
-            node.register_prehook(hook)
-
-    def _backward_reached(self, replay: _Replay) -> None:
-        """The backward running now recomputes the forward of ``replay``; forget it when that backward ends."""
-        task = torch._C._current_graph_task_id()
-        replays = self._backward.get(task)
-        if replays is None:
-            replays = self._backward[task] = []
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._backward.pop(task, None))
-        if all(r is not replay for r in replays):
-            replays.append(replay)
-
-    def _replay(self, name: str, output: Any) -> Any:
-        """Mix ``output`` again if layer ``name`` is being recomputed inside a backward (checkpointing)."""
-        if not self._backward:
-            return None
-        replays = self._backward.get(torch._C._current_graph_task_id())
-        if not replays:
-            return None
-        mixing = [(plan, cut) for plan, cut in replays if plan is not None and plan.mixed and name in plan.layers]
-        if len(replays) > 1 and mixing:
-            raise UsageError(
-                f"layer {name!r} is being recomputed inside a backward (gradient checkpointing) that runs through "
-                f"{len(replays)} forwards of the model at once, so hookmix cannot tell which plan to mix it with. "
-                "Call backward after each forward (e.g. loss.backward() per micro-batch when accumulating "
-                "gradients), or turn gradient checkpointing off."
-            )
-        if not mixing:
-            return None
-        plan, cut = mixing[0]
-        return self._mix(name, output, plan, replay=cut, replaying=True)
 
     def _layer_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -391,6 +267,11 @@ class HookMixer:
     def layers(self) -> tuple[str, ...]:
         """The resolved layer names this mixer can mix."""
         return self._sampler.layers
+
+    @property
+    def settings(self) -> MixSettings:
+        """How this mixer mixes now (with the :attr:`alpha` set since, if any)."""
+        return self._sampler.settings
 
     @property
     def alpha(self) -> float:
@@ -456,34 +337,27 @@ class HookMixer:
                 the activations (then give ``batch_size``).
             batch_size: the batch size when no targets are given.
             device: where the plan's λ and partners live (default: the targets' device, else the
-                model's first parameter's device).
+                model's (:func:`~hookmix.devices.module_device`)).
 
         When the next forward would not train — grad disabled, or the trainable part of the model in
-        eval mode — the step mixes nothing and nothing is armed (so validation loops may call it too).
-        Raises ``ValueError`` if the previous plan was never used by a forward or never reached its layer.
+        eval mode (:mod:`hookmix.gate`) — the step mixes nothing and nothing is armed (so validation
+        loops may call it too). Raises ``UsageError`` if the previous plan was never used by a forward or
+        never reached its layer.
         """
         if self.closed:
             raise UsageError("this HookMixer is closed (its hooks were removed); create a new one.")
         self._check_previous()
-        kind, index_max = self._target_kind(targets)
-        if targets is not None:
-            if batch_size is not None and batch_size != targets.shape[0]:
-                raise UsageError(f"batch_size={batch_size} but targets have {targets.shape[0]} rows; give one of them.")
-            batch_size = targets.shape[0]
-        elif not is_int(batch_size, 1):
-            raise UsageError(f"batch_size={batch_size!r}: give the targets, or batch_size=B (an int >= 1).")
+        kind, index_max = self._targets.read(targets)
+        batch_size = _batch_size_of(targets, batch_size)
         if device is None:
-            device = targets.device if targets is not None else self._model_device()
-        if not self._gate():
-            return self._step(identity_plan(batch_size, self._sampler.steps, device), targets, kind, index_max)
-        if self._excluded is not None and (targets is None or kind == "regression"):
-            raise UsageError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
-        plan = self._sampler.draw(batch_size).to(device)
-        if self._excluded is not None and plan.mixed:
-            excluded = excluded_rows(targets, kind, self._excluded).to(device)
-            plan = plan.with_unmixed_rows(excluded | excluded[plan.perm])
+            device = targets.device if targets is not None else module_device(self._model)
+        if not self._gate.decide():
+            plan = identity_plan(batch_size, self._sampler.steps, device)
+            return self._targets.step(plan, targets, kind, index_max)
+        self._targets.check_excludable(targets, kind)
+        plan = self._targets.keep_excluded(self._sampler.draw(batch_size).to(device), targets, kind)
         self._armed = plan
-        return self._step(plan, targets, kind, index_max)
+        return self._targets.step(plan, targets, kind, index_max)
 
     def discard(self) -> None:
         """Drop the armed plan without a forward (a skipped batch); the next :meth:`plan` then draws afresh.
@@ -491,34 +365,6 @@ class HookMixer:
         The discarded plan still counts in :attr:`steps`, so a resumed run stays in step with this one.
         """
         self._armed = self._problem = None
-
-    def _target_kind(self, targets: torch.Tensor | None) -> tuple[str | None, int | None]:
-        """The kind of ``targets`` and, once validated, their largest class index (index targets)."""
-        if targets is None:
-            return None, None
-        if not isinstance(targets, torch.Tensor):
-            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}.")
-        kind = infer_kind(targets, self.num_classes) if self.target_kind == "auto" else self.target_kind
-        index_max = None
-        if self.validate:
-            smoothing = self._sampler.settings.label_smoothing
-            index_max = validate_targets(targets, kind, self.num_classes, label_smoothing=smoothing)
-        return kind, index_max
-
-    def _step(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None, index_max: int | None) -> MixStep:
-        return MixStep(
-            plan=plan,
-            y=targets,
-            kind=kind,
-            num_classes=self.num_classes,
-            label_smoothing=self._sampler.settings.label_smoothing if kind in ("index", "label", "multilabel") else 0.0,
-            uniform_lam=self._sampler.settings.lam_mode == "batch" and self._excluded is None,
-            index_max=index_max,
-        )
-
-    def _model_device(self) -> torch.device:
-        param = next(iter(self._model.parameters()), None)
-        return param.device if param is not None else torch.device("cpu")
 
     def state_dict(self) -> dict[str, Any]:
         """The mixer's generator state, counters and settings (save it with your checkpoint)."""
@@ -534,7 +380,7 @@ class HookMixer:
             handle.remove()
         self._handles.clear()
         self._armed = self._active = None
-        self._backward.clear()
+        self._replays.clear()
 
     def __enter__(self) -> "HookMixer":
         return self
@@ -544,6 +390,6 @@ class HookMixer:
 
     def __repr__(self) -> str:
         return (
-            f"HookMixer(layers={list(self.layers)}, alpha={self.alpha}, mode={self._sampler.settings.mode!r}, "
+            f"HookMixer(layers={list(self.layers)}, alpha={self.alpha}, mode={self.settings.mode!r}, "
             f"steps={self.steps}, closed={self.closed})"
         )

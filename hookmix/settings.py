@@ -3,7 +3,7 @@
 The same settings travel from the command line, :class:`~hookmix.FitConfig` and the integrations to the
 :class:`~hookmix.PlanSampler` that draws the plans, so a new setting is added here once. Settings that
 need the model or the data — the layers, ``num_classes``, ``layout`` — stay with
-:class:`~hookmix.HookMixer`, which builds a ``MixSettings`` from its keyword arguments.
+:class:`~hookmix.HookMixer`, which takes a ``MixSettings`` (``settings=``) or builds one from its keywords.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from hookmix._cache_format import Manifest, map_shard, peek_labels
 from hookmix._checks import check_int, is_int
 from hookmix._errors import UsageError
 
-__all__ = ["BlockLayout", "BLOCK_BYTES", "default_memory_budget", "EpochPlan", "READERS", "ShardedFeatures"]
+__all__ = ["BlockLayout", "BLOCK_BYTES", "default_memory_budget", "EpochOrder", "READERS", "ShardedFeatures"]
 
 READERS = 4
 """Threads that read (map and checksum) the shards of the next block in parallel."""
@@ -58,7 +58,7 @@ def default_memory_budget() -> int:
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochOrder:
     """One epoch's order: ``order`` ``(N,)`` row indices, and the shard indices of each block in the order
     they are visited (the rows of ``blocks[0]`` come first in ``order``, then those of ``blocks[1]``, ...)."""
 
@@ -93,7 +93,7 @@ class BlockLayout:
     def rows(self) -> int:
         return self.stops[-1]
 
-    def order(self, generator: torch.Generator) -> EpochPlan:
+    def order(self, generator: torch.Generator) -> EpochOrder:
         """Draw one epoch: a permutation of the shards cut into blocks, then a permutation of each block's rows.
 
         A pure function of ``generator``'s state and the layout (it draws ``1 + blocks`` permutations), so
@@ -108,7 +108,7 @@ class BlockLayout:
         for block in blocks:
             rows = torch.cat([torch.arange(starts[s], self.stops[s]) for s in block])
             parts.append(rows[torch.randperm(len(rows), generator=generator)])
-        return EpochPlan(torch.cat(parts), blocks)
+        return EpochOrder(torch.cat(parts), blocks)
 
 
 class ShardedFeatures:
@@ -116,7 +116,7 @@ class ShardedFeatures:
 
     What ``FeatureCache.load(path, key, mmap=True).features`` holds, and what :func:`~hookmix.finetune.fit`
     streams: pass it as ``train_inputs``. It has the ``shape``, ``dtype`` and ``ndim`` of the tensor it
-    stands for; its rows are read through :meth:`batches` (one epoch, in the order of an :class:`EpochPlan`).
+    stands for; its rows are read through :meth:`batches` (one epoch, in the order of an :class:`EpochOrder`).
     Every shard's size and header are checked when it is opened; its checksum when its block is read.
     """
 
@@ -155,32 +155,33 @@ class ShardedFeatures:
             shards_per_block = max(1, BLOCK_BYTES // per_shard)
         return BlockLayout(self.stops, shards_per_block)
 
-    def batches(self, plan: EpochPlan, view: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-        """Yield the batches ``(B, *F)`` of one epoch: rows ``plan.order[i : i + batch_size]``, row ``r`` from
-        view ``view[r]`` (``view``: ``(N,)``), exactly as ``features[view[idx], idx]`` of the in-memory tensor.
+    def batches(self, epoch_order: EpochOrder, view: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """Yield the batches ``(B, *F)`` of one epoch: rows ``epoch_order.order[i : i + batch_size]``, row ``r``
+        from view ``view[r]`` (``view``: ``(N,)``), exactly as ``features[view[idx], idx]`` of the in-memory tensor.
 
-        The blocks are read in ``plan.blocks`` order, one block ahead, by :data:`READERS` background threads
-        (the shards of a block in parallel: the disk reads one while another is hashed); a block is released
+        The blocks are read in ``epoch_order.blocks`` order, one block ahead, by :data:`READERS` background
+        threads (the shards of a block in parallel: the disk reads one while another is hashed); a block is released
         once the epoch has moved past its rows, so at most two are mapped at a time.
         """
-        if tuple(sorted(s for block in plan.blocks for s in block)) != tuple(range(len(self.stops))):
+        if tuple(sorted(s for block in epoch_order.blocks for s in block)) != tuple(range(len(self.stops))):
             raise UsageError(
-                f"plan.blocks={plan.blocks} do not list each of this cache's {len(self.stops)} shards once."
+                f"epoch_order.blocks={epoch_order.blocks} do not list each of this cache's {len(self.stops)} "
+                "shards once."
             )
         starts = torch.tensor((0, *self.stops[:-1]))
         stops = torch.tensor(self.stops)
-        sizes = [sum(self.stops[s] - int(starts[s]) for s in block) for block in plan.blocks]
+        sizes = [sum(self.stops[s] - int(starts[s]) for s in block) for block in epoch_order.blocks]
         block_ends = torch.tensor(sizes).cumsum(0).tolist()
         mapped: dict[int, np.ndarray] = {}  # shard -> features (V * n, *F) as same-width ints, a view of its mapping
-        resident: deque[int] = deque()  # the blocks mapped now, in plan order
+        resident: deque[int] = deque()  # the blocks mapped now, in visiting order
         pending: deque[tuple[int, list[tuple[int, Future[np.ndarray]]]]] = deque()
-        n, queued = len(plan.order), 0
+        n, queued = len(epoch_order.order), 0
         with ThreadPoolExecutor(READERS, thread_name_prefix="hookmix-read") as pool:
 
             def prefetch(needed: bool = False) -> None:
                 nonlocal queued
-                if queued < len(plan.blocks) and (needed or len(resident) + len(pending) < 2):
-                    reads = [(shard, pool.submit(self._read_shard, shard)) for shard in plan.blocks[queued]]
+                if queued < len(epoch_order.blocks) and (needed or len(resident) + len(pending) < 2):
+                    reads = [(shard, pool.submit(self._read_shard, shard)) for shard in epoch_order.blocks[queued]]
                     pending.append((queued, reads))
                     queued += 1
 
@@ -194,7 +195,7 @@ class ShardedFeatures:
                     mapped.update((shard, read.result()) for shard, read in reads)  # a bad checksum raises here
                     resident.append(block)
                     prefetch()
-                idx = plan.order[begin:end]
+                idx = epoch_order.order[begin:end]
                 shard_of = torch.searchsorted(stops, idx, right=True)
                 out = torch.empty((end - begin, *self.shape[2:]), dtype=self.dtype)
                 rows_out = out.view(_same_width(self.dtype)).numpy()  # numpy copies whole rows: 4x torch's gather
@@ -204,7 +205,7 @@ class ShardedFeatures:
                     rows_out[at.numpy()] = np.take(mapped[shard], rows.numpy(), axis=0)
                 yield out
                 while resident and block_ends[resident[0]] <= end:
-                    for shard in plan.blocks[resident.popleft()]:
+                    for shard in epoch_order.blocks[resident.popleft()]:
                         del mapped[shard]  # its last reference: the file is unmapped here
                     prefetch()
 

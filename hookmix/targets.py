@@ -25,12 +25,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from hookmix._checks import check_class_indices
+from hookmix._checks import check_class_indices, check_int
 from hookmix._errors import UsageError
 from hookmix.blend import mix_tensor
 from hookmix.plan import MixPlan
+from hookmix.settings import MixSettings
 
-__all__ = ["check_classes", "excluded_rows", "infer_kind", "KINDS", "MixStep", "validate_targets"]
+__all__ = ["check_classes", "excluded_rows", "infer_kind", "KINDS", "MixStep", "TargetRules", "validate_targets"]
 
 KINDS = ("auto", "index", "label", "multilabel", "regression")
 _ROW_SUM_TOL = 1e-3
@@ -298,3 +299,71 @@ class MixStep:
         if reduction == "mean":
             return per_row.sum() / torch.lerp(_row_weights(criterion, y_b), _row_weights(criterion, y), lam).sum()
         return per_row
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """How a mixer reads each step's targets and turns its plan into a :class:`MixStep`.
+
+    Built once by :meth:`build` from :class:`~hookmix.HookMixer`'s ``num_classes``, ``targets=`` kind,
+    ``validate`` and mixing settings (label smoothing, λ per batch or row, excluded classes), which stay
+    fixed for the mixer's life.
+    """
+
+    num_classes: int | None
+    kind: str
+    validate: bool
+    label_smoothing: float
+    uniform_lam: bool
+    excluded: torch.Tensor | None
+
+    @classmethod
+    def build(cls, settings: MixSettings, num_classes: int | None, kind: str, validate: bool) -> TargetRules:
+        """Check the mixer's target arguments against each other and its settings."""
+        if num_classes is not None:
+            check_int("num_classes", num_classes, 2, " (or None)")
+        if kind not in KINDS:
+            raise UsageError(f"targets={kind!r} is not one of {KINDS}.")
+        if settings.label_smoothing and num_classes is None:
+            raise UsageError("label_smoothing needs num_classes=C to know the uniform share s / C.")
+        excluded = check_classes(settings.exclude_classes, num_classes)
+        uniform = settings.lam_mode == "batch" and excluded is None
+        return cls(num_classes, kind, bool(validate), settings.label_smoothing, uniform, excluded)
+
+    def read(self, targets: torch.Tensor | None) -> tuple[str | None, int | None]:
+        """The kind of ``targets`` and, once validated, their largest class index (index targets)."""
+        if targets is None:
+            return None, None
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}.")
+        kind = infer_kind(targets, self.num_classes) if self.kind == "auto" else self.kind
+        index_max = None
+        if self.validate:
+            index_max = validate_targets(targets, kind, self.num_classes, label_smoothing=self.label_smoothing)
+        return kind, index_max
+
+    def check_excludable(self, targets: torch.Tensor | None, kind: str | None) -> None:
+        """Refuse a step that must leave excluded classes unmixed but has no class targets to find them."""
+        if self.excluded is not None and (targets is None or kind == "regression"):
+            raise UsageError("exclude_classes needs class targets: pass class indices or labels to plan(y).")
+
+    def keep_excluded(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None) -> MixPlan:
+        """``plan`` with the rows of an excluded class, and the rows whose partner is one, left unmixed
+        (``targets``: class targets, see :meth:`check_excludable`)."""
+        if self.excluded is None or targets is None or kind is None or not plan.mixed:
+            return plan
+        excluded = excluded_rows(targets, kind, self.excluded).to(plan.lam.device)
+        return plan.with_unmixed_rows(excluded | excluded[plan.perm])
+
+    def step(self, plan: MixPlan, targets: torch.Tensor | None, kind: str | None, index_max: int | None) -> MixStep:
+        """The :class:`MixStep` of ``plan`` with this batch's ``targets`` as :meth:`read` found them."""
+        smoothed = kind in ("index", "label", "multilabel")
+        return MixStep(
+            plan=plan,
+            y=targets,
+            kind=kind,
+            num_classes=self.num_classes,
+            label_smoothing=self.label_smoothing if smoothed else 0.0,
+            uniform_lam=self.uniform_lam,
+            index_max=index_max,
+        )

@@ -413,7 +413,7 @@ CASES: dict[str, Bad] = {
         lambda _: fit_small(resume=True), ValueError, ("resume=True", "checkpoint_dir=DIR")
     ),
     "checkpoint of another head shape": Bad(
-        checkpoint_of_other_head, ValueError, ("another head shape", "0.weight", "use another --out directory")
+        checkpoint_of_other_head, ValueError, ("another head shape", "0.weight", "fit with another checkpoint_dir")
     ),
     "checkpoint of other settings": Bad(
         checkpoint_of_other_settings, ValueError, ("'alpha': (0.4, 1.0)", "resume with the same settings")
@@ -422,17 +422,19 @@ CASES: dict[str, Bad] = {
     "cache of another model": Bad(
         load_cache_for(model="test:other"),
         ValueError,
-        ("model='test:pool'", "model='test:other'", "use another --cache directory"),
+        ("model='test:pool'", "model='test:other'", "extract into another directory"),
     ),
     "cache of another layer": Bad(
-        load_cache_for(layer="fc"), ValueError, ("layer='pool'", "layer='fc'", "use another --cache directory")
+        load_cache_for(layer="fc"), ValueError, ("layer='pool'", "layer='fc'", "extract into another directory")
     ),
     "cache of another transform": Bad(
         load_cache_for(transform="Resize:1"),
         ValueError,
-        ("transform='none'", "transform='Resize:1'", "use another --cache directory"),
+        ("transform='none'", "transform='Resize:1'", "extract into another directory"),
     ),
-    "truncated cache shard": Bad(truncated_shard, ValueError, ("shard-00000.safetensors", "truncated", "delete")),
+    "truncated cache shard": Bad(
+        truncated_shard, ValueError, ("shard-00000.safetensors", "truncated", "once no process uses it")
+    ),
     "feature dtype int64": Bad(integer_features, ValueError, ("dtype=torch.int64", "torch.float16")),
     # image folders
     "data not a directory": Bad(
@@ -537,16 +539,16 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 CLI_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "epochs 0": (["--data", "digits", "--epochs", "0"], ("--epochs", "0 must be >= 1")),
     "batch size not a number": (["--data", "digits", "--batch-size", "x"], ("--batch-size", "'x' is not an integer")),
-    "lr 0": (["--data", "digits", "--lr", "0"], ("lr=0.0", "finite number > 0")),
-    "unknown model": (["--model", "resnet5", "--layer", "layer4"], ("model='resnet5'", "closest names: resnet50")),
-    "unknown layer": (["--model", "resnet18", "--layer", "layer5"], ("layer='layer5'", "closest names: layer4")),
+    "lr 0": (["--data", "digits", "--lr", "0"], ("argument --lr", "0 must be > 0")),
+    "unknown model": (["--model", "resnet5", "--layer", "layer4"], ("--model resnet5", "closest names: resnet50")),
+    "unknown layer": (["--model", "resnet18", "--layer", "layer5"], ("--layer layer5", "closest names: layer4")),
     "alpha NaN": (
         ["--model", "resnet18", "--layer", "layer4", "--alpha", "nan", "--epochs", "1"],
-        ("alpha=nan", "alpha=0.4"),
+        ("argument --alpha", "nan is not a finite number"),
     ),
     "exclude a class the folder lacks": (
         ["--model", "resnet18", "--layer", "layer4", "--exclude-classes", "9"],
-        ("exclude_classes=[9]", "in [0, 2]", "list only existing"),
+        ("--exclude-classes [9]", "in [0, 2]", "list only existing"),
     ),
     "input size the model cannot take": (
         ["--model", "resnet18", "--layer", "layer4", "--input-size", "1", "32", "32"],
