@@ -6,8 +6,11 @@ the data order and views from a ``torch.Generator`` seeded like fit's, the mix p
 order), the head's own init, AdamW with a per-step cosine schedule. What differs is the loop: the heads'
 parameters are stacked (``torch.func.stack_module_state``) and run in one ``vmap`` forward over a batched
 gather ``(G, B, ...)`` of each head's own batch, and one AdamW steps them all — AdamW is elementwise, so with
-one parameter group per (lr, weight decay) it is per-head exact. The results equal ``fit``'s up to float
-rounding of the batched matmuls (``tests/test_sweep.py`` measures it).
+one parameter group per (lr, weight decay) it is per-head exact. A head that is one ``nn.Linear`` skips the
+per-head gather: mixing commutes with an affine map (``W(λa + (1−λ)b) + c = λ(Wa + c) + (1−λ)(Wb + c)``), so
+each seed's batch goes through one GEMM for all the heads of that seed and each head mixes its own logits
+with its own λ and partners. The results equal ``fit``'s up to float rounding (``tests/test_sweep.py``
+measures it).
 
 Stacked: heads without buffers or dropout (a linear head; a ResNet's own ``fc`` on pooled features), a
 multi-class task, mixup (not CutMix) without label smoothing or excluded classes, in-memory features. Any other
@@ -42,6 +45,7 @@ __all__ = [
     "cell_record",
     "fit_grid",
     "grid_configs",
+    "grid_unstacked",
     "paired_differences",
     "stackable",
     "summary",
@@ -96,6 +100,16 @@ def stackable(head: nn.Module, config: FitConfig, train_inputs: Any, train_label
     return ""
 
 
+def grid_unstacked(
+    heads: Sequence[nn.Module], configs: Sequence[FitConfig], train_inputs: Any, train_labels: torch.Tensor
+) -> str:
+    """Why :func:`fit_grid` trains these cells one by one with ``fit`` (``""``: they are stacked)."""
+    if len({type(h) for h in heads}) > 1:
+        return "the heads are of different types"
+    reasons = sorted({stackable(h, c, train_inputs, train_labels) for h, c in zip(heads, configs)} - {""})
+    return "; ".join(reasons)
+
+
 def _check_grid(heads: Sequence[nn.Module], configs: Sequence[FitConfig]) -> None:
     if len(heads) != len(configs) or not configs:
         raise UsageError(f"give one head per config: {len(heads)} heads for {len(configs)} configs.")
@@ -126,8 +140,7 @@ def fit_grid(
     ``epochs``, ``batch_size`` and ``eval_batch_size``; lr, weight decay, seed and mixing vary per cell.
     """
     _check_grid(heads, configs)
-    reasons = {stackable(h, c, train_inputs, train_labels) for h, c in zip(heads, configs)} - {""}
-    if reasons or len({type(h) for h in heads}) > 1:
+    if grid_unstacked(heads, configs, train_inputs, train_labels):
         return [
             fit(
                 h,
@@ -172,6 +185,7 @@ class _StackedGrid:
         self.optimizer = torch.optim.AdamW(
             [{"params": list(g.values()), "lr": lr, "weight_decay": wd} for g, (lr, wd) in zip(self.groups, groups)]
         )
+        self.linear = _linear_names(heads[0])
 
     def params(self) -> dict[str, torch.Tensor]:
         """The stacked parameters of every head, (G, ...) each, rows in :attr:`order`."""
@@ -233,10 +247,11 @@ class _StackedGrid:
             idx = order[:, start : start + batch]  # (S, B): each seed's own rows
             lam, perm, mixed = run.plans(idx.shape[1], labels.device)
             rows = idx[run.seed_of]  # (G, B)
-            x = views[
-                view[run.seed_of].gather(1, rows), rows
-            ].float()  # each row's view, as fit's views[view[idx], idx]
-            loss = self._step(x, labels[rows], lam, perm, scheduler)
+            if self.linear is not None:  # each seed's batch once (S, B, D), as fit's views[view[idx], idx]
+                logits = self._mixed_linear(views[view.gather(1, idx), idx].float(), run.seed_of, lam, perm)
+            else:  # each head's own batch (G, B, ...)
+                logits = self._mixed_stacked(views[view[run.seed_of].gather(1, rows), rows].float(), lam, perm)
+            loss = self._step(logits, labels[rows], lam, perm, scheduler)
             total += loss.detach() * idx.shape[1]
             lams.append(torch.where(mixed, lam[:, 0], torch.nan))
         n = labels.shape[0]
@@ -246,14 +261,34 @@ class _StackedGrid:
                 result.lams.extend(v for v in drawn[r].tolist() if not math.isnan(v))
         return (total / min(n, run.starts[-1] + batch)).tolist()
 
-    def _step(
-        self, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, scheduler: Any
-    ) -> torch.Tensor:
-        """One AdamW step of every head on its mixed batch; the per-head losses (G,)."""
+    def _mixed_stacked(self, x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """Logits (G, B, C) of each head on its own mixed batch x (G, B, ...)."""
         g = torch.arange(x.shape[0], device=x.device)[:, None]
         weight = lam.to(x.dtype).view(*lam.shape, *[1] * (x.dim() - 2))
-        mixed = x[g, perm].lerp_(x, weight)  # as hookmix.blend.mix_tensor, per head
-        logits = self.forward(mixed)
+        return self.forward(x[g, perm].lerp_(x, weight))  # as hookmix.blend.mix_tensor, per head
+
+    def _mixed_linear(
+        self, xs: torch.Tensor, seed_of: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (G, B, C) of linear heads on their mixed batches, from each seed's batch xs (S, B, D): one
+        GEMM per seed for all its heads, then each head mixes its own logits (mixing commutes with W·x + c)."""
+        weight_name, bias_name = self.linear
+        params = self.params()
+        weight = params[weight_name]  # (G, C, D)
+        z = torch.empty(weight.shape[0], xs.shape[1], weight.shape[1], dtype=xs.dtype, device=xs.device)
+        for s in range(xs.shape[0]):
+            heads = (seed_of == s).nonzero().flatten()
+            out = xs[s] @ weight[heads].flatten(0, 1).T  # (B, G_s·C)
+            z = z.index_put((heads,), out.view(xs.shape[1], len(heads), -1).transpose(0, 1))
+        g = torch.arange(z.shape[0], device=z.device)[:, None]
+        mixed = z[g, perm].lerp(z, lam.to(z.dtype)[..., None])
+        return mixed if bias_name is None else mixed + params[bias_name][:, None, :]
+
+    def _step(
+        self, logits: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, scheduler: Any
+    ) -> torch.Tensor:
+        """One AdamW step of every head from its logits (G, B, C) on its mixed batch; the per-head losses (G,)."""
+        g = torch.arange(logits.shape[0], device=logits.device)[:, None]
         flat = logits.flatten(0, 1)
         own = F.cross_entropy(flat, y.flatten(), reduction="none").view(y.shape)
         partner = F.cross_entropy(flat, y[g, perm].flatten(), reduction="none").view(y.shape)
@@ -281,6 +316,25 @@ class _StackedGrid:
             with torch.no_grad():
                 for name, param in head.named_parameters():
                     param.copy_(stacked[name][r].to(param.device))
+
+
+def _linear_names(head: nn.Module) -> tuple[str, str | None] | None:
+    """The names of the weight and bias of ``head`` when it is exactly one ``nn.Linear`` on (B, D) features
+    (no other parameter, buffer or op: checked on a probe, bit for bit); ``None`` otherwise."""
+    linears = [(name, m) for name, m in head.named_modules() if type(m) is nn.Linear]
+    if len(linears) != 1 or next(head.buffers(), None) is not None:
+        return None
+    name, linear = linears[0]
+    prefix = f"{name}." if name else ""
+    if {n for n, _ in head.named_parameters()} != {prefix + n for n, _ in linear.named_parameters()}:
+        return None
+    probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight)
+    with torch.no_grad():
+        try:
+            same = torch.equal(head(probe), F.linear(probe, linear.weight, linear.bias))
+        except (RuntimeError, TypeError, ValueError):  # e.g. a head that reshapes a map
+            return None
+    return (prefix + "weight", None if linear.bias is None else prefix + "bias") if same else None
 
 
 @dataclass

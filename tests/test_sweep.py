@@ -7,6 +7,9 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   cell: ``test_stacked_cells_equal_fit_alone`` (final metrics, weights and λ against ``fit``, ≤ 1e-4);
 - per-row λ (``lam_mode="sample"``, ``dominant``) mixed as one λ per batch:
   ``test_stacked_cells_equal_fit_alone`` (its ``sample`` case);
+- a head that is not one ``Linear`` taken for one (its logits mixed instead of its input), or the linear
+  path's per-seed GEMM giving a head another seed's batch or another head's weights:
+  ``test_stacked_cells_equal_fit_alone`` (``mlp-vmap`` and ``linear-logit-mixing``);
 - a head with BatchNorm / dropout stacked anyway (its running statistics and dropout masks shared or lost):
   ``test_heads_that_do_not_stack_are_trained_by_fit``;
 - α = 0 left out, or the baseline mixing: ``test_the_grid_always_has_the_baseline_first``;
@@ -51,6 +54,13 @@ def _linear(seed: int) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(24, 5))
 
 
+def _two_layer(seed: int) -> nn.Module:
+    """A head without buffers or dropout that is not affine: stacked under vmap, never as logit mixing."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
 def _largest_difference(cells: list, fitted: list) -> float:
     worst = 0.0
     for (head, result), (alone, expected) in zip(cells, fitted):
@@ -64,17 +74,18 @@ def _largest_difference(cells: list, fitted: list) -> float:
 
 
 @pytest.mark.parametrize("lam_mode", ["batch", "sample"])
-def test_stacked_cells_equal_fit_alone(lam_mode: str) -> None:
+@pytest.mark.parametrize("make_head", [_linear, _two_layer], ids=["linear-logit-mixing", "mlp-vmap"])
+def test_stacked_cells_equal_fit_alone(lam_mode: str, make_head: type) -> None:
     x, y, vx, vy = _data()
     mixing = MixSettings(lam_mode=lam_mode, dominant=lam_mode == "sample")
     base = FitConfig(epochs=3, batch_size=16, mixing=mixing)
     configs = grid_configs(base, [0.4, 1.0], [1e-2, 3e-3], [0, 1])
-    heads = [_linear(c.seed) for c in configs]
+    heads = [make_head(c.seed) for c in configs]
     assert {stackable(h, c, x, y) for h, c in zip(heads, configs)} == {""}
     results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
     fitted = []
     for config in configs:
-        alone = _linear(config.seed)
+        alone = make_head(config.seed)
         fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
     assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
     # the cells differ from each other (a grid of one run repeated would pass the comparison above only if

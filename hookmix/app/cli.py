@@ -585,7 +585,7 @@ def _add_sweep(sub: Any) -> None:
         "sweep",
         help="train a grid of heads (layer x alpha x lr x seed) on cached features; paired CIs against alpha=0",
         description="Per layer, cache the features once and train every cell (alpha x lr x seed) together; "
-        "report each alpha against alpha=0 on the same seeds with 95%% CIs, and write the best cell on "
+        "report each alpha against alpha=0 on the same seeds with 95% CIs, and write the best cell on "
         "validation NLL as a run directory --out/best.",
     )
     sw.add_argument("--data", required=True, help="an image folder (one sub-folder per class) or 'digits'")

@@ -44,7 +44,15 @@ from hookmix.cutpoints import stage_names
 from hookmix.devices import resolve_device
 from hookmix.finetune import FitConfig
 from hookmix.metrics import mean_ci
-from hookmix.sweep import HIGHER_IS_BETTER, cell_alpha, cell_record, fit_grid, grid_configs, summary
+from hookmix.sweep import (
+    HIGHER_IS_BETTER,
+    cell_alpha,
+    cell_record,
+    fit_grid,
+    grid_configs,
+    grid_unstacked,
+    summary,
+)
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
 
@@ -100,7 +108,9 @@ def _sweep_layer(
     heads = [copy.deepcopy(by_seed[c.seed][1]) for c in configs]
     keys = (_cache_key(prepared, "train", point.key_layer), _cache_key(prepared, "val", point.key_layer))
     train, val, budget, extract_s = _extract_all(spec.job, prepared, backbone, point, keys, device, say)
-    say(f"{layer}: training {len(configs)} {spec.job.head} heads together ({_grid_text(spec)})")
+    alone = grid_unstacked(heads, configs, train.features, train.labels)
+    how = f"one by one with fit ({alone})" if alone else "together"
+    say(f"{layer}: training {len(configs)} {spec.job.head} heads {how} ({_grid_text(spec)})")
     results = fit_grid(
         heads,
         configs,
