@@ -537,6 +537,7 @@ FLAG_EFFECTS = {
     "--batch-size": "test_stop_epoch_batch_size_and_epochs_set_which_steps_mix",
     "--lr": "test_the_training_loss_is_the_criterion_of_the_initial_head",
     "--seed": "test_the_training_loss_is_the_criterion_of_the_initial_head",
+    "--data-seed": "test_sweep.py::test_the_sweep_cli_cells_equal_finetune_runs",
     "--exclude-classes": "test_the_training_loss_is_the_criterion_of_the_initial_head",
     "--cache": "test_layer_fp32_and_cache_set_what_is_stored",
     "--fp32": "test_layer_fp32_and_cache_set_what_is_stored",

@@ -177,12 +177,18 @@ def test_the_sweep_cli_cells_equal_finetune_runs(tmp_path: Path, capsys) -> None
     cells = {(r["alpha"], r["seed"]): r for r in payload["records"]}
     assert sorted(cells) == [(0.0, 0), (0.0, 1), (0.4, 0), (0.4, 1)]
     worst = 0.0
-    for alpha, flags in ((0.4, ["--alpha", "0.4"]), (0.0, ["--no-mix"])):
-        out = tmp_path / f"f{alpha}"
-        assert main(["finetune", *common, "--layer", "stage2", *flags, "--seed", "0", "--out", str(out)]) == 0
+    for alpha, flags, seed in ((0.4, ["--alpha", "0.4"], 0), (0.0, ["--no-mix"], 0), (0.4, ["--alpha", "0.4"], 1)):
+        out = tmp_path / f"f{alpha}-{seed}"
+        cell = ["--layer", "stage2", *flags, "--seed", str(seed), "--data-seed", "0", "--out", str(out)]
+        assert main(["finetune", *common, *cell]) == 0
         final = json.loads((out / "metrics.json").read_text())["final"]
-        worst = max(worst, *(abs(cells[alpha, 0][k] - final[k]) for k in ("val_nll", "val_accuracy", "train_loss")))
+        worst = max(worst, *(abs(cells[alpha, seed][k] - final[k]) for k in ("val_nll", "val_accuracy", "train_loss")))
     assert worst <= TOLERANCE
+    # without --data-seed 0, seed 1 is another sample of the digits task: not the sweep's cell
+    other = ["--layer", "stage2", "--alpha", "0.4", "--seed", "1", "--out", str(tmp_path / "other")]
+    assert main(["finetune", *common, *other]) == 0
+    final = json.loads((tmp_path / "other" / "metrics.json").read_text())["final"]
+    assert abs(cells[0.4, 1]["val_nll"] - final["val_nll"]) > 1e-3
     best = payload["best"]
     assert min(r["val_nll"] for r in payload["records"]) == cells[best["alpha"], best["seed"]]["val_nll"]
     run = tmp_path / "s" / "best"

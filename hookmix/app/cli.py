@@ -207,6 +207,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         input_size=tuple(args.input_size) if args.input_size else None,
         fp32=args.fp32,
         shots=args.shots,
+        data_seed=args.data_seed,
         val=Path(args.val) if args.val else None,
         labels=Path(args.labels) if args.labels else None,
         val_labels=Path(args.val_labels) if args.val_labels else None,
@@ -505,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_number_in(0, low_open=True), default=None, help="AdamW learning rate (default 3e-3; digits: 3e-2)"
     )
     ft.add_argument("--seed", type=_non_negative_int, default=0)
+    ft.add_argument(
+        "--data-seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of the data's preparation: the split of --data, the digits task's sample, a random-init "
+        "backbone (default: --seed; a sweep's cells use 0)",
+    )
     ft.add_argument("--exclude-classes", type=int, nargs="+", metavar="C", help="class indices never mixed")
     ft.add_argument("--cache", metavar="DIR", help="keep features on disk here (reused when they match)")
     ft.add_argument("--fp32", action="store_true", help="cache features in float32 (default float16)")

@@ -62,6 +62,7 @@ class JobSpec:
     input_size: tuple[int, int, int] | None = None
     fp32: bool = False
     shots: int = 20
+    data_seed: int | None = None
     val: Path | None = None
     labels: Path | None = None
     val_labels: Path | None = None
@@ -556,7 +557,7 @@ def run_finetune(
     replaced with ``overwrite``, and otherwise refused."""
     _check_out(spec.out_dir, resume, overwrite)
     device = resolve_device(spec.device)
-    prepared = _prepare(spec, config.seed)
+    prepared = _prepare(spec, config.seed if spec.data_seed is None else spec.data_seed)
     check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
     chosen = " (default: the last stage before the pooling and head)" if prepared.layer_is_default else ""
     picked = " (auto)" if spec.device == "auto" else ""

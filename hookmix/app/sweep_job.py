@@ -4,9 +4,8 @@ It reuses the ``finetune`` job's phases — preparing the model and data, cuttin
 the cache keys and the extraction (so the caches in ``--cache`` are shared with ``finetune``) — and trains each
 layer's cells with :func:`hookmix.sweep.fit_grid`. The data are prepared once, with seed 0 (the split of a
 folder without ``--val``, the digits task, a random-init backbone); ``--seeds K`` varies each head's seed
-(its init, data order, mix plans, dropout). So a cell with seed 0 is exactly ``finetune --seed 0`` with its
-α, lr, layer and head, and a cell of another seed is ``finetune --seed s`` wherever finetune's data do not
-depend on the seed (``--val`` given and pretrained or ``--weights`` backbones).
+(its init, data order, mix plans, dropout). So a cell of seed s is exactly ``finetune --seed s --data-seed 0``
+with its α, lr, layer and head.
 
 Writes ``sweep.json`` (settings, one record per cell, the paired differences against α = 0, the verdicts and
 warnings), ``sweep.csv`` (the records), ``sweep.png`` (each metric against α per layer, mean ± 95% CI over
