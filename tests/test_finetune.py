@@ -1,3 +1,25 @@
+"""hookmix.finetune.fit: head-only training on cached features or through a frozen backbone's hooks.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+
+* the cached path and the hooked path take different steps (order, λ, frozen BatchNorm training):
+  ``test_cached_path_equals_hooked_full_forward``;
+* ``mix=False`` draws another data order, or still mixes:
+  ``test_no_mix_baseline_draws_the_same_order_and_mixes_nothing``;
+* a resumed fit is not bitwise the uninterrupted one, or resumes other settings / another head:
+  ``test_resume_continues_bitwise``, ``test_resume_refuses_other_settings_and_other_head``;
+* one cached view used for every example: ``test_cached_views_are_drawn_per_example``;
+* ``device="cuda"`` ignored (training stays on the CPU), the model not moved, or logits left on the GPU:
+  ``test_fit_on_a_named_device_trains_there_and_returns_cpu_logits`` (GPU machines only; skipped on a
+  CPU-only one, where every device name is the CPU); ``"auto"`` not picking the GPU:
+  ``test_device_is_resolved_and_checked``;
+* the multi-label loss not BCE on the mixed label rows: ``test_multilabel_trains_bce_on_the_mixed_label_rows``;
+* the validation row reporting a swapped metric (``val_map`` holding F1) or stale logits:
+  ``test_multilabel_validation_row_is_the_metrics_of_the_final_heads_logits`` (scikit-learn's mAP and F1);
+* dropout heads not reproducible, or a last batch of one crashing BatchNorm:
+  ``test_dropout_heads_are_reproducible_and_a_batch_of_one_is_left_out``.
+"""
+
 import copy
 import json
 
@@ -277,42 +299,61 @@ def test_stop_epoch_and_cutmix_on_cached_maps(task):
     assert all(torch.equal(raw, mixed) for _, raw, mixed in seen[8:])  # epoch 2: no mixing
 
 
+CUDA = torch.cuda.is_available()
+
+
 def test_device_is_resolved_and_checked() -> None:
     from hookmix import UsageError
     from hookmix.devices import resolve_device
 
-    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")  # no GPU on this machine
+    auto = torch.device("cuda") if CUDA else torch.device("cpu")  # (a Mac's MPS is not covered here)
+    assert resolve_device("auto") == resolve_device(None) == auto
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    with pytest.raises(UsageError, match="no CUDA device; use device='cpu' or 'auto'"):
-        resolve_device("cuda")
+    if CUDA:
+        count = torch.cuda.device_count()
+        with pytest.raises(UsageError, match=f"this machine has {count} CUDA device"):
+            resolve_device(f"cuda:{count}")
+    else:
+        with pytest.raises(UsageError, match="no CUDA device; use device='cpu' or 'auto'"):
+            resolve_device("cuda")
     with pytest.raises(UsageError, match="MPS is not available"):
         resolve_device("mps")
     with pytest.raises(UsageError, match=r"device='gpu' is not one of"):
         resolve_device("gpu")
 
 
-def test_fit_on_a_named_device_equals_fit_where_the_model_is(task):
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: on a CPU-only machine every device name is the CPU")
+@pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "copied_per_batch"])
+def test_fit_on_a_named_device_trains_there_and_returns_cpu_logits(task, preload: bool) -> None:
+    """A head on the CPU fitted with ``device="cuda"``: its parameters move to the GPU, every batch reaches it
+    there, the validation logits come back on the CPU, and the steps are the CPU's (λ drawn on the CPU
+    generator: equal; losses and weights within float32 GPU-vs-CPU tolerance). ``"auto"`` and a model
+    already on the GPU with ``device=None`` take the same steps on the same card."""
     source, data, feats, val = task
     config = FitConfig(epochs=2, batch_size=16, seed=2, mixing=MixSettings(lam_mode="sample"))
-    runs = []
-    for device in (None, "cpu", "auto"):
+    args = (feats, data.train_y, val, data.val_y, config)
+    _, on_cpu = fresh_head(source)
+    cpu_run = fit(on_cpu, "input", *args, num_classes=5, progress=False)
+    runs, heads = {}, {}
+    for device in ("cuda", "auto", None):
         _, head = fresh_head(source)
-        runs.append(
-            fit(
-                head,
-                "input",
-                feats,
-                data.train_y,
-                val,
-                data.val_y,
-                config,
-                num_classes=5,
-                device=device,
-                progress=False,
-            )
-        )
-    assert runs[0].history == runs[1].history == runs[2].history and runs[0].lams == runs[2].lams
-    assert runs[0].val_logits.device.type == "cpu"
+        if device is None:
+            head.cuda()
+        seen: list[torch.device] = []
+        head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].device))
+        runs[device] = fit(head, "input", *args, num_classes=5, device=device, preload=preload, progress=False)
+        heads[device] = head
+        assert {t.device.type for t in (*head.parameters(), *head.buffers())} == {"cuda"}
+        assert {d.type for d in seen} == {"cuda"} and len(seen) >= 2 * config.epochs
+        assert runs[device].val_logits.device.type == "cpu"
+        assert runs[device].lams == cpu_run.lams
+    for device in ("auto", None):
+        for a, b in zip(runs[device].history, runs["cuda"].history, strict=True):
+            assert a == pytest.approx(b, rel=1e-6)
+    for a, b in zip(runs["cuda"].history, cpu_run.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    for (name, gpu), cpu in zip(heads["cuda"].state_dict().items(), on_cpu.state_dict().values()):
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _multilabel_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,6 +387,36 @@ def test_multilabel_trains_bce_on_the_mixed_label_rows() -> None:
     expected = nn.functional.binary_cross_entropy_with_logits(before(mixed[0]), targets)
     assert row["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert 0.0 <= row["val_map"] <= 1.0 and row["val_nll"] > 0
+
+
+def test_multilabel_validation_row_is_the_metrics_of_the_final_heads_logits() -> None:
+    """``val_map`` / ``val_f1`` / ``val_nll`` / ``val_ece`` of the last row are those of the trained head's own
+    validation logits: ``evaluate_multilabel(predict(...))``, and mAP and NLL recomputed with scikit-learn and
+    ``F.binary_cross_entropy_with_logits`` (a swapped key or stale logits would give other numbers)."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from hookmix.finetune import predict
+    from hookmix.metrics import evaluate_multilabel
+
+    x, y = _multilabel_data(48, 0)
+    val_x, val_y = _multilabel_data(64, 1)
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(6, 4))
+    config = FitConfig(epochs=3, batch_size=16, lr=3e-2, seed=2)
+    result = fit(head, "input", x, y, val_x, val_y, config, num_classes=4, progress=False)
+    logits = predict(head, val_x)
+    torch.testing.assert_close(result.val_logits, logits)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, head(val_x))  # no dropout / BatchNorm: eval logits are the forward's
+    expected = evaluate_multilabel(logits, val_y)
+    row = result.final
+    for key in ("map", "f1", "nll", "ece"):
+        assert row[f"val_{key}"] == pytest.approx(expected[key], rel=1e-9), key
+    assert row["val_map"] == pytest.approx(average_precision_score(val_y, logits, average="macro"), rel=1e-6)
+    assert row["val_f1"] == pytest.approx(f1_score(val_y, logits > 0, average="macro"), rel=1e-6)
+    assert row["val_nll"] == pytest.approx(nn.functional.binary_cross_entropy_with_logits(logits, val_y).item())
+    assert len({round(r["val_map"], 6) for r in result.history}) > 1  # the head learned: epochs differ
+    assert len({round(v, 3) for v in (row["val_map"], row["val_f1"], row["val_ece"])}) == 3  # no key swap hides
 
 
 def test_dropout_heads_are_reproducible_and_a_batch_of_one_is_left_out(tmp_path) -> None:

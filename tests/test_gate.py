@@ -1,6 +1,24 @@
 """Who mixes: a forward trains — and mixes — when grad is enabled and the part of the model that trains is
 in train mode, whatever the root's own flag says (frozen timm / torchvision ViTs, the linear-probe idiom).
-Everything is checked from the activations: λ and partners are recovered with our own hooks."""
+Everything is checked from the activations: λ and partners are recovered with our own hooks.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+
+* the root's ``training`` flag decides (a frozen ViT's root owns ``cls_token``, so nothing mixes):
+  ``test_fit_mixes_a_frozen_vit_whose_root_owns_frozen_parameters``;
+* the linear-probe idiom (``model.eval(); model.fc.train()``) never mixes, or warns:
+  ``test_linear_probe_idiom_eval_model_with_a_training_head_mixes``;
+* eval / ``no_grad`` / ``inference_mode`` forwards mix:
+  ``test_whole_model_in_eval_or_without_grad_never_mixes_the_linear_probe``;
+* trainable modules in both modes: the gate requires all of them to train (``all`` for ``any``: nothing
+  mixes, yet the warning still shows), or warns on every step:
+  ``test_trainable_modules_in_both_modes_warn_once_naming_the_fix_and_mix`` (λ and partners recovered
+  from the activations of both steps);
+* ``fit`` puts a container with a trainable child in eval, or leaves frozen BatchNorm training:
+  ``test_fit_puts_only_the_frozen_part_in_eval``;
+* the cache path and the hooked loop over a frozen ViT / Swin drift apart:
+  ``test_cache_path_equals_the_hooked_loop_on_frozen_vit_and_swin``.
+"""
 
 import warnings
 
@@ -130,17 +148,21 @@ def test_trainable_modules_in_both_modes_warn_once_naming_the_fix_and_mix() -> N
             module.eval()  # the frozen-BatchNorm fine-tuning idiom, BN affine parameters still trainable
     seen: list = []
     capture(model, "layer3", "layer4", seen)
+    x = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with HookMixer(model, "layer3", seed=0) as mixer:
         with pytest.warns(GateWarning, match=r"torch\.no_grad\(\).*eval\(\)"):
-            step = mixer.plan(torch.arange(4))
-        model(torch.randn(4, 3, 32, 32))
+            steps = [mixer.plan(torch.arange(4))]
+        model(x[0])
         with warnings.catch_warnings():
-            warnings.simplefilter("error", GateWarning)
-            mixer.plan(torch.arange(4))
-            model(torch.randn(4, 3, 32, 32))
-    lam, _, residual = recover_mix(*seen[0])
-    assert residual.max() < 1e-5
-    torch.testing.assert_close(lam, step.lam, rtol=1e-4, atol=1e-4)
+            warnings.simplefilter("error", GateWarning)  # once per mixer: the second step is silent
+            steps.append(mixer.plan(torch.arange(4)))
+            model(x[1])
+    assert len(seen) == 2 and mixer.steps == 2
+    for step, (raw, mixed) in zip(steps, seen):  # both steps mixed: λ < 1 and the partners read from the map
+        lam, partner, residual = recover_mix(raw, mixed)
+        assert residual.max() < 1e-5 and (lam < 0.999).all()
+        torch.testing.assert_close(lam, step.lam, rtol=1e-4, atol=1e-4)
+        assert torch.equal(partner, step.perm)
 
 
 def test_fit_puts_only_the_frozen_part_in_eval() -> None:

@@ -1,3 +1,25 @@
+"""hookmix.metrics: accuracy, NLL, ECE and reliability; multi-label mAP / F1 / thresholds; mean_ci.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+
+* ECE binned wrongly (bins open on the wrong side, probabilities read as logits, bins not passed on):
+  ``test_ece_of_a_constructed_case``, ``test_reliability_bins_are_closed_on_the_right``,
+  ``test_ece_treats_logits_that_look_like_probabilities_as_logits_as_nll_does``,
+  ``test_evaluate_passes_its_bins_on_and_defaults_to_15``, ``test_multilabel_ece_uses_the_bins_it_is_given``;
+* the t quantile / incomplete beta off (a wrong branch of the continued fraction, wrong ends):
+  ``test_mean_ci_matches_scipy``, ``test_incomplete_beta_matches_scipy_on_both_sides_of_the_switch_and_at_the_ends``;
+  a level of 0 or 1 accepted: ``test_mean_ci_refuses_a_level_outside_the_open_unit_interval``;
+* tuned thresholds not the best F1 (a cut dropped when precision + recall <= 1, the largest of ties):
+  ``test_tuned_thresholds_reach_the_best_f1_over_every_cut``,
+  ``test_the_best_f1_cut_wins_even_when_precision_plus_recall_is_at_most_one``;
+* thresholds rounded through float32, or 0 and 1 refused: ``test_thresholds_are_kept_in_float64_and_may_be_0_or_1``;
+* a label without positives dragging mAP / F1 to 0: ``test_no_positive_at_all_gives_nan_map_and_f1``,
+  ``test_tuned_thresholds_reach_the_best_f1_over_every_cut``;
+* bad inputs accepted: ``test_input_validation``, ``test_multilabel_input_validation``,
+  ``test_apply_thresholds_refuses_logits_that_are_not_a_float_matrix``,
+  ``test_reliability_multilabel_refuses_a_label_that_is_not_a_column``.
+"""
+
 import math
 
 import pytest
@@ -332,3 +354,81 @@ def test_multilabel_argument_validation() -> None:
         evaluate_multilabel(logits, targets, n_bins=0)
     with pytest.raises(ValueError, match=r"label=2 must be a column index in \[0, 1\]"):
         reliability_multilabel(logits, targets, label=2)
+
+
+@pytest.mark.parametrize("a, b", [(0.5, 0.5), (1.5, 15.0), (10.0, 0.5), (50.0, 60.0)])
+def test_incomplete_beta_matches_scipy_on_both_sides_of_the_switch_and_at_the_ends(a: float, b: float) -> None:
+    """``_betainc`` (behind :func:`mean_ci`'s t quantiles) against scipy, on x below and above (a+1)/(a+b+2)
+    (where it switches to 1 - I_{1-x}(b, a)), and exactly 0 and 1 at the ends."""
+    from scipy.special import betainc
+
+    from hookmix.metrics import _betainc
+
+    switch = (a + 1) / (a + b + 2)
+    for x in (1e-6, 0.5 * switch, switch, 0.5 * (1 + switch), 1 - 1e-6, 0.999999999):
+        assert _betainc(a, b, x) == pytest.approx(betainc(a, b, x), rel=1e-10, abs=1e-14), x
+    assert _betainc(a, b, 0.0) == 0.0 and _betainc(a, b, 1.0) == 1.0
+    assert _betainc(a, b, -0.5) == 0.0 and _betainc(a, b, 1.5) == 1.0
+
+
+def test_the_best_f1_cut_wins_even_when_precision_plus_recall_is_at_most_one() -> None:
+    """One label, 10 rows, positives ranked 2nd and 10th: the best F1 (0.5, precision = recall = 0.5) takes
+    the top two; predicting every row gives only 0.33."""
+    probs = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    truth = torch.zeros(10, 1, dtype=torch.bool)
+    truth[[1, 9], 0] = True
+    logits = torch.logit(probs)[:, None]
+    thresholds = tune_thresholds(logits, truth)
+    assert apply_thresholds(logits, thresholds)[:, 0].tolist() == [True, True] + [False] * 8
+    assert evaluate_multilabel(logits, truth, thresholds)["f1"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_thresholds_are_kept_in_float64_and_may_be_0_or_1() -> None:
+    logits = torch.tensor([[0.0, 3.0], [-2.0, 40.0]])
+    targets = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    found = evaluate_multilabel(logits, targets, [0.3, 0.7])
+    assert found["thresholds"] == [0.3, 0.7]  # not 0.30000001192092896: no float32 round trip
+    assert apply_thresholds(logits, [0.0, 1.0]).tolist() == [[True, False], [True, True]]
+    assert evaluate_multilabel(logits, targets, (0.0, 1.0))["thresholds"] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "logits", [[[0.0, 1.0]], torch.zeros(4), torch.zeros(4, 2, dtype=torch.long)], ids=["list", "1d", "int"]
+)
+def test_apply_thresholds_refuses_logits_that_are_not_a_float_matrix(logits) -> None:
+    with pytest.raises((TypeError, ValueError), match="logits"):
+        apply_thresholds(logits, [0.5, 0.5])
+
+
+def test_multilabel_ece_uses_the_bins_it_is_given() -> None:
+    """With one bin each label's ECE is |mean probability - positive rate| (checked by hand)."""
+    gen = torch.Generator().manual_seed(6)
+    logits = 2 * torch.randn(40, 3, generator=gen)
+    targets = (torch.rand(40, 3, generator=gen) < 0.4).float()
+    by_hand = (logits.double().sigmoid().mean(0) - targets.double().mean(0)).abs()
+    found = evaluate_multilabel(logits, targets, n_bins=1)
+    assert found["per_label_ece"] == pytest.approx(by_hand.tolist(), abs=1e-9)
+    assert found["ece"] == pytest.approx(by_hand.mean().item(), abs=1e-9)
+    assert evaluate_multilabel(logits, targets)["ece"] != pytest.approx(found["ece"], abs=1e-6)
+
+
+def test_evaluate_passes_its_bins_on_and_defaults_to_15() -> None:
+    gen = torch.Generator().manual_seed(7)
+    logits, y = 2 * torch.randn(60, 4, generator=gen), torch.randint(0, 4, (60,), generator=gen)
+    logits[:30] += 6 * F.one_hot(y[:30], 4)  # confident and right: under-confident bins beside over-confident ones
+    confidence = logits.double().softmax(1).max(1).values
+    one_bin = (confidence.mean() - (logits.argmax(1) == y).double().mean()).abs().item()
+    assert evaluate(logits, y, n_bins=1)["ece"] == pytest.approx(one_bin, abs=1e-12)
+    assert evaluate(logits, y)["ece"] == ece(logits, y, n_bins=15) != ece(logits, y, n_bins=16)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, 1.5])
+def test_mean_ci_refuses_a_level_outside_the_open_unit_interval(level: float) -> None:
+    with pytest.raises(ValueError, match="level"):
+        mean_ci([1.0, 2.0, 4.0], level=level)
+
+
+@pytest.mark.parametrize("label", [-1, 2, 1.0])
+def test_reliability_multilabel_refuses_a_label_that_is_not_a_column(label) -> None:
+    with pytest.raises(ValueError, match="label"):
+        reliability_multilabel(torch.zeros(3, 2), torch.zeros(3, 2), label=label)

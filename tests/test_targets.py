@@ -1,3 +1,24 @@
+"""MixStep's targets and loss (hookmix.targets): the user's criterion, mixed with the plan's λ and partners.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+
+* λ and 1 − λ swapped, or the partner's labels taken from the wrong permutation:
+  ``test_class_index_loss_mixing_equals_manual_formula``, ``test_batch_lambda_loss_is_the_users_criterion_mixed``
+  (λ and partners recovered from the logits);
+* the criterion's weight / ignore_index / smoothing / reduction dropped, or its ``reduction`` not restored:
+  ``test_batch_lambda_loss_is_the_users_criterion_mixed``,
+  ``test_per_row_reduction_reduces_to_the_batch_rule_and_to_the_plain_loss``;
+* a per-row λ with a plain callable (no ``reduction`` attribute) weighing row i by its partner's λ_j:
+  ``test_per_row_lambda_with_a_plain_per_row_callable_weighs_each_row_by_its_own_lambda``;
+* a scalar callable accepted with a per-row λ: ``test_scalar_callable_with_per_row_lambda_is_refused``;
+* soft / smoothed / multi-label targets not summing or mixing right:
+  ``test_soft_targets_from_indices_sum_to_one_and_match_loss_mixing``,
+  ``test_label_smoothing_equals_smoothed_loss_mixing``,
+  ``test_multilabel_smoothing_treats_each_label_as_a_binary_target``;
+* excluded classes mixed anyway: ``test_exclusion_keeps_rows_and_their_partners_unmixed`` and the
+  exclusion tests after it.
+"""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,6 +234,25 @@ def test_per_row_reduction_reduces_to_the_batch_rule_and_to_the_plain_loss(name)
     expected = mixed.sum() if criterion.reduction == "sum" else mixed.sum() / (lam * w_a + (1 - lam) * w_b).sum()
     torch.testing.assert_close(step.loss(criterion, out), expected)
     assert criterion.reduction in ("mean", "sum")  # restored
+
+
+def per_row_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A plain callable without a ``reduction`` attribute that returns one loss per row (B,)."""
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def test_per_row_lambda_with_a_plain_per_row_callable_weighs_each_row_by_its_own_lambda():
+    """λ and partners recovered from the logits: row i's loss is λ_i·l(out_i, y_i) + (1−λ_i)·l(out_i, y_j),
+    averaged over the rows; weighing row i by its partner's λ_j instead gives another number."""
+    mixer, model = mixer_for(lam_mode="sample", seed=2)
+    y = torch.tensor([0, 1, 2, 3, 4, 1, 2, 0])
+    step, out, lam, partner = raw_and_mixed_logits(mixer, model, y)
+    assert (lam - lam[partner]).abs().max() > 0.1  # the rows' own λ and their partners' differ
+    own = lam * per_row_cross_entropy(out, y) + (1 - lam) * per_row_cross_entropy(out, y[partner])
+    theirs = lam[partner] * per_row_cross_entropy(out, y) + (1 - lam[partner]) * per_row_cross_entropy(out, y[partner])
+    assert (own.mean() - theirs.mean()).abs() > 1e-3
+    assert not hasattr(per_row_cross_entropy, "reduction")
+    torch.testing.assert_close(step.loss(per_row_cross_entropy, out), own.mean(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
