@@ -32,6 +32,8 @@ bench: setup
 	$(PY) benchmarks/compile_ddp.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/gpu_head_only.py
+	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/data_fingerprint.py
 
 # Mutation testing (mutmut, configured in pyproject.toml's [tool.mutmut]) in a fresh copy of the working tree
 # at MUTATE_DIR, never in the tree itself: mutmut writes mutated modules under mutants/ there. About 1,800
