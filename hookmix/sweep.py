@@ -23,6 +23,7 @@ the same seed, with a 95% CI over seeds (:func:`~hookmix.metrics.mean_ci`) and a
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -174,7 +175,9 @@ class _StackedGrid:
         )
         keys = [(c.lr, c.weight_decay) for c in configs]
         groups = list(dict.fromkeys(keys))
-        self.order = sorted(range(len(configs)), key=lambda i: groups.index(keys[i]))  # row r holds cell order[r]
+        # row r holds cell order[r]: grouped by (lr, weight decay), and by seed within a group, so that a seed's
+        # linear heads are one slice of their group's stacked weights
+        self.order = sorted(range(len(configs)), key=lambda i: (groups.index(keys[i]), configs[i].seed))
         self.base = heads[0]
         self.names = [n for n, p in heads[0].named_parameters()]
         self.groups: list[dict[str, torch.Tensor]] = []
@@ -273,16 +276,21 @@ class _StackedGrid:
         """Logits (G, B, C) of linear heads on their mixed batches, from each seed's batch xs (S, B, D): one
         GEMM per seed for all its heads, then each head mixes its own logits (mixing commutes with W·x + c)."""
         weight_name, bias_name = self.linear
-        params = self.params()
-        weight = params[weight_name]  # (G, C, D)
-        z = torch.empty(weight.shape[0], xs.shape[1], weight.shape[1], dtype=xs.dtype, device=xs.device)
-        for s in range(xs.shape[0]):
-            heads = (seed_of == s).nonzero().flatten()
-            out = xs[s] @ weight[heads].flatten(0, 1).T  # (B, G_s·C)
-            z = z.index_put((heads,), out.view(xs.shape[1], len(heads), -1).transpose(0, 1))
+        seeds, blocks, row = seed_of.tolist(), [], 0
+        for group in self.groups:
+            weight, start = group[weight_name], 0  # (G_g, C, D), a seed's heads consecutive
+            for seed, members in itertools.groupby(seeds[row : row + len(weight)]):
+                heads = weight[start : start + len(list(members))]  # a slice: its backward is a cheap copy
+                out = xs[seed] @ heads.flatten(0, 1).T  # (B, G_s·C)
+                blocks.append(out.view(xs.shape[1], len(heads), -1).transpose(0, 1))
+                start += len(heads)
+            row += len(weight)
+        z = torch.cat(blocks)
         g = torch.arange(z.shape[0], device=z.device)[:, None]
         mixed = z[g, perm].lerp(z, lam.to(z.dtype)[..., None])
-        return mixed if bias_name is None else mixed + params[bias_name][:, None, :]
+        if bias_name is None:
+            return mixed
+        return mixed + torch.cat([group[bias_name] for group in self.groups])[:, None, :]
 
     def _step(
         self, logits: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, scheduler: Any
