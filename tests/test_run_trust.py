@@ -14,6 +14,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   ``test_resume_refuses_other_data_layer_or_settings``;
 * ``--resume --epochs N`` cannot train a finished run further, or silently keeps the annealed lr —
   ``test_resume_with_more_epochs_trains_a_finished_run_further``;
+* ``--calibrate`` counted as a training setting, so a finished run cannot be resumed to calibrate it —
+  ``test_a_finished_run_resumed_with_calibrate_is_calibrated_without_training``;
 * a head copied from another run, or an edited ``run.json``, predicts —
   ``test_a_head_and_run_json_of_other_runs_are_refused``;
 * the digits task's defaults train a head near chance, or its report names a split it does not use —
@@ -166,3 +168,15 @@ def test_the_digits_defaults_give_a_sensible_head_and_say_its_split(
     # accuracy 0.37, NLL 1.69); the demo's settings reach 0.86 / 0.48 here.
     assert code == 0 and report["final"]["val_accuracy"] > 0.7 and report["final"]["val_nll"] < 0.8
     assert report["validation"] == "the digits task's own split (100 train / 796 val)"
+
+
+def test_a_finished_run_resumed_with_calibrate_is_calibrated_without_training(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = copy_run(finished, tmp_path)
+    first = json.loads((out / "metrics.json").read_text())
+    code, stdout, _ = run_cli(capsys, *digits(out, "--resume", "--calibrate"))
+    report = json.loads((out / "metrics.json").read_text())
+    assert code == 0 and "nothing to train" in stdout
+    assert report["history"] == first["history"] and first["calibration"] is None
+    assert report["calibration"]["temperature"] > 0 and report["calibration"]["fitted_on"] == "validation"

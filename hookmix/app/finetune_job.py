@@ -423,16 +423,18 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         )
     epoch = _checkpoint_epoch(out)
     if epoch is not None:
+        where = f"a checkpoint after epoch {epoch}" if epoch >= 0 else "a checkpoint whose state cannot be read"
         raise UsageError(
-            f"--out {out} holds an unfinished run (a checkpoint after epoch {epoch}); continue it with --resume, "
-            "or give --overwrite to start over (or another --out)."
+            f"--out {out} holds an unfinished run ({where}); continue it with --resume, or give --overwrite to "
+            "start over (or another --out)."
         )
 
 
 def _identity(spec: JobSpec, prepared: _Prepared, point: _CachePoint, config: FitConfig, data: list[str]) -> dict:
     """What a run is trained on, checked by ``--resume``: the weights, the cut, the head, the classes, the
     preprocessing, the data (the train and validation cache keys, which cover the files and their labels)
-    and the settings; ``epochs`` is left to :func:`fit`, which lets a finished run be trained further."""
+    and the settings; ``epochs`` is left to :func:`fit`, which lets a finished run be trained further, and
+    ``--calibrate`` to the report, so a finished run can be resumed to calibrate it."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("epochs", "mixing")} | asdict(config.mixing)
     return json.loads(
         json.dumps(
@@ -446,7 +448,6 @@ def _identity(spec: JobSpec, prepared: _Prepared, point: _CachePoint, config: Fi
                 "preprocessing": prepared.preprocessing,
                 "views": spec.views,
                 "cache_dtype": str(spec.dtype),
-                "calibrate": spec.calibrate,
                 "train_data": data[0],
                 "val_data": data[1],
                 "settings": settings,
