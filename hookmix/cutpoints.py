@@ -291,18 +291,25 @@ class _Entry:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
 
 
+def _module_key(name: str, module: nn.Module) -> tuple[Any, ...]:
+    """What a cached trace depends on for one module: its name, type, identity and the forward hooks the
+    trace ran through (their ops are in the graph: a hook added or removed means another graph)."""
+    hooks = (module._forward_pre_hooks, module._forward_hooks)
+    return name, type(module), id(module), tuple(tuple(h) for h in hooks)
+
+
 def cut_points(model: nn.Module, training: bool = True) -> CutPoints:
     """The cut points of ``model`` traced in train (``training=True``: where mixing happens) or eval mode.
 
     Traced once per model and mode, then cached (weakly: the cache never keeps a model alive) until the
-    model's set of modules changes. Raises :class:`UntraceableError` (a ``ValueError``) with the
-    tracer's reason when torch.fx cannot trace the model.
+    model's set of modules, or a module's forward hooks (which the trace runs through), change. Raises
+    :class:`UntraceableError` (a ``ValueError``) with the tracer's reason when torch.fx cannot trace the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(training, bool):
         raise TypeError(f"training must be True or False, got {type(training).__name__} {training!r}.")
-    modules = tuple((name, type(module), id(module)) for name, module in model.named_modules())
+    modules = tuple(_module_key(name, module) for name, module in model.named_modules())
     entry = _CACHE.get(model)
     if entry is None or entry.modules != modules:
         entry = _CACHE[model] = _Entry(modules)

@@ -335,3 +335,17 @@ def test_cached_per_model_and_mode_until_modules_change_and_never_keeps_the_mode
     del model, train, evaluation, changed
     gc.collect()
     assert reference() is None
+
+
+def test_a_trace_made_while_a_hook_was_attached_is_not_served_after_it_is_removed() -> None:
+    """The trace runs through forward hooks (their ops are in the graph): the cache is keyed on them too, so
+    an analysis made while a recording hook was attached (its ``detach`` a second use of the output: no claim)
+    is not served once the hook is gone. Seen before the fix: the claim stayed lost for the model's life."""
+    from hookmix.equivalence import mix_equivalence
+
+    model = torchvision.models.resnet18(num_classes=4)
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.layer4.register_forward_hook(lambda module, args, out: seen.update(out=out.detach()))
+    assert mix_equivalence(model, "layer4").describe() == ""
+    handle.remove()
+    assert mix_equivalence(model, "layer4").describe() == "≡ fc input, ≡ output"
