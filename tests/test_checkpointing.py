@@ -1,6 +1,16 @@
 """Gradient checkpointing re-runs the mixed layer inside backward: the recomputation must mix with the
 forward's plan (λ, partners, cutmix box), so the gradients equal those of the same step without
-checkpointing — in both ``use_reentrant`` modes, and for a timm ViT with ``set_grad_checkpointing()``."""
+checkpointing — in both ``use_reentrant`` modes, and for a timm ViT with ``set_grad_checkpointing()``.
+
+Bugs a maintainer could plausibly make in hookmix/replay.py and the mixer's replay, and the test that catches each:
+- recomputing unmixed, or with a newly drawn λ / partners: ``test_recomputed_layer_mixes_with_the_forwards_plan``;
+- with ``mode="all"``, replaying only the plan's first layer (``layer == plan.layers[0]`` in ``find``), not
+  leaving the forward's cut on the output (each recomputation cuts a new box), replaying without the cut, or
+  not sharing the first layer's cut with the later layer in the forward:
+  ``test_mode_all_cutmix_recomputes_both_layers_with_the_forwards_cut`` (the single-layer test misses all four);
+- keeping a plan alive past its backward: ``test_an_unplanned_forward_is_recomputed_unmixed``;
+- picking a plan at random when one backward recomputes several forwards:
+  ``test_two_forwards_in_one_checkpointed_backward_are_refused_naming_checkpointing``."""
 
 import pytest
 import timm
@@ -28,7 +38,9 @@ class Checkpointed(nn.Module):
         return self.head(x)
 
 
-def grads(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, **mixer_args) -> tuple[dict, torch.Tensor]:
+def grads(
+    model: nn.Module, layer: str | list[str], x: torch.Tensor, y: torch.Tensor, **mixer_args
+) -> tuple[dict, torch.Tensor]:
     """The parameter gradients of one mixed step, and the targets' λ."""
     model.zero_grad()
     with HookMixer(model, layer, num_classes=4, seed=0, **mixer_args) as mixer:
@@ -116,3 +128,41 @@ def test_timm_vit_with_grad_checkpointing_gets_the_gradients_of_the_plain_step(r
     finally:
         set_reentrant_ckpt(before)
     assert_same_gradients(got, reference)
+
+
+class TwoSegments(nn.Module):
+    """stem -> low (4x4 grid: "low.0" mixed) -> upsample -> high (8x8: "high.0" mixed) -> head; each segment
+    runs under its own checkpoint when on, so one backward recomputes both mixed layers."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.low = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2)
+        self.high = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def _segment(self, body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return body(x) if self.reentrant is None else checkpoint(body, x, use_reentrant=self.reentrant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._segment(self.high, self.up(self._segment(self.low, self.stem(x)))))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_mode_all_cutmix_recomputes_both_layers_with_the_forwards_cut(reentrant: bool) -> None:
+    """CutMix at two layers in one forward: the 4x4 layer cuts the box, the 8x8 layer pastes it scaled by 2;
+    both recomputations paste that same box again."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 8, 8, generator=g).requires_grad_(True), torch.tensor([0, 1, 2, 3, 0, 1])
+    args = {"alpha": 0, "cutmix_alpha": 1.0, "lam_mode": "sample", "mode": "all"}
+    torch.manual_seed(0)
+    plain = TwoSegments(None)
+    checkpointed = TwoSegments(reentrant)
+    checkpointed.load_state_dict(plain.state_dict())
+    reference, lam_plain = grads(plain, ["low.0", "high.0"], x, y, **args)
+    got, lam_ckpt = grads(checkpointed, ["low.0", "high.0"], x, y, **args)
+    assert ((lam_plain > 0) & (lam_plain < 1)).any()  # some rows really paste a box
+    assert_same_gradients(got, reference)
+    torch.testing.assert_close(lam_ckpt, lam_plain)

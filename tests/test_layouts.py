@@ -1,6 +1,22 @@
 """CutMix needs the layout of the mixed output: whole positions (all channels at once) are pasted, found from
 the model — traced graph or timm's output_fmt — or from ``layout=``, and refused where unknown. Mixup needs
-no layout. Pasted areas are measured from the activations, never read from hookmix."""
+no layout. Pasted areas are measured from the activations, never read from hookmix.
+
+Bugs a maintainer could plausibly make in hookmix/layouts.py, and the test that catches each:
+- dropping the transpose sign check (a last-axis channel, -1, against ``transpose(1, 2)`` looks unmoved), so
+  a Linear followed by ``transpose(1, 2)`` reads as NLC tokens and CutMix swaps channels:
+  ``test_layout_reader_follows_transpose_flatten_and_whole_sequentials[linear_transpose_1_2_*]`` and
+  ``test_linear_then_transpose_is_refused_not_cut_as_tokens``;
+- no longer following ``transpose`` / ``torch.transpose`` at all: ``[linear_transpose_negative_dims]``,
+  ``[conv1d_torch_transpose]``;
+- flatten: ignoring ``start_dim=`` given by keyword (``[conv2d_torch_flatten_start_dim_kwarg]``), dropping the
+  ``nn.Flatten`` module branch (``[conv2d_nn_flatten_module]``), or keeping a channel axis that the flatten
+  merges (``[linear_flatten_merging_channels_unknown]``);
+- not unwrapping a Sequential the tracer keeps whole (torchvision.ops): as the producer
+  (``[ops_sequential_conv_norm_act]``, ``[ops_sequential_mlp]``) or as the reader (``[ops_sequential_as_reader]``);
+- misreading a real model's layout: ``test_layout_is_read_from_the_model``; treating channels_last memory
+  format as NHWC: ``test_channels_last_memory_format_is_not_a_layout``; guessing instead of refusing:
+  ``test_unknown_layout_refuses_cutmix_naming_the_argument_and_mixup_still_works``."""
 
 import pytest
 import timm
@@ -173,3 +189,71 @@ def test_bad_layout_arguments_name_the_fix() -> None:
         mixer.plan(batch_size=2)
         with pytest.raises(ValueError, match="3-letter layout"):
             model(torch.randn(2, 2, 8))
+
+
+class Between(nn.Module):
+    """``first`` -> ``between`` (a traced function or module) -> ``layer`` (the read one) -> ``after``."""
+
+    def __init__(self, first: nn.Module, between, after: nn.Module) -> None:
+        super().__init__()
+        self.first, self.between, self.layer, self.after = first, between, nn.Identity(), after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(self.layer(self.between(self.first(x))))
+
+
+def read_layout(model: nn.Module, layer: str, x: torch.Tensor) -> str | None:
+    """The layout hookmix reads for ``layer`` of ``model``, at the rank its output really has."""
+    ranks = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: ranks.__setitem__("rank", o.dim()))
+    model(x)
+    handle.remove()
+    return layout_of(channel_axes(model, [layer])[layer], ranks["rank"])
+
+
+@pytest.mark.parametrize(
+    "first, between, after, shape, layout",
+    [
+        # transpose: a last-axis channel (-1) against positive dims cannot be compared, so the op says nothing
+        (nn.Linear(4, 6), lambda x: x.transpose(1, 2), nn.Flatten(), (5, 4), None),
+        (nn.Linear(4, 6), lambda x: x.transpose(1, 2), nn.Conv1d(6, 6, 1), (5, 4), "NCL"),
+        (nn.Linear(4, 6), lambda x: x.transpose(-1, -2), nn.Flatten(), (5, 4), "NCL"),
+        (nn.Conv1d(4, 6, 1), lambda x: torch.transpose(x, 1, 2), nn.Flatten(), (4, 5), "NLC"),
+        # flatten keeps the channel axis only when it lies before the merged axes
+        (nn.Conv2d(3, 6, 1), lambda x: x.flatten(2), nn.Flatten(), (3, 4, 4), "NCL"),
+        (nn.Conv2d(3, 6, 1), lambda x: torch.flatten(x, start_dim=2), nn.Flatten(), (3, 4, 4), "NCL"),
+        (nn.Conv2d(3, 6, 1), nn.Flatten(2), nn.Flatten(), (3, 4, 4), "NCL"),
+        (nn.Linear(3, 6), lambda x: x.flatten(2), nn.Flatten(), (4, 4, 3), None),  # (B, H, W*C): C merged
+        # a Sequential the tracer keeps whole (torchvision.ops): its modules in order, or its first as reader
+        (torchvision.ops.Conv2dNormActivation(3, 6), nn.Identity(), nn.Flatten(), (3, 4, 4), "NCHW"),
+        (torchvision.ops.MLP(4, [8, 6]), nn.Identity(), nn.Flatten(), (5, 4), "NLC"),
+        (nn.Linear(5, 48), nn.Unflatten(1, (3, 4, 4)), torchvision.ops.Conv2dNormActivation(3, 6), (5,), "NCHW"),
+    ],
+    ids=[
+        "linear_transpose_1_2_unknown",
+        "linear_transpose_1_2_read_by_conv1d",
+        "linear_transpose_negative_dims",
+        "conv1d_torch_transpose",
+        "conv2d_flatten_method",
+        "conv2d_torch_flatten_start_dim_kwarg",
+        "conv2d_nn_flatten_module",
+        "linear_flatten_merging_channels_unknown",
+        "ops_sequential_conv_norm_act",
+        "ops_sequential_mlp",
+        "ops_sequential_as_reader",
+    ],
+)
+def test_layout_reader_follows_transpose_flatten_and_whole_sequentials(
+    first: nn.Module, between, after: nn.Module, shape: tuple, layout: str | None
+) -> None:
+    """Each case flips (to another layout or to a refusal) if its branch of the reader were dropped."""
+    assert read_layout(Between(first, between, after), "layer", torch.randn(2, *shape)) == layout
+
+
+def test_linear_then_transpose_is_refused_not_cut_as_tokens() -> None:
+    """(B, L, C) -> transpose(1, 2) is (B, C, L): cutting it as NLC tokens would swap channels, not positions."""
+    model = Between(nn.Linear(4, 6), lambda x: x.transpose(1, 2), nn.Flatten())
+    with HookMixer(model, "layer", alpha=0, cutmix_alpha=1.0, seed=0) as mixer:
+        mixer.plan(batch_size=3)
+        with pytest.raises(ValueError, match=r"layout=\{'layer': 'NCHW'\}"):
+            model(torch.randn(3, 5, 4))
