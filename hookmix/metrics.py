@@ -271,9 +271,10 @@ def tune_thresholds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """Per-label decision thresholds ``(L,)`` (float64 probabilities) that maximise each label's F1 on this data.
 
     For label ``j`` the candidates are the distinct probabilities ``sigmoid(logits[:, j])`` observed (F1
-    changes only there), each used as ``predict j when p >= t``; precision and recall at every candidate
-    come from torchmetrics' ``binary_precision_recall_curve``. The threshold with the highest F1 wins,
-    the smallest one among ties, so the result is deterministic. A label without any positive example
+    changes only there), each used as ``predict j when p >= t``. F1 at every candidate is ``2·TP / (predicted
+    + positives)`` from the counts, in float64: equal fractions are then equal floats (torchmetrics' float32
+    precision and recall can make two equal F1s differ by a rounding). The threshold with the highest F1
+    wins, the smallest one among ties, so the result is deterministic. A label without any positive example
     has no F1 to maximise (it is 0 at every threshold) and gets 0.5.
 
     Tune on validation logits ``(N, L)`` and multi-hot targets ``(N, L)``, save the thresholds with the
@@ -281,13 +282,14 @@ def tune_thresholds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     optimistic.
     """
     probs, targets = _check_multilabel(logits, targets)
-    curve = _torchmetrics().binary_precision_recall_curve
     thresholds = torch.full((probs.shape[1],), 0.5, dtype=torch.float64)
     for label, (p, t) in enumerate(zip(probs.T.contiguous(), targets.T.contiguous())):
         if t.any():
-            precision, recall, candidates = curve(p, t)
-            precision, recall = precision[: len(candidates)], recall[: len(candidates)]
-            f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+            candidates = torch.unique(p)  # ascending: argmax's first maximum is the smallest tied threshold
+            ascending, order = p.sort()
+            predicted = p.numel() - torch.searchsorted(ascending, candidates)  # rows with p >= candidate
+            true_positives = t[order].flip(0).cumsum(0)[predicted - 1]
+            f1 = 2 * true_positives.double() / (predicted + t.sum()).double()
             thresholds[label] = candidates[int(f1.argmax())]
     return thresholds
 

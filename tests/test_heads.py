@@ -1,6 +1,21 @@
 """hookmix.heads: the three head kinds on conv maps, ViT tokens and vectors; the token pooling is the model's
 own; the MLP is fastai's create_head; and the reason to have it: mixing the map before a pooled linear head
-is mixing its logits, before the MLP it is not."""
+is mixing its logits, before the MLP it is not.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+
+* a timm ViT's ``pool_include_prefix`` not copied into ``TokenPool`` (averaging the patch tokens only, or the
+  prefix tokens always): ``test_a_timm_vits_pool_include_prefix_is_copied_and_averages_the_prefix_tokens_or_not``;
+  the prefix slice wrong in ``TokenPool``: ``test_token_pool_reduces_as_timm_does``;
+* ``assemble`` dropping the ViT's ``num_prefix_tokens`` from the head, so token CutMix during fine-tuning
+  swaps the class token: ``test_token_cutmix_on_an_assembled_vit_head_never_swaps_the_class_token``;
+* the token pooling or final norm not the model's own: ``test_token_pooling_is_the_timm_models_own``,
+  ``test_token_pooling_of_a_torchvision_vit_is_its_class_token_after_the_final_norm``;
+* the MLP head not fastai's: ``test_the_mlp_head_is_fastais_create_head``,
+  ``test_the_mlp_head_starts_as_fastais_vision_learner_leaves_it``.
+"""
+
+from typing import Any
 
 import pytest
 import timm
@@ -11,6 +26,7 @@ from timm.models.vision_transformer import global_pool_nlc
 from torch import nn
 
 from hookmix import TokenPool, build_head
+from hookmix.finetuned import assemble
 from hookmix.mixer import HookMixer
 from hookmix.splitting import split
 from tests.conftest import recover_mix
@@ -19,7 +35,8 @@ NUM_CLASSES = 5
 TIMM_POOLS = ("token", "avg", "max", "avgmax")
 
 
-def small_vit(global_pool: str = "token") -> nn.Module:
+def small_vit(global_pool: str = "token", **options: Any) -> nn.Module:
+    """A random-init timm ViT on 32x32 images, 16 patch tokens of 8x8; ``options`` go to ``create_model``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return timm.create_model(
@@ -29,6 +46,7 @@ def small_vit(global_pool: str = "token") -> nn.Module:
             patch_size=8,
             depth=2,
             global_pool=global_pool,
+            **options,
         ).eval()
 
 
@@ -229,3 +247,53 @@ def test_mixing_the_map_is_mixing_the_logits_only_before_a_linear_head(kind):
         assert gap <= 1e-5
     else:
         assert gap > 1e-2 * scale and gap > 1e-3
+
+
+@pytest.mark.parametrize("include_prefix", [False, True])
+def test_a_timm_vits_pool_include_prefix_is_copied_and_averages_the_prefix_tokens_or_not(include_prefix):
+    """A ViT with a class token and 2 register tokens (3 prefix tokens, 16 patch tokens), average pooling
+    with ``pool_include_prefix`` either way: the fresh head's pooling is the hand computation — the
+    model's final norm, the mean over the 16 patch tokens (over all 19 with the flag), then ``fc_norm``."""
+    model = small_vit("avg", reg_tokens=2, pool_include_prefix=include_prefix)
+    backbone, _ = split(model, "blocks.1")
+    with torch.no_grad():
+        tokens = backbone(images())
+        assert tokens.shape[1] == 19 and model.num_prefix_tokens == 3
+        pool = build_head("linear", feature_shape=tokens.shape[1:], num_classes=NUM_CLASSES, model=model)[0]
+        normed = model.norm(tokens)
+        by_hand = {flag: model.fc_norm(normed[:, 0 if flag else 3 :].mean(dim=1)) for flag in (False, True)}
+        pooled = pool.eval()(tokens)
+        torch.testing.assert_close(pooled, by_hand[include_prefix], rtol=0, atol=1e-6)
+        torch.testing.assert_close(pooled, model.forward_head(tokens, pre_logits=True), rtol=0, atol=1e-6)
+    assert (by_hand[True] - by_hand[False]).abs().max() > 1e-2  # the flag matters on these tokens
+
+
+@pytest.mark.parametrize("kind", ["model", "linear"])
+def test_token_cutmix_on_an_assembled_vit_head_never_swaps_the_class_token(kind):
+    """``assemble`` gives the head the ViT's ``num_prefix_tokens``, which the mixer fine-tuning hooks on the
+    head reads (as ``fit`` builds it, no ``prefix_tokens=``). Seen from the outside, at the head's input over
+    8 token-CutMix steps: each row is itself with some tokens pasted from one partner, the class token
+    (token 0) is never among them, and λ is the share of the 16 patch tokens kept. Without the attribute
+    the class token is pasted at the steps that paste most tokens."""
+    backbone, head, fixed = assemble(small_vit(), "blocks.1", kind, input_size=(3, 32, 32), num_classes=NUM_CLASSES)
+    assert fixed == ()
+    with torch.no_grad():
+        tokens = backbone(images(8))
+    y, seen, pasted_total, lams, kept = torch.arange(8) % NUM_CLASSES, {}, 0, [], []
+    with HookMixer(head.train(), "input", num_classes=NUM_CLASSES, alpha=0.0, cutmix_alpha=1.0, seed=0) as mixer:
+        hook = head.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].detach().clone()))
+        for _ in range(8):
+            step = mixer.plan(y)
+            head(tokens)  # a training forward: the mixer mixes only with grad enabled
+            pasted = (seen["x"] != tokens).any(dim=-1)  # (B, N): tokens that are not the row's own
+            for i in range(8):
+                partner = [j for j in range(8) if torch.equal(seen["x"][i][pasted[i]], tokens[j][pasted[i]])]
+                expected = torch.where(pasted[i][:, None], tokens[partner[0]], tokens[i])
+                assert partner and torch.equal(seen["x"][i], expected)
+            pasted_total += int(pasted.sum())
+            assert not pasted[:, 0].any(), f"the class token was pasted from another row at step {len(lams)}"
+            lams.append(step.plan.lam)
+            kept.append(1 - pasted[:, 1:].float().mean(dim=1))
+        hook.remove()
+    torch.testing.assert_close(torch.stack(lams), torch.stack(kept), rtol=0, atol=1e-6)
+    assert pasted_total > 8 * 16  # CutMix really pasted tokens (about half of them)

@@ -9,9 +9,11 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 * the t quantile / incomplete beta off (a wrong branch of the continued fraction, wrong ends):
   ``test_mean_ci_matches_scipy``, ``test_incomplete_beta_matches_scipy_on_both_sides_of_the_switch_and_at_the_ends``;
   a level of 0 or 1 accepted: ``test_mean_ci_refuses_a_level_outside_the_open_unit_interval``;
-* tuned thresholds not the best F1 (a cut dropped when precision + recall <= 1, the largest of ties):
+* tuned thresholds not the best F1 (a cut dropped when precision + recall <= 1):
   ``test_tuned_thresholds_reach_the_best_f1_over_every_cut``,
   ``test_the_best_f1_cut_wins_even_when_precision_plus_recall_is_at_most_one``;
+* the largest of tied thresholds chosen, or equal F1s compared after a float32 rounding that breaks the tie:
+  ``test_of_thresholds_with_equal_f1_the_smallest_wins``;
 * thresholds rounded through float32, or 0 and 1 refused: ``test_thresholds_are_kept_in_float64_and_may_be_0_or_1``;
 * a label without positives dragging mAP / F1 to 0: ``test_no_positive_at_all_gives_nan_map_and_f1``,
   ``test_tuned_thresholds_reach_the_best_f1_over_every_cut``;
@@ -432,3 +434,28 @@ def test_mean_ci_refuses_a_level_outside_the_open_unit_interval(level: float) ->
 def test_reliability_multilabel_refuses_a_label_that_is_not_a_column(label) -> None:
     with pytest.raises(ValueError, match="label"):
         reliability_multilabel(torch.zeros(3, 2), torch.zeros(3, 2), label=label)
+
+
+def test_of_thresholds_with_equal_f1_the_smallest_wins() -> None:
+    """The documented tie-break, the smallest threshold among equal F1s. Nine rows at .9, .8, ..., .1.
+    Label 0, positives at .9 and .6: cutting at .9 (TP 1 of 1) and at .6 (TP 2 of 4) both give F1 2/3, the
+    best. Label 1, positives at .9, .5 and .1: .9, .5 and .1 all give F1 1/2 (2·TP / (predicted + 3)), a
+    three-way tie. Label 2, positives ranked 1, 3, 4, 7, 9 and 12 of 12 rows: cutting at the 9th row (TP 5 of
+    9) and at the last (TP 6 of 12) both give 2/3, which torchmetrics' float32 precision and recall round
+    to two F1s an ulp apart (the bug this caught: the larger threshold won). A largest-wins rule gives .9,
+    .9 and the 9th row's probability."""
+    probs = torch.linspace(0.9, 0.1, 9, dtype=torch.float64)
+    truth = torch.zeros(9, 2, dtype=torch.bool)
+    truth[[0, 3], 0] = True
+    truth[[0, 4, 8], 1] = True
+    probs12 = torch.linspace(0.95, 0.05, 12, dtype=torch.float64)
+    truth12 = torch.zeros(12, 1, dtype=torch.bool)
+    truth12[[0, 2, 3, 6, 8, 11], 0] = True
+    cases = [(probs[:, None].expand(9, 2), truth, [0.6, 0.1]), (probs12[:, None], truth12, [0.05])]
+    for p, t, smallest in cases:
+        for j in range(t.shape[1]):  # the ties, counted by hand
+            f1 = [_f1_by_hand(p[:, j] >= cut, t[:, j]) for cut in p[:, j].tolist()]
+            assert sum(abs(v - max(f1)) < 1e-12 for v in f1) >= 2
+        thresholds = tune_thresholds(torch.logit(p), t)
+        assert thresholds.tolist() == pytest.approx(smallest, abs=1e-12)
+    assert evaluate_multilabel(torch.logit(probs12[:, None]), truth12, [0.05])["f1"] == pytest.approx(2 / 3, abs=1e-6)
