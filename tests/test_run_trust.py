@@ -16,6 +16,9 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   ``test_resume_with_more_epochs_trains_a_finished_run_further``;
 * ``--calibrate`` counted as a training setting, so a finished run cannot be resumed to calibrate it —
   ``test_a_finished_run_resumed_with_calibrate_is_calibrated_without_training``;
+* ``--memory-budget`` not reaching the cache (the default half of the RAM used: maps loaded over the budget),
+  or weighed against the layer's maps instead of what is cached (pooled features streamed for nothing) —
+  ``test_a_memory_budget_between_the_pooled_and_the_map_size_keeps_the_pooled_cache_in_memory``;
 * a head copied from another run, or an edited ``run.json``, predicts —
   ``test_a_head_and_run_json_of_other_runs_are_refused``;
 * the digits task's defaults train a head near chance, or its report names a split it does not use —
@@ -180,3 +183,20 @@ def test_a_finished_run_resumed_with_calibrate_is_calibrated_without_training(
     assert code == 0 and "nothing to train" in stdout
     assert report["history"] == first["history"] and first["calibration"] is None
     assert report["calibration"]["temperature"] > 0 and report["calibration"]["fitted_on"] == "validation"
+
+
+def test_a_memory_budget_between_the_pooled_and_the_map_size_keeps_the_pooled_cache_in_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The budget is weighed against what is cached: the digits task's 100 training images need 12,800 B
+    pooled (float16, 64) and 51,200 B as maps (64×2×2); a 20,000 B budget keeps the pooled features in
+    memory and streams the maps. Weighing the map size (or the pooled size for maps) flips one of them."""
+    budget = ["--memory-budget", "20000", "--cache", str(tmp_path / "cache")]
+    code, stdout, _ = run_cli(capsys, *digits(tmp_path / "pooled", *budget))
+    report = json.loads((tmp_path / "pooled" / "metrics.json").read_text())
+    assert code == 0 and report["cache_bytes_per_example"] == 128 and not report["streamed"]
+    assert "training features 12.5 KiB <= memory budget 19.5 KiB: kept in memory" in stdout
+    code, stdout, _ = run_cli(capsys, *digits(tmp_path / "maps", *budget, "--keep-maps"))
+    report = json.loads((tmp_path / "maps" / "metrics.json").read_text())
+    assert code == 0 and report["cache_bytes_per_example"] == 512 and report["streamed"]
+    assert "> memory budget 19.5 KiB: memory-mapped, streamed from" in stdout
