@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from hookmix._errors import UsageError
 from hookmix._tasks import MULTICLASS, task_of
-from hookmix.devices import resolve_device
+from hookmix.devices import module_device, resolve_device
 from hookmix.finetune import FitConfig, FitResult, _batch_starts, _check_data, fit
 from hookmix.metrics import mean_ci
 from hookmix.plan import PlanSampler
@@ -167,12 +167,7 @@ class _StackedGrid:
 
     def __init__(self, heads: Sequence[nn.Module], configs: Sequence[FitConfig], num_classes: int, device: Any) -> None:
         self.configs, self.heads, self.num_classes = list(configs), list(heads), num_classes
-        param = next(iter(heads[0].parameters()), None)
-        self.device = (
-            resolve_device(device)
-            if device is not None
-            else (param.device if param is not None else torch.device("cpu"))
-        )
+        self.device = resolve_device(device) if device is not None else module_device(heads[0])
         keys = [(c.lr, c.weight_decay) for c in configs]
         groups = list(dict.fromkeys(keys))
         # row r holds cell order[r]: grouped by (lr, weight decay), and by seed within a group, so that a seed's

@@ -29,7 +29,15 @@ from hookmix.app.digits import digits_transfer
 from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.labels_csv import load_labels_csv
 from hookmix.app.preprocessing import DIGITS_PREPROCESSING, model_preprocessing
-from hookmix.app.run import DIGITS_NAME, BackboneSource, finished_run, save_run, sha256_of
+from hookmix.app.run import (
+    DIGITS_NAME,
+    HEAD_FILE,
+    RUN_FILE,
+    BackboneSource,
+    finished_run,
+    save_run,
+    sha256_of,
+)
 from hookmix.cache import CacheKey, FeatureCache, keyed_directory
 from hookmix.calibration import fit_temperature
 from hookmix.cutpoints import stage_names
@@ -382,10 +390,11 @@ def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint) -> int
     return budget
 
 
+JOB_FILE = "job.json"
 RUN_FILES = (
-    "run.json",
-    "head.safetensors",
-    "job.json",
+    RUN_FILE,
+    HEAD_FILE,
+    JOB_FILE,
     "metrics.json",
     CHECKPOINT_WEIGHTS,
     CHECKPOINT_STATE,
@@ -393,7 +402,6 @@ RUN_FILES = (
     "reliability.png",
     "lambda_hist.png",
 )
-JOB_FILE = "job.json"
 
 
 def _checkpoint_epoch(out: Path) -> int | None:
