@@ -37,7 +37,7 @@ bench: setup
 
 # Mutation testing (mutmut, configured in pyproject.toml's [tool.mutmut]) in a fresh copy of the working tree
 # at MUTATE_DIR, never in the tree itself: mutmut writes mutated modules under mutants/ there. About 1,800
-# mutants: an hour on two cores; MUTATE_ONLY='hookmix.calibration.* hookmix.streaming.*' runs a subset.
+# mutants: an hour on two cores; MUTATE_ONLY='hookmix.evaluation.calibration.* hookmix.headonly.streaming.*' runs a subset.
 # The score is killed / mutants run; inspect a survivor with `cd $(MUTATE_DIR) && $(MUTMUT) show NAME`.
 MUTATE_DIR ?= /tmp/hookmix-mutate
 MUTATE_JOBS ?= 2

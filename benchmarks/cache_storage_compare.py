@@ -51,8 +51,8 @@ def ranges(rows: int) -> list[tuple[int, int]]:
 
 
 def write_hookmix(directory: Path, rows: int, **_: object) -> dict[str, float]:
-    from hookmix._cache_format import ShardWriter
-    from hookmix.cache import CacheKey
+    from hookmix.headonly._cache_format import ShardWriter
+    from hookmix.headonly.cache import CacheKey
 
     key = CacheKey("benchmark", "layer4", (3, 224, 224), "none")
     writer = ShardWriter(directory, key, torch.float16, 1, rows, None)
@@ -85,7 +85,7 @@ def write_litdata(directory: Path, rows: int, chunk_mb: int, **_: object) -> dic
 
 
 def epoch_hookmix(directory: Path, batch: int, block_shards: int, **_: object) -> dict[str, float]:
-    from hookmix.cache import CacheKey, FeatureCache
+    from hookmix.headonly.cache import CacheKey, FeatureCache
 
     start = time.perf_counter()
     cache = FeatureCache.load(directory, CacheKey("benchmark", "layer4", (3, 224, 224), "none"), mmap=True)

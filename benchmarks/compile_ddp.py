@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hookmix import HookMixer
-from hookmix.distributed import rank_seed
+from hookmix.headonly.distributed import rank_seed
 
 Step = Callable[[], None]
 

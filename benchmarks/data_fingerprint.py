@@ -28,7 +28,7 @@ from torchvision.datasets import ImageFolder
 
 from _disk import drop_page_cache
 from _timing import interleaved_medians
-from hookmix.dataset_identity import dataset_fingerprint
+from hookmix.headonly.dataset_identity import dataset_fingerprint
 
 
 def write_files(root: Path, files: int, size: int, classes: int) -> None:

@@ -28,7 +28,7 @@ import torchvision
 from torch.utils.data import TensorDataset
 
 from hookmix import CacheKey, FeatureCache, FitConfig, fit, split
-from hookmix.devices import autocast_dtype, resolve_device
+from hookmix.core.devices import autocast_dtype, resolve_device
 
 
 @dataclass

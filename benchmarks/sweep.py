@@ -1,7 +1,7 @@
 """A sweep's grid of heads trained together vs the same heads trained one by one with ``fit``.
 
 24 linear heads (α 0 0.2 0.4 1.0 × lr 1e-3 3e-3 × 3 seeds) on synthetic resnet50-sized pooled features
-(N=5000 × 2048, 10 classes, batch 64): ``hookmix.sweep.fit_grid`` (stacked) against 24 calls of
+(N=5000 × 2048, 10 classes, batch 64): ``hookmix.headonly.sweep.fit_grid`` (stacked) against 24 calls of
 ``hookmix.fit``, timed in interleaved rounds; prints both medians and the ratio (goal <= 0.25 on a CPU,
 <= 0.1 on a GPU), the largest difference of a final validation NLL between the two, and the grid's peak
 extra memory per head on a GPU.
@@ -20,8 +20,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians  # noqa: E402
-from hookmix.finetune import FitConfig, fit  # noqa: E402
-from hookmix.sweep import fit_grid, grid_configs  # noqa: E402
+from hookmix.headonly.sweep import fit_grid, grid_configs  # noqa: E402
+from hookmix.headonly.training import FitConfig, fit  # noqa: E402
 
 ALPHAS, LRS, SEEDS = (0.0, 0.2, 0.4, 1.0), (1e-3, 3e-3), (0, 1, 2)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 API_MD = Path(__file__).with_name("api.md")
 MODULES = (
     "hookmix",
-    "hookmix.distributed",
+    "hookmix.headonly.distributed",
     "hookmix.integrations.timm",
     "hookmix.integrations.lightning",
     "hookmix.integrations.fastai",

@@ -7,7 +7,7 @@ Run it with torchrun (gloo on the CPU, NCCL when CUDA is available)::
 Each rank trains a random-init :class:`hookmix.app.digits.DigitsCNN` on its share of scikit-learn's bundled
 digits 0-4 (offline), with its own :class:`hookmix.HookMixer` hooked on the module inside DDP and seeded
 ``seed + rank`` (``--shared-seed``: one λ for the whole global batch). With ``--cache DIR`` the trained
-model is then cut at ``--cut`` and :func:`hookmix.distributed.extract_sharded` runs its backbone over the
+model is then cut at ``--cut`` and :func:`hookmix.headonly.distributed.extract_sharded` runs its backbone over the
 training images, each rank on its own block of rows, into one feature cache.
 """
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from hookmix import CacheKey, HookMixer, split
 from hookmix.app.digits import DigitsCNN, source_split
-from hookmix.distributed import extract_sharded, rank_seed, unwrap
+from hookmix.headonly.distributed import extract_sharded, rank_seed, unwrap
 
 
 def main() -> None:

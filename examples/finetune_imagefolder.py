@@ -4,7 +4,7 @@ The Python-API version of ``hookmix finetune``, comparing both arms on one featu
 
 1. ``timm.create_model(--model, pretrained=--pretrained)`` (random init unless asked: nothing downloads
    by default) and timm's own eval transform for it;
-2. ``hookmix.splitting`` at ``--layer`` (a cut point, e.g. ``layer4`` of a ResNet, ``stages.3`` of a ConvNeXt);
+2. ``hookmix.graph.splitting`` at ``--layer`` (a cut point, e.g. ``layer4`` of a ResNet, ``stages.3`` of a ConvNeXt);
 3. ``hookmix.FeatureCache.extract``: the frozen backbone runs once over the images (``--cache DIR`` keeps
    the features on disk and reuses them on the next run);
 4. ``hookmix.fit`` trains a fresh copy of the head on the cached features, with feature mixup and without,

@@ -16,52 +16,52 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _WHERE = {
-    "CacheKey": "cache",
-    "FeatureCache": "cache",
-    "transform_fingerprint": "cache",
-    "CutPointWarning": "cutpoints",
-    "cut_points": "cutpoints",
-    "stage_names": "cutpoints",
-    "MixEquivalence": "equivalence",
-    "SameMixPointWarning": "equivalence",
-    "mix_equivalence": "equivalence",
-    "fit_temperature": "calibration",
-    "FinetunedConfig": "finetuned",
-    "FinetunedModel": "finetuned",
-    "load_finetuned": "finetuned",
-    "save_finetuned": "finetuned",
-    "FitConfig": "finetune",
-    "FitResult": "finetune",
-    "fit": "finetune",
-    "AdaptiveConcatPool2d": "heads",
-    "build_head": "heads",
-    "HEAD_KINDS": "heads",
-    "TokenPool": "heads",
-    "LayerInfo": "layers",
-    "check_mix_points": "layers",
-    "format_layers": "layers",
-    "list_layers": "layers",
-    "resolve_layers": "layers",
-    "LAYOUTS": "layouts",
-    "Reliability": "metrics",
-    "evaluate": "metrics",
-    "mean_ci": "metrics",
-    "reliability": "metrics",
-    "apply_thresholds": "metrics",
-    "evaluate_multilabel": "metrics",
-    "reliability_multilabel": "metrics",
-    "tune_thresholds": "metrics",
-    "GateWarning": "gate",
-    "HookMixer": "mixer",
-    "MixPlan": "plan",
-    "PlanSampler": "plan",
-    "MixSettings": "settings",
-    "BlockLayout": "streaming",
-    "default_memory_budget": "streaming",
-    "ShardedFeatures": "streaming",
-    "split": "splitting",
-    "MixStep": "targets",
-    "UsageError": "_errors",
+    "CacheKey": "headonly.cache",
+    "FeatureCache": "headonly.cache",
+    "transform_fingerprint": "headonly.cache",
+    "CutPointWarning": "graph.cutpoints",
+    "cut_points": "graph.cutpoints",
+    "stage_names": "graph.cutpoints",
+    "MixEquivalence": "graph.equivalence",
+    "SameMixPointWarning": "graph.equivalence",
+    "mix_equivalence": "graph.equivalence",
+    "fit_temperature": "evaluation.calibration",
+    "FinetunedConfig": "headonly.trained_model",
+    "FinetunedModel": "headonly.trained_model",
+    "load_finetuned": "headonly.trained_model",
+    "save_finetuned": "headonly.trained_model",
+    "FitConfig": "headonly.training",
+    "FitResult": "headonly.training",
+    "fit": "headonly.training",
+    "AdaptiveConcatPool2d": "headonly.heads",
+    "build_head": "headonly.heads",
+    "HEAD_KINDS": "headonly.heads",
+    "TokenPool": "headonly.heads",
+    "LayerInfo": "graph.layers",
+    "check_mix_points": "graph.layers",
+    "format_layers": "graph.layers",
+    "list_layers": "graph.layers",
+    "resolve_layers": "graph.layers",
+    "LAYOUTS": "graph.layouts",
+    "Reliability": "evaluation.metrics",
+    "evaluate": "evaluation.metrics",
+    "mean_ci": "evaluation.metrics",
+    "reliability": "evaluation.metrics",
+    "apply_thresholds": "evaluation.metrics",
+    "evaluate_multilabel": "evaluation.metrics",
+    "reliability_multilabel": "evaluation.metrics",
+    "tune_thresholds": "evaluation.metrics",
+    "GateWarning": "mixing.gate",
+    "HookMixer": "mixing.mixer",
+    "MixPlan": "mixing.plan",
+    "PlanSampler": "mixing.plan",
+    "MixSettings": "mixing.settings",
+    "BlockLayout": "headonly.streaming",
+    "default_memory_budget": "headonly.streaming",
+    "ShardedFeatures": "headonly.streaming",
+    "split": "graph.splitting",
+    "MixStep": "mixing.targets",
+    "UsageError": "core.errors",
 }
 
 __all__ = [
@@ -129,18 +129,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ serves these names
-    from hookmix._errors import UsageError
-    from hookmix.cache import CacheKey, FeatureCache, transform_fingerprint
-    from hookmix.calibration import fit_temperature
-    from hookmix.cutpoints import CutPointWarning, cut_points, stage_names
-    from hookmix.equivalence import MixEquivalence, SameMixPointWarning, mix_equivalence
-    from hookmix.finetune import FitConfig, FitResult, fit
-    from hookmix.finetuned import FinetunedConfig, FinetunedModel, load_finetuned, save_finetuned
-    from hookmix.gate import GateWarning
-    from hookmix.heads import HEAD_KINDS, AdaptiveConcatPool2d, TokenPool, build_head
-    from hookmix.layers import LayerInfo, check_mix_points, format_layers, list_layers, resolve_layers
-    from hookmix.layouts import LAYOUTS
-    from hookmix.metrics import (
+    from hookmix.core.errors import UsageError
+    from hookmix.evaluation.calibration import fit_temperature
+    from hookmix.evaluation.metrics import (
         Reliability,
         apply_thresholds,
         evaluate,
@@ -150,9 +141,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ se
         reliability_multilabel,
         tune_thresholds,
     )
-    from hookmix.mixer import HookMixer
-    from hookmix.plan import MixPlan, PlanSampler
-    from hookmix.settings import MixSettings
-    from hookmix.splitting import split
-    from hookmix.streaming import BlockLayout, ShardedFeatures, default_memory_budget
-    from hookmix.targets import MixStep
+    from hookmix.graph.cutpoints import CutPointWarning, cut_points, stage_names
+    from hookmix.graph.equivalence import MixEquivalence, SameMixPointWarning, mix_equivalence
+    from hookmix.graph.layers import LayerInfo, check_mix_points, format_layers, list_layers, resolve_layers
+    from hookmix.graph.layouts import LAYOUTS
+    from hookmix.graph.splitting import split
+    from hookmix.headonly.cache import CacheKey, FeatureCache, transform_fingerprint
+    from hookmix.headonly.heads import HEAD_KINDS, AdaptiveConcatPool2d, TokenPool, build_head
+    from hookmix.headonly.streaming import BlockLayout, ShardedFeatures, default_memory_budget
+    from hookmix.headonly.trained_model import FinetunedConfig, FinetunedModel, load_finetuned, save_finetuned
+    from hookmix.headonly.training import FitConfig, FitResult, fit
+    from hookmix.mixing.gate import GateWarning
+    from hookmix.mixing.mixer import HookMixer
+    from hookmix.mixing.plan import MixPlan, PlanSampler
+    from hookmix.mixing.settings import MixSettings
+    from hookmix.mixing.targets import MixStep

@@ -22,8 +22,8 @@ from torch.utils.data import TensorDataset
 from hookmix import CacheKey, FeatureCache, FitConfig, HookMixer, MixSettings, UsageError, fit
 from hookmix.app.cli import main
 from hookmix.app.imagefolder import load_image_folder
-from hookmix.metrics import evaluate
-from hookmix.models import create_model, resolve_model
+from hookmix.evaluation.metrics import evaluate
+from hookmix.graph.models import create_model, resolve_model
 from tests.conftest import write_folder
 
 

@@ -61,3 +61,44 @@ def test_the_library_never_imports_the_app_and_has_no_import_cycle() -> None:
 
     cycles = [name for name in graph if name != "hookmix" and reaches(name, name, set())]
     assert cycles == [], f"modules in an import cycle: {cycles}"
+
+
+LAYERS = ("core", "graph", "mixing", "evaluation", "headonly", "integrations", "app")
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of ``hookmix.<layer>...``; None for the package root's own modules."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    """helpers < graph < mixing < evaluation < head-only < integrations < app: a module may import its own
+    layer and those before it, never one after (the graph must not know about mixing, nor mixing about the
+    cache)."""
+    upward = []
+    for path in ROOT.rglob("*.py"):
+        name = module_name(path)
+        own = layer_of(name)
+        if own is None:
+            continue
+        for dep in imports_of(path):
+            if (theirs := layer_of(dep)) is not None and theirs > own:
+                upward.append(f"{name} imports {dep}")
+        assert path.parent == ROOT / LAYERS[own] or path.parent.parent == ROOT / LAYERS[own], path
+    assert upward == [], "imports that point up the layers: " + "; ".join(sorted(upward))
+
+
+def test_the_root_holds_few_modules_and_every_module_sits_in_a_layer() -> None:
+    root_modules = sorted(p.name for p in ROOT.glob("*.py"))
+    assert root_modules == ["__init__.py", "__main__.py"]
+    assert sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+
+
+def test_the_tests_mirror_the_layers() -> None:
+    """Each layer's tests live in tests/<layer>/; the root keeps the cross-cutting suites only."""
+    tests = Path(__file__).resolve().parent
+    for layer in LAYERS:
+        assert any((tests / layer).glob("test_*.py")), f"tests/{layer}/ has no tests"
+    for path in tests.glob("*/test_*.py"):
+        assert path.parent.name in LAYERS, f"{path} is in a folder that is not a layer"

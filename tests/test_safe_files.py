@@ -28,14 +28,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hookmix import CacheKey, FeatureCache, FitConfig, fit
-from hookmix._io import atomic_write
 from hookmix.app.cli import main
-from hookmix.cache import MANIFEST_NAME
-from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS
-from hookmix.models import create_model
+from hookmix.core.files import atomic_write
+from hookmix.graph.models import create_model
+from hookmix.headonly.cache import MANIFEST_NAME
+from hookmix.headonly.training import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS
 from tests.conftest import write_folder
 
-IO_MODULE = Path(__file__).resolve().parent.parent / "hookmix" / "_io.py"
+IO_MODULE = Path(__file__).resolve().parent.parent / "hookmix" / "core" / "files.py"
 _AUDIT: list[Callable[[str, tuple], None]] = []
 
 
@@ -244,7 +244,7 @@ def test_a_failed_replace_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
 
 
-# A child interpreter that loads hookmix/_io.py on its own (no torch import: it starts in milliseconds).
+# A child interpreter that loads hookmix/core/files.py on its own (no torch import: it starts in milliseconds).
 CHILD = """
 import importlib.util, os, resource, signal, sys, threading
 from pathlib import Path

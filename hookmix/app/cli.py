@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
-from hookmix._errors import UsageError
+from hookmix.core.errors import UsageError
 
 __all__ = ["build_parser", "main"]
 
 if TYPE_CHECKING:
-    from hookmix.finetune import FitConfig
+    from hookmix.headonly.training import FitConfig
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -87,10 +87,10 @@ def _size(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    """A device name of :data:`hookmix.devices.DEVICES`. Importing it imports torch, and argparse converts a
+    """A device name of :data:`hookmix.core.devices.DEVICES`. Importing it imports torch, and argparse converts a
     string default with this function on every command line: so the ``--device`` flags default to ``None``
     (meaning ``"auto"``), and torch is loaded at parse time only when a device is named."""
-    from hookmix.devices import DEVICES
+    from hookmix.core.devices import DEVICES
 
     head, _, index = text.partition(":")
     if head not in DEVICES or (index and (head != "cuda" or not index.isdigit())):
@@ -101,9 +101,9 @@ def _device(text: str) -> str:
 def _cmd_layers(args: argparse.Namespace) -> None:
     import torch
 
-    from hookmix.cutpoints import UntraceableError, cut_points
-    from hookmix.layers import format_layers, list_layers
-    from hookmix.models import create_model, default_input_size
+    from hookmix.graph.cutpoints import UntraceableError, cut_points
+    from hookmix.graph.layers import format_layers, list_layers
+    from hookmix.graph.models import create_model, default_input_size
 
     model = create_model(args.model)
     size = tuple(args.input_size) if args.input_size else default_input_size(model)
@@ -139,8 +139,8 @@ _DIGITS_FIT = {"lr": 3e-2, "batch_size": 16}
 
 
 def _fit_config(args: argparse.Namespace) -> "FitConfig":
-    from hookmix.finetune import FitConfig
-    from hookmix.settings import MixSettings
+    from hookmix.headonly.training import FitConfig
+    from hookmix.mixing.settings import MixSettings
 
     excluded = tuple(args.exclude_classes) if args.exclude_classes else None
     mixing = MixSettings(
@@ -260,7 +260,7 @@ def _finetune_interrupted(args: argparse.Namespace) -> str:
     """What an interrupted ``finetune`` leaves and how to go on: the next run reuses the features cached in
     ``--cache``, and ``--resume`` continues from the checkpoint of the last finished epoch in ``--out``."""
     out = Path(args.out)
-    finetune = sys.modules.get("hookmix.finetune")  # imported before any epoch starts: absent, none finished
+    finetune = sys.modules.get("hookmix.headonly.training")  # imported before any epoch starts: absent, none finished
     kept = [f"the features cached in --cache {args.cache} (the next run reuses them)"] if args.cache else []
     if finetune is not None and (out / finetune.CHECKPOINT_WEIGHTS).exists():
         kept.append(f"the checkpoint of the last finished epoch in --out {out}")
@@ -282,7 +282,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     for flag, given in (("--out", args.out), ("--cache", args.cache)):
         if given:
             writable_dir(flag, Path(given))
-    from hookmix.finetune import FitConfig
+    from hookmix.headonly.training import FitConfig
 
     defaults = _DIGITS_FIT if args.data == _DIGITS else _IMAGE_FIT
     base = FitConfig(epochs=args.epochs, batch_size=args.batch_size or defaults["batch_size"])

@@ -1,7 +1,7 @@
-"""The identity of the data ``hookmix finetune`` caches features of, for its :class:`~hookmix.cache.CacheKey`.
+"""The identity of the data ``hookmix finetune`` caches features of, for its :class:`hookmix.CacheKey`.
 
 Image folders (a ``Subset`` of an ``ImageFolder`` per part, or a ``--val`` folder) and the embedded digits
-task (``TensorDataset``) are the library's :func:`~hookmix.dataset_identity.dataset_fingerprint`; the rows of
+task (``TensorDataset``) are the library's :func:`~hookmix.headonly.dataset_identity.dataset_fingerprint`; the rows of
 a labels CSV (:class:`~hookmix.app.labels_csv.LabeledImages`) enter as their files and label sets. Each part
 (train, val) is fingerprinted on its own rows, so which rows are training and which validation is covered.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from hookmix.app.labels_csv import LABEL_SEPARATOR, LabeledImages
-from hookmix.dataset_identity import dataset_fingerprint, files_fingerprint
+from hookmix.headonly.dataset_identity import dataset_fingerprint, files_fingerprint
 
 __all__ = ["data_identity"]
 

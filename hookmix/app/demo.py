@@ -8,7 +8,7 @@ chosen for the *baseline* to converge (lr, 100 epochs), not tuned for mixup; the
 what users of short runs see.
 
 A second experiment asks whether the head behind the mixed layer matters (:func:`head_experiment`): a fresh
-fastai-style MLP head (:func:`hookmix.heads.build_head` ``"mlp"``) is trained on the same cached features
+fastai-style MLP head (:func:`hookmix.build_head` ``"mlp"``) is trained on the same cached features
 with mixup of the ``(B, 64, 2, 2)`` map before it (``fit(head, "input", ...)``), with mixup of its logits
 (``fit(head, "output", ...)``) and without mixup. Behind the model's own pooled linear head the two mixings
 are the same computation; behind the MLP they are not.
@@ -26,17 +26,17 @@ import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from hookmix._checks import check_int
-from hookmix._io import atomic_write
 from hookmix.app.digits import DigitsCNN, digits_transfer, pretrain_source, single_thread
 from hookmix.app.mosaics import digits_mosaics
-from hookmix.cache import CacheKey, FeatureCache
-from hookmix.calibration import fit_temperature
-from hookmix.finetune import FitConfig, FitResult, fit
-from hookmix.heads import build_head
-from hookmix.metrics import evaluate, mean_ci, reliability
-from hookmix.settings import MixSettings
-from hookmix.splitting import split
+from hookmix.core.checks import check_int
+from hookmix.core.files import atomic_write
+from hookmix.evaluation.calibration import fit_temperature
+from hookmix.evaluation.metrics import evaluate, mean_ci, reliability
+from hookmix.graph.splitting import split
+from hookmix.headonly.cache import CacheKey, FeatureCache
+from hookmix.headonly.heads import build_head
+from hookmix.headonly.training import FitConfig, FitResult, fit
+from hookmix.mixing.settings import MixSettings
 
 __all__ = [
     "Curves",
@@ -68,9 +68,9 @@ the head's logits."""
 @dataclass(frozen=True)
 class Run:
     """One trained head: its setting and final validation metrics. ``head`` is the head's kind
-    (:data:`hookmix.heads.HEAD_KINDS`), ``mixed_at`` where :func:`~hookmix.finetune.fit` mixed (``"input"``:
-    the cached map, ``"output"``: the logits; nothing when ``mix`` is false); ``calibrated``: the metrics are
-    those of the logits divided by a temperature (:func:`cross_fitted`)."""
+    (:data:`hookmix.HEAD_KINDS`), ``mixed_at`` where :func:`hookmix.fit` mixed (``"input"``: the cached map,
+    ``"output"``: the logits; nothing when ``mix`` is false); ``calibrated``: the metrics are those of the
+    logits divided by a temperature (:func:`cross_fitted`)."""
 
     k: int
     epochs: int
@@ -205,7 +205,7 @@ def transfer_experiment(
 def head_experiment(
     k: int = 20, epochs: int = 100, seeds: int = 5, alpha: float = 0.4, progress: bool = True
 ) -> list[Run]:
-    """Train a fresh MLP head (:func:`~hookmix.heads.build_head` ``"mlp"``) on the cached ``stage2`` maps of
+    """Train a fresh MLP head (:func:`hookmix.build_head` ``"mlp"``) on the cached ``stage2`` maps of
     ``k`` labels per class for every arm of :data:`HEAD_ARMS` and seed; the arms of one seed share the
     head's initialisation, the data order, the λ draws and the dropout masks' generator. It runs on one CPU
     thread, so its numbers do not depend on the core count."""
@@ -334,7 +334,7 @@ def run_demo(
     print their tables, write ``metrics.json`` (``summary`` / ``runs``, and ``heads``) and the PNG plots;
     return the summary rows of both. ``seeds`` must be at least 2: the tables report a 95% CI over seeds, which
     one seed cannot give (it would print ``± nan`` and ``metrics.json`` would not be JSON)."""
-    from hookmix.plots import plot_history, plot_lambda_hist, plot_reliability
+    from hookmix.evaluation.plots import plot_history, plot_lambda_hist, plot_reliability
 
     check_int("seeds", seeds, 2, ": the tables give mean ± 95% CI over seeds, and one seed has no spread")
     out = Path(out_dir)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hookmix._checks import is_int
-from hookmix._errors import UsageError
-from hookmix.models import DigitsCNN
+from hookmix.core.checks import is_int
+from hookmix.core.errors import UsageError
+from hookmix.graph.models import DigitsCNN
 
 __all__ = [
     "all_digits",

@@ -1,7 +1,7 @@
 """``hookmix export``: a fine-tuned run as one file a program can load, and optionally as ONNX.
 
 ``FILE`` is the safetensors state dict of the backbone and the trained head with the JSON configuration in
-its metadata (:func:`hookmix.finetuned.save_finetuned`; ``hookmix.load_finetuned(FILE)`` rebuilds it), and
+its metadata (:func:`hookmix.save_finetuned`; ``hookmix.load_finetuned(FILE)`` rebuilds it), and
 ``FILE.json`` a readable copy of that configuration. ``--onnx`` also writes ``FILE.onnx`` through
 ``torch.onnx.export`` (the dynamo exporter; a dynamic batch axis; input ``images`` ``(B, C, H, W)``, output
 ``logits`` ``(B, classes)`` — divide by the configuration's ``temperature`` before softmax / sigmoid). It
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from hookmix._errors import UsageError
-from hookmix._io import atomic_write
 from hookmix.app.paths import writable_file
 from hookmix.app.run import load_run
-from hookmix.finetuned import FinetunedModel, save_finetuned
+from hookmix.core.errors import UsageError
+from hookmix.core.files import atomic_write
+from hookmix.headonly.trained_model import FinetunedModel, save_finetuned
 
 __all__ = ["export_onnx", "run_export"]
 

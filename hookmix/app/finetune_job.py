@@ -20,10 +20,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from hookmix._cache_format import bytes_per_example
-from hookmix._checks import modes_restored
-from hookmix._errors import UsageError
-from hookmix._io import atomic_write
 from hookmix.app.data_identity import data_identity
 from hookmix.app.digits import digits_transfer
 from hookmix.app.imagefolder import load_image_folder
@@ -38,17 +34,27 @@ from hookmix.app.run import (
     save_run,
     sha256_of,
 )
-from hookmix.cache import CacheKey, FeatureCache, keyed_directory
-from hookmix.calibration import fit_temperature
-from hookmix.cutpoints import stage_names
-from hookmix.devices import resolve_device
-from hookmix.equivalence import mix_equivalence
-from hookmix.finetune import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, FitResult, fit
-from hookmix.finetuned import FinetunedConfig, assemble, example_shape
-from hookmix.metrics import evaluate, evaluate_multilabel, reliability, reliability_multilabel, tune_thresholds
-from hookmix.models import resolve_model
-from hookmix.streaming import ShardedFeatures, default_memory_budget
-from hookmix.targets import check_classes
+from hookmix.core.checks import modes_restored
+from hookmix.core.devices import resolve_device
+from hookmix.core.errors import UsageError
+from hookmix.core.files import atomic_write
+from hookmix.evaluation.calibration import fit_temperature
+from hookmix.evaluation.metrics import (
+    evaluate,
+    evaluate_multilabel,
+    reliability,
+    reliability_multilabel,
+    tune_thresholds,
+)
+from hookmix.graph.cutpoints import stage_names
+from hookmix.graph.equivalence import mix_equivalence
+from hookmix.graph.models import resolve_model
+from hookmix.headonly._cache_format import bytes_per_example
+from hookmix.headonly.cache import CacheKey, FeatureCache, keyed_directory
+from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
+from hookmix.headonly.trained_model import FinetunedConfig, assemble, example_shape
+from hookmix.headonly.training import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, FitResult, fit
+from hookmix.mixing.targets import check_classes
 
 __all__ = ["DIGITS", "DIGITS_MODEL", "JobSpec", "default_layer", "run_finetune"]
 
@@ -238,7 +244,7 @@ class _CachePoint:
 
 
 def _op_name(module: nn.Module, name: str) -> str:
-    """An op of :func:`~hookmix.equivalence.mix_equivalence` for people: its module's type when the name is
+    """An op of :func:`hookmix.mix_equivalence` for people: its module's type when the name is
     a bare ``Sequential`` index (``head.0`` -> ``AdaptiveAvgPool2d``), else the name (``avgpool``)."""
     last = name.rpartition(".")[2]
     submodules = dict(module.named_modules())
@@ -247,7 +253,7 @@ def _op_name(module: nn.Module, name: str) -> str:
 
 def _assemble(prepared: _Prepared, spec: JobSpec, config: FitConfig) -> tuple[nn.Module, nn.Module, _CachePoint]:
     """The backbone to cache with, the head to train and what is cached: the pooled features when only fixed
-    linear ops (average pool, flatten) start the head — mixup commutes with them (:mod:`hookmix.equivalence`),
+    linear ops (average pool, flatten) start the head — mixup commutes with them (:mod:`hookmix.graph.equivalence`),
     so that trains the same head — unless ``--keep-maps`` or CutMix, which pastes boxes of the map."""
     keep = "--keep-maps" if spec.keep_maps else ""
     keep = keep or ("CutMix pastes boxes of the map" if config.mix and config.mixing.uses_cutmix else "")
@@ -300,7 +306,7 @@ def _extract(
     budget: int | None,
 ) -> FeatureCache:
     """Extract (or load) one part's features; with a ``budget`` and a cache directory, a cache larger than
-    the budget comes back memory-mapped (streamed by :func:`~hookmix.finetune.fit`)."""
+    the budget comes back memory-mapped (streamed by :func:`hookmix.fit`)."""
     part, layer = key.dataset.partition(":")[0], key.layer
     dataset, views = (prepared.train, spec.views) if part == "train" else (prepared.val, 1)
     path = None
@@ -613,7 +619,7 @@ class _Trained:
 def _report(spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _CachePoint, done: _Trained) -> dict:
     """Calibrate and tune thresholds on the validation logits, draw the plots, and write ``metrics.json``,
     then the run files (``head.safetensors``, ``run.json`` last: the run is finished once it is there)."""
-    from hookmix.plots import lambda_density_alpha, plot_history, plot_lambda_hist, plot_reliability
+    from hookmix.evaluation.plots import lambda_density_alpha, plot_history, plot_lambda_hist, plot_reliability
 
     out, train, val, result, facts = spec.out_dir, done.train, done.val, done.result, done.facts
     label = "mixup" if config.mix else "no mixup"

@@ -27,8 +27,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from tqdm.auto import tqdm
 
-from hookmix._errors import UsageError
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
+from hookmix.core.errors import UsageError
 
 __all__ = [
     "FolderSplit",

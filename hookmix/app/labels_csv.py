@@ -4,7 +4,7 @@ The CSV has a header with the columns ``path`` and ``labels`` (others are ignore
 to ROOT or absolute; ``labels`` lists the image's labels separated by ``;`` (whitespace around a label
 is dropped) and may be empty: an image with no positive label. A quoted field may hold commas.
 
-Bad inputs, each a one-line :class:`~hookmix._errors.UsageError` naming the file, the line and the fix,
+Bad inputs, each a one-line :class:`hookmix.UsageError` naming the file, the line and the fix,
 or a reported skip:
 
 * a missing or empty CSV, or a header without ``path`` or ``labels`` (the columns found are listed);
@@ -18,7 +18,7 @@ or a reported skip:
   run halfway. Every image is opened and verified (``PIL.Image.verify``) up front for this, its size
   checked against PIL's decompression-bomb limit and its pixel mode against those hookmix reads
   (:func:`~hookmix.app.imagefolder.image_problem`); a file that still fails to decode later raises a
-  :class:`~hookmix._errors.UsageError` naming it;
+  :class:`hookmix.UsageError` naming it;
 * a label of the validation CSV that no training row has: an error naming it and its line (the head
   has no output for it).
 """
@@ -34,9 +34,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hookmix._errors import UsageError
 from hookmix.app.imagefolder import check_image_args, image_problem, load_rgb
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
+from hookmix.core.errors import UsageError
 
 __all__ = ["LabelRow", "LabeledImages", "LabelsSplit", "load_labels_csv", "read_labels_csv", "LABEL_SEPARATOR"]
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hookmix._checks import is_int
-from hookmix._errors import UsageError
 from hookmix.app.digits import TransferSplit, all_digits, check_seed
+from hookmix.core.checks import is_int
+from hookmix.core.errors import UsageError
 
 __all__ = ["MOSAIC_CLASSES", "digits_mosaics", "write_mosaics"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hookmix._errors import UsageError
+from hookmix.core.errors import UsageError
 
 __all__ = ["existing_dir", "existing_file", "writable_dir", "writable_file"]
 

@@ -22,13 +22,13 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from hookmix._errors import UsageError
-from hookmix._io import atomic_write
 from hookmix.app.imagefolder import UnreadableImage, read_rgb
 from hookmix.app.paths import writable_file
 from hookmix.app.run import load_run
-from hookmix.devices import resolve_device
-from hookmix.finetuned import FinetunedModel
+from hookmix.core.devices import resolve_device
+from hookmix.core.errors import UsageError
+from hookmix.core.files import atomic_write
+from hookmix.headonly.trained_model import FinetunedModel
 
 __all__ = ["collect_images", "predict_images", "write_predictions"]
 

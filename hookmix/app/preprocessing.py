@@ -36,8 +36,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from hookmix._errors import UsageError
-from hookmix.models import ModelSpec
+from hookmix.core.errors import UsageError
+from hookmix.graph.models import ModelSpec
 
 __all__ = [
     "DIGITS_PREPROCESSING",

@@ -2,7 +2,7 @@
 
 Besides the report (``metrics.json``, plots) and the training checkpoint, a finished run holds:
 
-* ``run.json`` — the :class:`~hookmix.finetuned.FinetunedConfig` (model, layer, head, pooled cut, classes,
+* ``run.json`` — the :class:`hookmix.FinetunedConfig` (model, layer, head, pooled cut, classes,
   task, preprocessing, temperature, thresholds) and the :class:`BackboneSource`: how to rebuild the backbone's
   weights (a pretrained download, a weights file checked by its sha256, a seeded random init, or the
   embedded digits CNN);
@@ -28,12 +28,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from hookmix._errors import UsageError
-from hookmix._io import atomic_write
 from hookmix.app.digits import pretrain_source
 from hookmix.app.preprocessing import EvalTransform
-from hookmix.finetuned import FinetunedConfig, FinetunedModel, rebuild
-from hookmix.models import create_model, set_num_classes
+from hookmix.core.errors import UsageError
+from hookmix.core.files import atomic_write
+from hookmix.graph.models import create_model, set_num_classes
+from hookmix.headonly.trained_model import FinetunedConfig, FinetunedModel, rebuild
 
 __all__ = [
     "BackboneSource",

@@ -2,7 +2,7 @@
 
 It reuses the ``finetune`` job's phases — preparing the model and data, cutting and assembling the head,
 the cache keys and the extraction (so the caches in ``--cache`` are shared with ``finetune``) — and trains each
-layer's cells with :func:`hookmix.sweep.fit_grid`. The data are prepared once, with seed 0 (the split of a
+layer's cells with :func:`hookmix.headonly.sweep.fit_grid`. The data are prepared once, with seed 0 (the split of a
 folder without ``--val``, the digits task, a random-init backbone); ``--seeds K`` varies each head's seed
 (its init, data order, mix plans, dropout). So a cell of seed s is exactly ``finetune --seed s --data-seed 0``
 with its α, lr, layer and head.
@@ -26,8 +26,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hookmix._errors import UsageError
-from hookmix._io import atomic_write
 from hookmix.app.finetune_job import (
     JobSpec,
     _assemble,
@@ -39,11 +37,12 @@ from hookmix.app.finetune_job import (
     _report,
     _Trained,
 )
-from hookmix.cutpoints import stage_names
-from hookmix.devices import resolve_device
-from hookmix.finetune import FitConfig
-from hookmix.metrics import mean_ci
-from hookmix.sweep import (
+from hookmix.core.devices import resolve_device
+from hookmix.core.errors import UsageError
+from hookmix.core.files import atomic_write
+from hookmix.evaluation.metrics import mean_ci
+from hookmix.graph.cutpoints import stage_names
+from hookmix.headonly.sweep import (
     HIGHER_IS_BETTER,
     cell_alpha,
     cell_record,
@@ -52,6 +51,7 @@ from hookmix.sweep import (
     grid_unstacked,
     summary,
 )
+from hookmix.headonly.training import FitConfig
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
 
@@ -218,7 +218,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 def plot_sweep(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Each metric against α, one line per layer (and lr), mean ± 95% CI over seeds; a PNG at ``path``."""
-    from hookmix.plots import _new_figure, _save
+    from hookmix.evaluation.plots import _new_figure, _save
 
     metrics = _metrics(records)
     figure = _new_figure(4.0 * len(metrics), 3.2)

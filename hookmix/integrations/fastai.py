@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 from fastai.callback.core import Callback
 
-from hookmix.distributed import rank_seed
-from hookmix.mixer import HookMixer
-from hookmix.targets import MixStep
+from hookmix.headonly.distributed import rank_seed
+from hookmix.mixing.mixer import HookMixer
+from hookmix.mixing.targets import MixStep
 
 __all__ = ["HookMixUp"]
 
@@ -38,7 +38,7 @@ class HookMixUp(Callback):
         lam_mode: ``"sample"`` (one λ per row, fastai's ``MixUp``) or ``"batch"``.
         dominant: draw ``max(λ, 1−λ)`` so each row's own sample dominates (fastai's ``MixUp``).
         seed: seed of the mixer's generator; under ``torch.distributed`` rank r uses ``seed + r``
-            (:func:`hookmix.distributed.rank_seed`). ``None`` draws one from the OS.
+            (:func:`hookmix.headonly.distributed.rank_seed`). ``None`` draws one from the OS.
         **mixer_options: other :class:`~hookmix.HookMixer` arguments (``num_classes``, ``stop_epoch``, ...).
 
     The mixer exists from ``before_fit`` to ``after_fit`` (hooks removed in between fits); its generator

@@ -20,7 +20,7 @@ with the exposed step::
 Validation, test and predict never mix: they run in eval mode without grad, where the mixer's hooks
 pass everything through, and only ``fit`` creates a mixer at all. The mixer's generator state is saved
 in every checkpoint (``state_dict``), so ``trainer.fit(..., ckpt_path=...)`` resumes the same plans.
-Under DDP each rank seeds its mixer with :func:`hookmix.distributed.rank_seed`. A fit stopped by an
+Under DDP each rank seeds its mixer with :func:`hookmix.headonly.distributed.rank_seed`. A fit stopped by an
 exception (Ctrl-C, an error in a batch) removes the mixer's hooks in ``on_exception``, so its armed plan
 never reaches a later forward, and the next ``trainer.fit`` continues the plans where it stopped.
 """
@@ -32,10 +32,10 @@ from typing import Any, Callable, Sequence
 import lightning.pytorch as pl
 import torch
 
-from hookmix._errors import UsageError
-from hookmix.distributed import rank_seed
-from hookmix.mixer import HookMixer
-from hookmix.targets import MixStep
+from hookmix.core.errors import UsageError
+from hookmix.headonly.distributed import rank_seed
+from hookmix.mixing.mixer import HookMixer
+from hookmix.mixing.targets import MixStep
 
 __all__ = ["HookMixCallback"]
 

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from hookmix._errors import UsageError
-from hookmix._wrappers import unwrap
-from hookmix.mixer import HookMixer
-from hookmix.targets import MixStep
+from hookmix.core.errors import UsageError
+from hookmix.core.wrappers import unwrap
+from hookmix.mixing.mixer import HookMixer
+from hookmix.mixing.targets import MixStep
 
 __all__ = ["HookMixup"]
 
@@ -42,7 +42,7 @@ class HookMixup:
         mode: timm's ``"batch"`` (one λ per batch), or ``"pair"`` / ``"elem"`` (one λ per row).
         label_smoothing: smoothing of the one-hot targets before mixing (timm's default 0.1).
         num_classes: number of classes of the soft targets.
-        seed: seed of the mixer's generator (see :func:`hookmix.distributed.rank_seed` under DDP).
+        seed: seed of the mixer's generator (see :func:`hookmix.headonly.distributed.rank_seed` under DDP).
         **mixer_options: other :class:`~hookmix.HookMixer` arguments (``exclude_classes``, ``weights``, ...).
 
     ``mixup_enabled = False`` (what timm's loop sets at ``--mixup-off-epoch``) returns smoothed one-hot

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with confidence intervals, temperature calibration and the plots that show them."""

@@ -1,0 +1,2 @@
+"""Head-only fine-tuning: heads, the feature cache (its format, identity and streaming), ``fit``, the
+trained model, sharded extraction and the grid sweep."""

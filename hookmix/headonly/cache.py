@@ -1,0 +1,603 @@
+"""Feature cache for head-only fine-tuning: run a frozen backbone once, train a head for many epochs.
+
+With a frozen backbone, the features of layer L do not change between epochs, so
+:meth:`FeatureCache.extract` runs the backbone ONCE over a dataset (eval mode, ``torch.no_grad()``,
+a tqdm bar) and keeps its outputs; training a head for E epochs then costs about one backbone pass.
+
+Shapes: the backbone maps a batch ``(B, C, H, W)`` to features ``(B, *F)`` with one fixed ``F`` per
+row, e.g. ``(B, 2048, 7, 7)`` or tokens ``(B, N, D)``. The cache holds ``features`` ``(V, N, *F)``
+(``V`` views per example, 1 by default) and ``labels`` ``(N, ...)`` exactly as the dataset yields
+them (``(N,)`` int64 class indices, ``(N, n_classes)`` float multi-label targets, ...).
+
+Precision: features are stored as float16 by default, which halves memory and disk against float32
+at a relative rounding error of at most 2**-11 (about 5e-4; budget ~1e-3 when comparing). Features
+beyond float16's range (|x| > 65504) are refused rather than stored as inf; pass
+``dtype=torch.float32`` (bitwise equal to the backbone's output) or ``torch.bfloat16`` then.
+
+On disk (``path=...``) a cache is a directory of safetensors shards and a JSON manifest, written shard by
+shard (extraction holds one shard at a time) and read back only after checking every shard
+(:mod:`hookmix.headonly._cache_format`). A cache larger than memory is not loaded but memory-mapped
+(``load(..., mmap=True)``, or ``mmap=None``: when it exceeds a memory budget): its ``features`` are then a
+:class:`hookmix.ShardedFeatures` that :func:`hookmix.fit` streams block by block.
+
+A stored cache serves only the :class:`CacheKey` it was built for, whose ``dataset`` names the rows' identity
+(:mod:`hookmix.headonly.dataset_identity`); :func:`keyed_directory` gives every key its own directory under one root.
+Writers hold the directory's lock and never rewrite a published shard, so processes may share a directory:
+a second writer of the same key waits and then reads the first one's cache (:attr:`FeatureCache.reused`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Sized
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from hookmix.core.checks import check_int, is_int, modes_restored
+from hookmix.core.devices import autocast_dtype, place_module
+from hookmix.core.errors import UsageError
+from hookmix.headonly._cache_format import (
+    FEATURE_DTYPES,
+    MANIFEST_NAME,
+    Manifest,
+    ShardWriter,
+    Sink,
+    bytes_per_example,
+    check_request,
+    dtype_name,
+    read_shard,
+    writer_active,
+    writer_lock,
+)
+from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
+
+__all__ = [
+    "CacheKey",
+    "extract_rows",
+    "FeatureCache",
+    "keyed_directory",
+    "transform_fingerprint",
+    "FEATURE_DTYPES",
+    "MANIFEST_NAME",
+]
+
+
+def transform_fingerprint(transform: object) -> str:
+    """A short, stable fingerprint of a preprocessing transform, for :attr:`CacheKey.transform`.
+
+    It hashes ``repr(transform)`` with memory addresses (``at 0x7f...``) removed, so it changes when
+    a torchvision / timm transform's parameters change (their reprs list them) but not between runs.
+    A plain function's repr is only its name: rename it, or pass your own version string as
+    ``CacheKey.transform``, when you change its code. ``None`` (no transform) gives ``"none"``.
+    """
+    if transform is None:
+        return "none"
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+    return f"{type(transform).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What cached features depend on; a stored cache is used only when its key matches exactly.
+
+    Args:
+        model: an id that changes whenever the weights do, e.g. ``"torchvision:resnet50"`` or a
+            checksum of the weights file.
+        layer: the layer the features are taken from, e.g. ``"layer4"``.
+        input_size: the shape of one input example, e.g. ``(3, 224, 224)`` (a list is accepted).
+        transform: a fingerprint of the preprocessing, e.g. ``transform_fingerprint(transform)``.
+        dataset: the identity of the rows, e.g. ``"train:" + dataset_fingerprint(dataset)``
+            (:mod:`hookmix.headonly.dataset_identity`: file names, labels, sizes and mtimes, or tensor bytes), so that a
+            cache is never served for changed files or another split; a name such as ``"cifar10:train"``
+            only guards against another split (``""``: not recorded).
+    """
+
+    model: str
+    layer: str
+    input_size: tuple[int, ...]
+    transform: str
+    dataset: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "layer", "transform", "dataset"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"CacheKey {name} must be a string, got {type(value).__name__} {value!r}.")
+            if not value and name != "dataset":
+                raise UsageError(f"CacheKey {name}='' is empty; give a non-empty string, e.g. 'layer4'.")
+        size = self.input_size
+        if not isinstance(size, (tuple, list)) or not size or not all(is_int(s, 1) for s in size):
+            raise UsageError(
+                f"CacheKey input_size={size!r} must be a non-empty tuple of positive ints, e.g. (3, 224, 224)."
+            )
+        object.__setattr__(self, "input_size", tuple(size))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (``input_size`` as a list)."""
+        return asdict(self) | {"input_size": list(self.input_size)}
+
+    def fingerprint(self) -> str:
+        """A stable 16-hex-digit hash of all fields (same key, same hash, in every process)."""
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def keyed_directory(root: str | Path, name: str, key: CacheKey, *, dtype: torch.dtype, views: int) -> Path:
+    """``root/<name>-<12 hex digits>``: the directory of one cache among many under ``root``, named after its
+    key, storage dtype and views.
+
+    Runs with other data or settings then extract next to each other instead of refusing, or replacing, a
+    cache that another run may be reading; a changed dataset gets a new directory and the old one stays valid
+    for the old data. ``name`` (e.g. ``"train"``) only makes the listing readable.
+    """
+    text = json.dumps([key.fingerprint(), dtype_name(dtype), views])
+    return Path(root) / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _run_backbone(
+    backbone: nn.Module,
+    dataset: Dataset,
+    ranges: list[tuple[int, int]],
+    sink: Sink,
+    *,
+    views: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: bool,
+) -> int:
+    """Run ``backbone`` over ``views`` passes of each row range in turn, hand each range to ``sink``.
+
+    Batches never straddle two ranges, so one DataLoader (its workers started once) serves every
+    range. Returns the number of batches the backbone ran.
+    """
+    plan = [
+        (range_index, view, list(range(b, min(b + batch_size, stop))))
+        for range_index, (start, stop) in enumerate(ranges)
+        for view in range(views)
+        for b in range(start, stop, batch_size)
+    ]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[indices for _, _, indices in plan],
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    total = views * sum(stop - start for start, stop in ranges)
+    half = autocast_dtype(device) if dtype != torch.float32 else None
+    features: list[list[torch.Tensor]] = [[] for _ in range(views)]
+    labels: list[list[torch.Tensor]] = [[] for _ in range(views)]
+    batches = 0
+    with (
+        modes_restored(backbone, False),
+        torch.no_grad(),
+        torch.autocast(device.type, dtype=half, enabled=half is not None),
+        tqdm(total=total, desc="extracting features", unit="ex", disable=not progress) as bar,
+    ):
+        for (range_index, view, indices), batch in zip(plan, loader):
+            x, y = _split_batch(batch)
+            out = backbone(x.to(device, non_blocking=True))
+            batches += 1
+            features[view].append(_store(out, len(indices), dtype, indices[0]))
+            labels[view].append(y)
+            bar.update(len(indices))
+            start, stop = ranges[range_index]
+            if view == views - 1 and indices[-1] == stop - 1:
+                sink(start, stop, *_assemble(features, labels, start))
+                features, labels = [[] for _ in range(views)], [[] for _ in range(views)]
+    return batches
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+        raise TypeError(f"dataset must yield (x, y) pairs; a collated batch was {type(batch).__name__}.")
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(
+            f"dataset must yield (x, y) with tensor-like x and y; got a batch of x: {type(x).__name__}, "
+            f"y: {type(y).__name__} (ints and floats are fine, strings are not)."
+        )
+    return x, y
+
+
+def _store(out: Any, rows: int, dtype: torch.dtype, first_index: int) -> torch.Tensor:
+    """The backbone's output ``(B, *F)`` as a CPU tensor of ``dtype``, checked for shape and range."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"backbone must return one tensor (B, *F), got {type(out).__name__}; wrap it in a module "
+            "that returns the feature tensor you want cached."
+        )
+    if out.ndim < 1 or out.shape[0] != rows:
+        raise UsageError(f"backbone returned shape {tuple(out.shape)} for a batch of {rows} examples.")
+    stored = out.detach().to(dtype=dtype).cpu()
+    if not torch.isfinite(stored).all() and torch.isfinite(out).all():
+        raise UsageError(
+            f"features of examples {first_index}..{first_index + rows - 1} exceed the range of {dtype} "
+            f"(max |x| = {out.abs().max().item():.4g}); pass dtype=torch.float32 or torch.bfloat16."
+        )
+    return stored
+
+
+def _assemble(
+    features: list[list[torch.Tensor]], labels: list[list[torch.Tensor]], start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view batch lists -> features ``(V, n, *F)`` and labels ``(n, ...)``; views must agree on labels."""
+    try:
+        stacked = torch.stack([torch.cat(view) for view in features])
+    except RuntimeError as exc:
+        raise UsageError(
+            f"backbone feature shapes differ between batches near example {start} ({exc}); "
+            "every row must have one fixed feature shape."
+        ) from exc
+    view_labels = [torch.cat(view) for view in labels]
+    for view, other in enumerate(view_labels[1:], start=1):
+        if not torch.equal(other, view_labels[0]):
+            raise UsageError(
+                f"view {view} of examples from {start} got different labels than view 0; views are "
+                "passes over the same examples and may differ only in their (augmented) inputs."
+            )
+    return stacked.contiguous(), view_labels[0].contiguous()
+
+
+@dataclass(eq=False, repr=False)
+class FeatureCache:
+    """Backbone features of a whole dataset, extracted once, to train a head on for many epochs.
+
+    Attributes:
+        features: ``(V, N, *F)`` features of ``N`` examples, ``V`` views each, in ``dtype``: a tensor, or
+            for a memory-mapped cache (``load(..., mmap=True)``) a :class:`hookmix.ShardedFeatures`
+            with the same ``shape`` and ``dtype`` that :func:`hookmix.fit` streams from disk.
+        labels: ``(N, ...)`` labels as the dataset yields them (e.g. ``(N,)`` int64).
+        key: the :class:`CacheKey` the features were extracted under.
+        path: the cache directory, or ``None`` for an in-memory cache.
+        batches_run: how many batches the backbone ran to build this object (0 when loaded; on a
+            resumed extraction, only the batches of the shards that were missing).
+        rows_reused: how many rows were read from a cache already on disk instead of extracted (all of them
+            when loaded, or when :meth:`extract` found a complete cache for the key; see :attr:`reused`).
+    """
+
+    features: torch.Tensor | ShardedFeatures
+    labels: torch.Tensor
+    key: CacheKey
+    path: Path | None = None
+    batches_run: int = 0
+    rows_reused: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, (torch.Tensor, ShardedFeatures)) or self.features.ndim < 2:
+            raise UsageError(f"features must be a (V, N, *F) tensor, got {_describe(self.features)}.")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.ndim < 1:
+            raise UsageError(f"labels must be an (N, ...) tensor, got {_describe(self.labels)}.")
+        if self.labels.shape[0] != self.features.shape[1]:
+            raise UsageError(
+                f"labels has {self.labels.shape[0]} rows but features {tuple(self.features.shape)} "
+                f"has N={self.features.shape[1]}; they must describe the same examples."
+            )
+        if not isinstance(self.key, CacheKey):
+            raise TypeError(f"key must be a CacheKey, got {type(self.key).__name__} {self.key!r}.")
+
+    def __len__(self) -> int:
+        return self.features.shape[1]
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureCache(N={len(self)}, views={self.views}, feature_shape={self.feature_shape}, "
+            f"dtype={self.dtype}, layer={self.key.layer!r}, path={self.path})"
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features.dtype
+
+    @property
+    def reused(self) -> bool:
+        """Whether every row came from a cache on disk (same key, dtype and views): nothing was extracted."""
+        return self.path is not None and self.rows_reused == len(self)
+
+    @property
+    def views(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """``F``: the shape of one example's features in one view."""
+        return tuple(self.features.shape[2:])
+
+    @property
+    def bytes_per_example(self) -> int:
+        """Feature bytes per example, all views together (labels excluded): ``V * prod(F) * itemsize``."""
+        return bytes_per_example(self.views, self.feature_shape, self.dtype)
+
+    @classmethod
+    def extract(
+        cls,
+        backbone: nn.Module,
+        dataset: Dataset,
+        key: CacheKey,
+        *,
+        path: str | Path | None = None,
+        dtype: torch.dtype = torch.float16,
+        batch_size: int = 64,
+        shard_size: int = 1024,
+        views: int = 1,
+        num_workers: int = 0,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        mmap: bool | None = False,
+        memory_budget: int | None = None,
+    ) -> FeatureCache:
+        """Run ``backbone`` once over ``dataset`` and keep its features (in memory, or on disk at ``path``).
+
+        The dataset yields ``(x, y)`` with ``x`` ``(C, H, W)`` and is read in order (no shuffle). The
+        backbone runs in eval mode under ``torch.no_grad()``; every submodule's training flag is
+        restored afterwards, and BatchNorm statistics are left untouched. The returned features are
+        ordinary tensors (not inference tensors), so a head can train on them directly.
+
+        Args:
+            backbone: frozen module mapping ``(B, C, H, W)`` to one tensor ``(B, *F)``.
+            dataset: map-style dataset with ``len()``.
+            key: what the features depend on; a stored cache must match it.
+            path: cache directory. ``None`` keeps everything in memory. If the directory holds a
+                complete cache for the same key, dtype, views and dataset length, it is loaded without
+                running the backbone (:attr:`reused`); if it holds an interrupted one, its complete shards
+                are verified and only the missing rows are computed; if it holds anything else,
+                ``ValueError``. Writing holds the directory's lock (:func:`hookmix.headonly._cache_format.writer_lock`):
+                a second process extracting into it waits, then loads what the first one wrote.
+                :func:`keyed_directory` gives each key its own directory under one root.
+            dtype: storage dtype: float16 (default; ~1e-3 relative error), bfloat16 or float32 (exact).
+            batch_size: examples per backbone forward.
+            shard_size: examples per shard file (``path`` only); a shard is the unit of resumption.
+            views: passes over the data, stored as ``features[v]``. The views differ only through the
+                dataset's own randomness (a random augmentation in its transform); with a
+                deterministic dataset all views are equal. On disk, each shard runs its ``views``
+                passes before the next shard starts.
+            num_workers: DataLoader worker processes.
+            device: where the backbone runs: ``None`` — where its parameters are (it is not moved) —
+                or ``"auto"`` / ``"cpu"`` / ``"cuda"`` / ``"mps"`` (:func:`~hookmix.core.devices.resolve_device`),
+                to which the backbone is moved. On a GPU the batches come from pinned memory with
+                non-blocking copies, and the backbone runs under autocast unless ``dtype`` is float32.
+            progress: show a tqdm bar.
+            mmap, memory_budget: how the stored cache is returned (``path`` only), as in :meth:`load`.
+        """
+        _check_mmap(mmap, memory_budget)
+        if path is None and mmap:
+            raise UsageError("mmap=True needs path=DIR: only a cache stored on disk can be memory-mapped.")
+        _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
+        run = dict(dtype=dtype, batch_size=batch_size, views=views, num_workers=num_workers, device=device)
+        if path is None:
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def keep(start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
+                parts.append((features, labels))
+
+            count = len(dataset)  # type: ignore[arg-type]
+            run["device"] = place_module(backbone, device)
+            batches = _run_backbone(backbone, dataset, [(0, count)], keep, progress=progress, **run)
+            [(features, labels)] = parts
+            return cls(features, labels, key, batches_run=batches)
+        directory = Path(path)
+        reused, batches = _complete(backbone, dataset, key, directory, shard_size=shard_size, progress=progress, **run)
+        cache = cls.load(directory, key, dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
+        cache.batches_run, cache.rows_reused = batches, reused
+        return cache
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        key: CacheKey,
+        *,
+        dtype: torch.dtype | None = None,
+        views: int | None = None,
+        mmap: bool | None = False,
+        memory_budget: int | None = None,
+    ) -> FeatureCache:
+        """Load a complete cache directory after verifying it, or memory-map it; never unpickles.
+
+        Refuses with ``ValueError`` a cache built for another key (naming the field, the stored and
+        the requested value), another ``dtype`` or number of ``views`` (checked when given), an
+        incomplete extraction (saying whether another process is extracting it now or it was
+        interrupted), a missing, truncated or altered shard, or an invalid manifest.
+
+        Args:
+            mmap: ``False`` reads every shard (checking its sha256) into one ``(V, N, *F)`` tensor. ``True``
+                reads only the labels and leaves the features on disk as a
+                :class:`hookmix.ShardedFeatures`: each shard's size and header are checked now,
+                its sha256 when :func:`hookmix.fit` reads it, so a corrupted shard is refused
+                mid-epoch, before any of its rows is trained on. ``None``: ``True`` when the shard files
+                exceed ``memory_budget``.
+            memory_budget: bytes (``mmap=None`` only); ``None``: half of the memory available now
+                (:func:`hookmix.default_memory_budget`).
+        """
+        _check_mmap(mmap, memory_budget)
+        directory = Path(path)
+        if not (directory / MANIFEST_NAME).is_file() and directory.is_dir() and writer_active(directory):
+            raise UsageError(f"{_BEING_WRITTEN.format(directory=directory, done='no shard is complete yet')}.")
+        manifest = Manifest.read(directory, CacheKey)
+        check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
+        if not manifest.complete:
+            raise UsageError(_incomplete(directory, manifest))
+        if mmap is None:
+            mmap = manifest.stored_bytes > (default_memory_budget() if memory_budget is None else memory_budget)
+        if mmap:
+            sharded = ShardedFeatures(directory, manifest)
+            return cls(sharded, sharded.labels(), manifest.key, path=directory, rows_reused=manifest.count)
+        shape = (manifest.views, manifest.count, *manifest.feature_shape)
+        features = torch.empty(shape, dtype=manifest.dtype)
+        labels = torch.empty((manifest.count, *manifest.label_shape), dtype=manifest.label_dtype)
+        for shard in manifest.shards:
+            features[:, shard.start : shard.stop], labels[shard.start : shard.stop] = read_shard(
+                directory, shard, manifest
+            )
+        return cls(features, labels, manifest.key, path=directory, rows_reused=manifest.count)
+
+    def save(self, path: str | Path, *, shard_size: int = 1024) -> FeatureCache:
+        """Write this cache to the directory ``path`` in the on-disk format and return it with ``path`` set.
+
+        The shards and manifest are those :meth:`extract` writes, so :meth:`load` and ``hookmix finetune
+        --cache`` read the result; it serves to store caches built in parts (e.g. one per rank, see
+        :func:`hookmix.headonly.distributed.extract_sharded`). Refuses a directory that already holds a cache.
+        """
+        if not is_int(shard_size, 1):
+            raise UsageError(f"shard_size={shard_size!r} must be a positive int.")
+        if isinstance(self.features, ShardedFeatures):
+            raise UsageError(f"this cache is already stored in {self.path}; copy that directory instead of save().")
+        if self.dtype not in FEATURE_DTYPES:
+            names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
+            raise UsageError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        with writer_lock(directory):
+            if (directory / MANIFEST_NAME).exists():
+                raise UsageError(f"{directory} already holds a feature cache; save to another path.")
+            writer = ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
+            for start in range(0, len(self), shard_size):
+                stop = min(start + shard_size, len(self))
+                writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
+        return FeatureCache(self.features, self.labels, self.key, path=directory)
+
+
+def extract_rows(
+    backbone: nn.Module,
+    dataset: Dataset,
+    key: CacheKey,
+    directory: Path,
+    rows: tuple[int, int],
+    first_shard: int,
+    manifest_name: str,
+    *,
+    dtype: torch.dtype = torch.float16,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    views: int = 1,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Extract rows ``[rows[0], rows[1])`` of ``dataset`` into shards ``first_shard, ...`` of ``directory``,
+    one shard in memory at a time, recording them in ``directory/manifest_name``; returns how many of the rows
+    were already stored and how many batches the backbone ran.
+
+    The whole cache is ``rows=(0, N)``, ``first_shard=0`` and the manifest; one rank of a sharded extraction
+    (:func:`hookmix.headonly.distributed.extract_sharded`) writes its own rows under their final shard names and
+    keeps its own manifest. When that manifest exists, its shards are verified and only the rows after
+    them are computed (resume after a crash). The other arguments are those of :meth:`FeatureCache.extract`.
+    The caller holds the lock on writing ``directory/manifest_name`` (:meth:`FeatureCache.extract` holds the
+    directory's writer lock; the ranks of a sharded extraction each write their own manifest).
+    """
+    _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
+    first, last = rows
+    count = len(dataset)  # type: ignore[arg-type]
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if (directory / manifest_name).exists():
+        previous = Manifest.read(directory, CacheKey, manifest_name, first_shard, first)
+        check_request(previous, directory, key, dtype=dtype, views=views, count=count)
+        for shard in previous.shards if previous.rows_done != last else ():
+            read_shard(directory, shard, previous)
+    done = previous.rows_done if previous and previous.shards else first
+    ranges = [(start, min(start + shard_size, last)) for start in range(done, last, shard_size)]
+    if not ranges:
+        return done - first, 0
+    target = place_module(backbone, device)
+    writer = ShardWriter(
+        directory, key, dtype, views, count, previous, first_shard=first_shard, manifest_name=manifest_name
+    )
+    run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
+    return done - first, _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
+
+
+def _complete(backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: Path, **options: Any) -> tuple[int, int]:
+    """Make ``directory`` hold the complete cache of ``key``; the rows found stored and the batches run.
+
+    A complete cache never changes, so one found complete is checked without the lock (a read-only copy works);
+    otherwise the missing rows are extracted under the directory's writer lock, after another writer's.
+    ``options``: the keyword arguments of :func:`extract_rows`.
+    """
+    count = len(dataset)  # type: ignore[arg-type]
+    published = _published(directory)
+    if published is not None:
+        check_request(published, directory, key, dtype=options["dtype"], views=options["views"], count=count)
+        return count, 0
+    directory.mkdir(parents=True, exist_ok=True)
+    with writer_lock(directory, _say_on_stderr if options["progress"] else None):
+        return extract_rows(backbone, dataset, key, directory, (0, count), 0, MANIFEST_NAME, **options)
+
+
+def _published(directory: Path) -> Manifest | None:
+    """The manifest of the complete cache in ``directory`` (of any key), or ``None``: no cache, an incomplete
+    one or an invalid manifest, which the writer's path (under the lock) reads again and reports."""
+    try:
+        manifest = Manifest.read(directory, CacheKey)
+    except UsageError:
+        return None
+    return manifest if manifest.complete else None
+
+
+def _say_on_stderr(line: str) -> None:
+    tqdm.write(f"hookmix: {line}", file=sys.stderr)
+
+
+_BEING_WRITTEN = (
+    "the feature cache in {directory} is being extracted by another process now ({done}); "
+    "FeatureCache.extract with the same key and path waits for it and then loads the cache"
+)
+
+
+def _incomplete(directory: Path, manifest: Manifest) -> str:
+    """Why an incomplete cache cannot be loaded: another process is extracting it now, or it was interrupted."""
+    done = f"{manifest.rows_done} of {manifest.count} examples"
+    if writer_active(directory):
+        return f"{_BEING_WRITTEN.format(directory=directory, done=done + ' so far')}."
+    return (
+        f"the feature cache in {directory} is incomplete ({done}; its extraction was interrupted); "
+        "call FeatureCache.extract with the same key and path to resume it."
+    )
+
+
+def _check_mmap(mmap: object, memory_budget: object) -> None:
+    if mmap is not None and not isinstance(mmap, bool):
+        raise TypeError(f"mmap must be True, False or None (decide by memory_budget), got {mmap!r}.")
+    if memory_budget is not None:
+        check_int("memory_budget", memory_budget, 1, " (bytes), or None for half the available memory")
+
+
+def _describe(value: object) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _check_extract_args(
+    backbone: object,
+    dataset: object,
+    key: object,
+    dtype: object,
+    batch_size: object,
+    shard_size: object,
+    views: object,
+    num_workers: object,
+) -> None:
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}.")
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"dataset must be a map-style Dataset with len(), got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise UsageError("dataset is empty (len(dataset) == 0); there is nothing to extract.")
+    if not isinstance(key, CacheKey):
+        raise TypeError(f"key must be a CacheKey, got {type(key).__name__} {key!r}.")
+    if dtype not in FEATURE_DTYPES:
+        names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
+        raise UsageError(f"dtype={dtype!r} is not a feature storage dtype; use one of {names}.")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("views", views)):
+        if not is_int(value, 1):
+            raise UsageError(f"{name}={value!r} must be a positive int.")
+    check_int("num_workers", num_workers, 0, " (0 loads in the main process)")

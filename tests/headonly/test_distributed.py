@@ -1,0 +1,270 @@
+"""hookmix under torch.distributed: two gloo processes on the CPU (torch.multiprocessing and torchrun)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, TensorDataset
+
+from hookmix import CacheKey, FeatureCache, HookMixer
+from hookmix.headonly.distributed import extract_sharded, rank_seed, unwrap
+from tests.conftest import expected_mix, recover_mix
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+C = 3
+STEPS = 2
+KEY = CacheKey(model="test:conv", layer="2", input_size=(3, 6, 6), transform="none", dataset="synthetic")
+
+
+def mlp() -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, C))
+
+
+def rank_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(5, 6, generator=g), torch.randint(0, C, (5,), generator=g)
+
+
+def backbone() -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+
+
+def images() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(13, 3, 6, 6, generator=g), torch.arange(13) % C)
+
+
+def run_ranks(worker: Callable[[int, str], None], tmp_path: Path) -> None:
+    """Run ``worker(rank, tmp)`` in WORLD processes joined in one gloo group.
+
+    Forked, not spawned: a spawned child re-imports torch, timm and hookmix (~10 s on 2 busy cores); the
+    children set one intra-op thread before any torch op, which keeps fork safe.
+    """
+    mp.start_processes(_join_group, args=(worker, str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+
+
+def _join_group(rank: int, worker: Callable[[int, str], None], tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        worker(rank, tmp)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_train(rank: int, tmp: str) -> None:
+    model = mlp()
+    seen: dict[str, torch.Tensor] = {}
+    model[1].register_forward_hook(lambda m, a, o: seen.__setitem__("raw", o.detach().clone()))
+    model[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("mixed", a[0].detach().clone()))
+    ddp = DistributedDataParallel(model)
+    mixer = HookMixer(ddp, "1", alpha=0.4, seed=rank_seed(0))
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    steps = []
+    for index in range(STEPS):
+        x, y = rank_batch(rank, index)
+        step = mixer.plan(y)
+        loss = step.loss(nn.CrossEntropyLoss(), ddp(x))
+        optimizer.zero_grad()
+        loss.backward()
+        steps.append(
+            {
+                "lam": step.lam,
+                "raw": seen["raw"],
+                "mixed": seen["mixed"],
+                "grads": [p.grad.clone() for p in model.parameters()],
+            }
+        )
+        optimizer.step()
+    torch.save({"steps": steps, "params": [p.detach() for p in model.parameters()]}, f"{tmp}/rank{rank}.pt")
+
+
+class CrashAt(Dataset):
+    """``images()`` that raises at index ``at``: a rank that dies in the middle of its rows. It leaves the file
+    ``marker`` first, since which rank's error spawn reports is a race (the other rank's barrier fails too)."""
+
+    def __init__(self, at: int, marker: str) -> None:
+        self.base, self.at, self.marker = images(), at, marker
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == self.at:
+            Path(self.marker).write_text(f"simulated crash at example {index}")
+            raise RuntimeError(f"simulated crash at example {index}")
+        return self.base[index]
+
+
+def _extract(rank: int, tmp: str, cache_dir: str | None = None, dataset: Dataset | None = None) -> None:
+    cache = extract_sharded(
+        backbone(),
+        images() if dataset is None else dataset,
+        KEY,
+        path=cache_dir or f"{tmp}/cache",
+        dtype=torch.float32,
+        batch_size=4,
+        shard_size=5,
+        progress=False,
+    )
+    torch.save({"features": cache.features, "labels": cache.labels}, f"{tmp}/extract{rank}.pt")
+
+
+def _extract_rank1_crashes(rank: int, tmp: str) -> None:
+    _extract(rank, tmp, dataset=CrashAt(12, f"{tmp}/crashed") if rank == 1 else None)  # rank 1 holds rows 6..12
+
+
+def _extract_again(rank: int, tmp: str) -> None:
+    _extract(rank, tmp, cache_dir=f"{Path(tmp).parent}/cache")
+
+
+def test_ddp_ranks_mix_their_own_plans_and_average_the_mixed_gradients(tmp_path: Path) -> None:
+    run_ranks(_ddp_train, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # the same training in one process, from the formula: each rank's λ and partners recovered from its
+    # activations, its mixed loss written out, the ranks' gradients averaged by hand
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for index in range(STEPS):
+        per_rank = []
+        for rank in range(WORLD):
+            x, y = rank_batch(rank, index)
+            recorded = ranks[rank]["steps"][index]
+            lam, partner, residual = recover_mix(recorded["raw"], recorded["mixed"])
+            assert residual.max() < 1e-5 and (lam < 1).all()
+            torch.testing.assert_close(lam, recorded["lam"], rtol=1e-4, atol=1e-5)
+            model.zero_grad()
+            out = model[2](expected_mix(model[:2](x), lam, partner))
+            (lam[0] * F.cross_entropy(out, y) + (1 - lam[0]) * F.cross_entropy(out, y[partner])).backward()
+            per_rank.append([p.grad.clone() for p in model.parameters()])
+        mean_grads = [torch.stack(grads).mean(0) for grads in zip(*per_rank)]
+        for rank in range(WORLD):  # DDP averaged the ranks' mixed gradients
+            for got, expected in zip(ranks[rank]["steps"][index]["grads"], mean_grads):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        for param, grad in zip(model.parameters(), mean_grads):
+            param.grad = grad
+        optimizer.step()
+    assert not torch.equal(ranks[0]["steps"][0]["lam"], ranks[1]["steps"][0]["lam"])
+    for rank in range(WORLD):
+        for got, expected in zip(ranks[rank]["params"], model.parameters()):
+            torch.testing.assert_close(got, expected.detach())
+
+
+def test_sharded_extraction_equals_one_process_and_is_one_standard_cache(tmp_path: Path) -> None:
+    run_ranks(_extract, tmp_path)
+    single = FeatureCache.extract(backbone(), images(), KEY, dtype=torch.float32, batch_size=4, progress=False)
+    stored = FeatureCache.load(tmp_path / "cache", KEY)
+    for rank in range(WORLD):  # every rank returns the whole merged cache, the one stored on disk
+        result = torch.load(tmp_path / f"extract{rank}.pt")
+        assert torch.equal(result["features"], stored.features) and torch.equal(result["labels"], stored.labels)
+    torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
+    assert torch.equal(stored.labels, single.labels)
+    # each rank wrote its own shards (rows 0..5 in shards of 5 for rank 0, 6..12 for rank 1); no rank files remain
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+        "shard-00003.safetensors",
+    ]
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 5), (5, 6), (6, 11), (11, 13)]
+    again = extract_sharded(backbone(), images(), KEY, path=tmp_path / "cache", dtype=torch.float32, progress=False)
+    assert again.batches_run == 0 and torch.equal(again.features, stored.features)
+
+
+def test_a_rank_writes_its_shards_itself_and_a_crashed_extraction_resumes(tmp_path: Path) -> None:
+    with pytest.raises(mp.ProcessRaisedException):  # rank 1's crash, or rank 0's barrier failing after it
+        run_ranks(_extract_rank1_crashes, tmp_path)
+    assert (tmp_path / "crashed").read_text() == "simulated crash at example 12"
+    cache = tmp_path / "cache"
+    # rank 1's first shard (rows 6..10) is on disk under its final name although rank 1 never reached a barrier:
+    # no rank but rank 1 ever held those rows
+    assert sorted(p.name for p in cache.iterdir()) == [
+        ".rank-00000-of-00002.json",
+        ".rank-00001-of-00002.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    single = FeatureCache.extract(backbone(), images(), KEY, dtype=torch.float32, batch_size=4, progress=False)
+    kept = (cache / "shard-00002.safetensors").stat().st_mtime_ns
+    (tmp_path / "again").mkdir()  # a fresh rendezvous file: the killed group left its own behind
+    run_ranks(_extract_again, tmp_path / "again")
+    stored = FeatureCache.load(cache, KEY)
+    torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
+    assert (cache / "shard-00002.safetensors").stat().st_mtime_ns == kept  # resumed after it, not redone
+    assert not list(cache.glob(".rank-*"))
+
+
+def test_save_writes_a_loadable_cache_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    cache = FeatureCache.extract(backbone(), images(), KEY, dtype=torch.float32, batch_size=4, progress=False)
+    saved = cache.save(tmp_path / "c", shard_size=6)
+    loaded = FeatureCache.load(tmp_path / "c", KEY)
+    assert saved.path == tmp_path / "c" and torch.equal(loaded.features, cache.features)
+    assert torch.equal(loaded.labels, cache.labels)
+    with pytest.raises(ValueError, match="already holds a feature cache"):
+        cache.save(tmp_path / "c")
+    with pytest.raises(ValueError, match="cannot be stored"):
+        FeatureCache(cache.features.double(), cache.labels, KEY).save(tmp_path / "d")
+
+
+def test_rank_seed() -> None:
+    assert [rank_seed(7, rank=r) for r in range(3)] == [7, 8, 9]
+    assert [rank_seed(7, rank=r, shared=True) for r in range(3)] == [7, 7, 7]
+    assert rank_seed(7) == 7  # no process group: rank 0
+    with pytest.raises(ValueError, match="rank=-1"):
+        rank_seed(7, rank=-1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        rank_seed(1.5)
+
+
+def test_unwrap_looks_through_data_parallel_and_compile() -> None:
+    model = mlp()
+    assert unwrap(nn.DataParallel(torch.compile(model))) is model
+    assert unwrap(model) is model
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "ddp_torchrun.py"
+    assert (
+        "--layer"
+        in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        script,
+        "--epochs",
+        "1",
+        "--samples",
+        "64",
+        "--cache",
+        tmp_path / "cache",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "val accuracy" in result.stdout
+    assert "cached features (1, 64, 64, 2, 2)" in result.stdout and (tmp_path / "cache" / "manifest.json").exists()

@@ -1,0 +1,208 @@
+"""``hookmix.headonly.sweep`` and ``hookmix sweep``: every cell of a grid trained together is the run ``fit`` (and
+``finetune``) makes alone, and the summary says what the numbers say.
+
+Bugs a maintainer could plausibly make here, and the test that catches each:
+- a cell drawing another seed's data order or views, or its mix plans from a generator seeded otherwise than
+  fit's mixer, or stepping AdamW / the cosine schedule with another head's lr, or mixing a baseline (α = 0)
+  cell: ``test_stacked_cells_equal_fit_alone`` (final metrics, weights and λ against ``fit``, ≤ 1e-4);
+- per-row λ (``lam_mode="sample"``, ``dominant``) mixed as one λ per batch:
+  ``test_stacked_cells_equal_fit_alone`` (its ``sample`` case);
+- a head that is not one ``Linear`` taken for one (its logits mixed instead of its input), or the linear
+  path's per-seed GEMM giving a head another seed's batch or another head's weights:
+  ``test_stacked_cells_equal_fit_alone`` (``mlp-vmap`` and ``linear-logit-mixing``);
+- a head with BatchNorm / dropout stacked anyway (its running statistics and dropout masks shared or lost):
+  ``test_heads_that_do_not_stack_are_trained_by_fit``;
+- α = 0 left out, or the baseline mixing: ``test_the_grid_always_has_the_baseline_first``;
+- the paired difference taken unpaired (another seed's baseline), the CI's t quantile wrong, a verdict
+  calling a higher NLL "better", or the warning signs not raised:
+  ``test_paired_differences_verdicts_and_warnings``;
+- ``hookmix sweep`` cells drifting from ``finetune`` (another cache, head init, split or config), the best
+  cell not written as a run: ``test_the_sweep_cli_cells_equal_finetune_runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hookmix.app.cli import main
+from hookmix.headonly.sweep import fit_grid, grid_configs, paired_differences, stackable, verdicts, warnings_of
+from hookmix.headonly.training import FitConfig, fit
+from hookmix.mixing.settings import MixSettings
+
+TOLERANCE = 1e-4  # measured: the largest difference against fit alone is ~2e-7 (batched matmuls' rounding)
+
+
+def _data(views: int = 2) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 24, generator=generator)
+    y = torch.randint(0, 5, (203,), generator=generator)  # 203 rows, batch 16: a short last batch
+    x = centers[y] + torch.randn(views, 203, 24, generator=generator)
+    vy = torch.randint(0, 5, (90,), generator=generator)
+    vx = centers[vy] + torch.randn(90, 24, generator=generator)
+    return x, y, vx, vy
+
+
+def _linear(seed: int) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(24, 5))
+
+
+def _two_layer(seed: int) -> nn.Module:
+    """A head without buffers or dropout that is not affine: stacked under vmap, never as logit mixing."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def _largest_difference(cells: list, fitted: list) -> float:
+    worst = 0.0
+    for (head, result), (alone, expected) in zip(cells, fitted):
+        assert result.history[-1].keys() == expected.history[-1].keys()
+        for ours, theirs in zip(result.history, expected.history):
+            worst = max(worst, *(abs(ours[k] - theirs[k]) for k in theirs))
+        worst = max(worst, *((a - b).abs().max().item() for a, b in zip(head.parameters(), alone.parameters())))
+        assert len(result.lams) == len(expected.lams)
+        worst = max(worst, max((abs(a - b) for a, b in zip(result.lams, expected.lams)), default=0.0))
+    return worst
+
+
+@pytest.mark.parametrize("lam_mode", ["batch", "sample"])
+@pytest.mark.parametrize("make_head", [_linear, _two_layer], ids=["linear-logit-mixing", "mlp-vmap"])
+def test_stacked_cells_equal_fit_alone(lam_mode: str, make_head: type) -> None:
+    x, y, vx, vy = _data()
+    mixing = MixSettings(lam_mode=lam_mode, dominant=lam_mode == "sample")
+    base = FitConfig(epochs=3, batch_size=16, mixing=mixing)
+    configs = grid_configs(base, [0.4, 1.0], [1e-2, 3e-3], [0, 1])
+    heads = [make_head(c.seed) for c in configs]
+    assert {stackable(h, c, x, y) for h, c in zip(heads, configs)} == {""}
+    results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
+    fitted = []
+    for config in configs:
+        alone = make_head(config.seed)
+        fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
+    assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
+    # the cells differ from each other (a grid of one run repeated would pass the comparison above only if
+    # fit did the same): seeds, α and lr each change the result
+    finals = {round(r.final["val_nll"], 6) for r in results}
+    assert len(finals) == len(configs)
+
+
+def test_heads_that_do_not_stack_are_trained_by_fit() -> None:
+    x, y, vx, vy = _data(views=1)
+    configs = grid_configs(FitConfig(epochs=2, batch_size=16, lr=1e-2), [0.4], [1e-2], [0, 1])
+
+    def mlp(seed: int) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.BatchNorm1d(24), nn.Dropout(0.5), nn.Linear(24, 5))
+
+    heads = [mlp(c.seed) for c in configs]
+    assert "buffers" in stackable(heads[0], configs[0], x, y)
+    results = fit_grid(heads, configs, x[0], y, vx, vy, num_classes=5, progress=False)
+    fitted = []
+    for config in configs:
+        alone = mlp(config.seed)
+        fitted.append((alone, fit(alone, "input", x[0], y, vx, vy, config, num_classes=5, progress=False)))
+    assert _largest_difference(list(zip(heads, results)), fitted) == 0.0
+    for head, (alone, _) in zip(heads, fitted):
+        assert torch.equal(head[0].running_mean, alone[0].running_mean)
+
+
+def test_the_grid_always_has_the_baseline_first() -> None:
+    configs = grid_configs(FitConfig(), [1.0, 0.4, 0.4], [3e-3], [0, 1])
+    assert [(c.mix, c.mixing.alpha if c.mix else 0.0, c.seed) for c in configs] == [
+        (False, 0.0, 0),
+        (False, 0.0, 1),
+        (True, 0.4, 0),
+        (True, 0.4, 1),
+        (True, 1.0, 0),
+        (True, 1.0, 1),
+    ]
+
+
+def _record(alpha: float, seed: int, nll: float, accuracy: float, train: float, confidence: float) -> dict:
+    return {
+        "layer": "layer4",
+        "head": "linear",
+        "alpha": alpha,
+        "cutmix_alpha": 0.0,
+        "lr": 0.003,
+        "seed": seed,
+        "train_loss": train,
+        "val_nll": nll,
+        "val_accuracy": accuracy,
+        "val_ece": 0.05,
+        "val_confidence": confidence,
+    }
+
+
+def test_paired_differences_verdicts_and_warnings() -> None:
+    base_nll, base_acc = [0.50, 0.90, 0.70], [0.80, 0.60, 0.70]  # a large spread over seeds ...
+    records = [_record(0.0, s, base_nll[s], base_acc[s], 0.3, base_acc[s]) for s in range(3)]
+    # ... but α=0.4 lowers each seed's NLL by 0.05 ± 0.01 (paired: clearly better); accuracy by +0.1, 0, -0.1
+    records += [
+        _record(0.4, s, base_nll[s] - d, base_acc[s] + a, 1.0, base_acc[s] + a - 0.2)
+        for s, d, a in ((0, 0.04, 0.1), (1, 0.05, 0.0), (2, 0.06, -0.1))
+    ]
+    rows = {row["metric"]: row for row in paired_differences(records)}
+    nll, acc = rows["val_nll"], rows["val_accuracy"]
+    t = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom
+    assert nll["mean"] == pytest.approx(-0.05) and nll["half_width"] == pytest.approx(t * 0.01 / math.sqrt(3))
+    assert acc["mean"] == pytest.approx(0.0, abs=1e-12) and acc["half_width"] == pytest.approx(t * 0.1 / math.sqrt(3))
+    lines = dict(zip([r["metric"] for r in paired_differences(records)], verdicts(paired_differences(records))))
+    assert lines["val_nll"].startswith("α=0.4 at layer4 (linear, lr 0.003): NLL -0.0500 [")
+    assert lines["val_nll"].endswith("better than α=0")
+    assert lines["val_accuracy"].endswith("within noise")
+    assert lines["val_ece"].endswith("+0.0000 [+0.0000, +0.0000] within noise")
+    warned = warnings_of(records)
+    assert any(w.startswith("α=0.4") and "training loss 1.0000 above validation loss" in w for w in warned)
+    assert any(w.startswith("α=0.4") and "under-confident" in w and "--calibrate" in w for w in warned)
+    assert not any(w.startswith("α=0 ") for w in warned)  # the baseline: train < val, confidence = accuracy
+
+
+def test_the_sweep_cli_cells_equal_finetune_runs(tmp_path: Path, capsys) -> None:
+    common = ["--data", "digits", "--epochs", "2", "--quiet", "--cache", str(tmp_path / "cache")]
+    sweep = ["sweep", *common, "--layers", "stage2", "--alpha", "0.4", "--seeds", "2", "--out", str(tmp_path / "s")]
+    assert main(sweep) == 0
+    printed = capsys.readouterr().out
+    assert "α=0.4 at stage2 (model, lr 0.03): NLL" in printed
+    payload = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    cells = {(r["alpha"], r["seed"]): r for r in payload["records"]}
+    assert sorted(cells) == [(0.0, 0), (0.0, 1), (0.4, 0), (0.4, 1)]
+    worst = 0.0
+    for alpha, flags, seed in ((0.4, ["--alpha", "0.4"], 0), (0.0, ["--no-mix"], 0), (0.4, ["--alpha", "0.4"], 1)):
+        out = tmp_path / f"f{alpha}-{seed}"
+        cell = ["--layer", "stage2", *flags, "--seed", str(seed), "--data-seed", "0", "--out", str(out)]
+        assert main(["finetune", *common, *cell]) == 0
+        final = json.loads((out / "metrics.json").read_text())["final"]
+        worst = max(worst, *(abs(cells[alpha, seed][k] - final[k]) for k in ("val_nll", "val_accuracy", "train_loss")))
+    assert worst <= TOLERANCE
+    # without --data-seed 0, seed 1 is another sample of the digits task: not the sweep's cell
+    other = ["--layer", "stage2", "--alpha", "0.4", "--seed", "1", "--out", str(tmp_path / "other")]
+    assert main(["finetune", *common, *other]) == 0
+    final = json.loads((tmp_path / "other" / "metrics.json").read_text())["final"]
+    assert abs(cells[0.4, 1]["val_nll"] - final["val_nll"]) > 1e-3
+    best = payload["best"]
+    assert min(r["val_nll"] for r in payload["records"]) == cells[best["alpha"], best["seed"]]["val_nll"]
+    run = tmp_path / "s" / "best"
+    assert (run / "run.json").is_file() and (run / "head.safetensors").is_file()
+    written = json.loads((run / "metrics.json").read_text())["final"]["val_nll"]
+    assert written == pytest.approx(cells[best["alpha"], best["seed"]]["val_nll"], abs=1e-12)
+    rows = (tmp_path / "s" / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("layer,head,alpha,cutmix_alpha,lr,seed")
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 0
+
+
+def test_one_head_given_for_two_cells_is_refused() -> None:
+    x, y, vx, vy = _data(views=1)
+    configs = grid_configs(FitConfig(epochs=1, batch_size=16), [0.4], [1e-2], [0])
+    head = _linear(0)
+    with pytest.raises(ValueError, match="the same module twice"):
+        fit_grid([head, head], configs, x[0], y, vx, vy, num_classes=5, progress=False)
