@@ -555,7 +555,7 @@ FLAG_EFFECTS = {
 }
 
 
-def test_module(file_name: str) -> str:
+def dotted_test_module(file_name: str) -> str:
     """The dotted name of the test file ``file_name`` wherever it lives under tests/."""
     tests = Path(__file__).resolve().parents[1]
     (path,) = tests.rglob(file_name)
@@ -572,5 +572,5 @@ def test_every_finetune_flag_has_a_test_of_its_effect() -> None:
     assert flags - {"-h", "--help"} == set(FLAG_EFFECTS)
     for where in FLAG_EFFECTS.values():
         module, _, name = where.rpartition("::")
-        namespace = vars(importlib.import_module(test_module(module))) if module else globals()
+        namespace = vars(importlib.import_module(dotted_test_module(module))) if module else globals()
         assert callable(namespace.get(name)), where
