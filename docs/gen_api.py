@@ -1,7 +1,8 @@
-"""Write docs/api.md: the public API of hookmix, from its signatures and docstrings.
+"""Write docs/api.md, the public API of hookmix from its signatures and docstrings, and hookmix/__init__.pyi,
+the type stub that shows IDEs and type checkers the lazily loaded names; both from ``hookmix._WHERE``.
 
-    python docs/gen_api.py          # rewrite docs/api.md
-    python docs/gen_api.py --check  # exit 1 if docs/api.md is out of date (tests/test_docs.py runs this)
+    python docs/gen_api.py          # rewrite both
+    python docs/gen_api.py --check  # exit 1 if either is out of date (tests/test_docs.py runs this)
 
 Public means: the names in ``hookmix.__all__`` and in the ``__all__`` of the public submodules below; for
 classes, their public methods and properties defined in hookmix.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 API_MD = Path(__file__).with_name("api.md")
+STUB = Path(__file__).resolve().parents[1] / "hookmix" / "__init__.pyi"
 MODULES = (
     "hookmix",
     "hookmix.headonly.distributed",
@@ -87,18 +89,29 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_stub() -> str:
+    """``from <module> import <name> as <name>`` for each public name, in ``_WHERE``'s order."""
+    import hookmix
+
+    lines = ['"""Type stub of hookmix\'s lazily loaded public names, written by docs/gen_api.py from _WHERE."""', ""]
+    lines += [f"from hookmix.{module} import {name} as {name}" for name, module in hookmix._WHERE.items()]
+    lines += ["", "__version__: str", "__all__ = [", *[f"    {name!r}," for name in hookmix.__all__], "]"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/api.md differs from the docstrings")
     args = parser.parse_args()
-    text = render()
+    outputs = {API_MD: render(), STUB: render_stub()}
     if args.check:
-        if not API_MD.exists() or API_MD.read_text() != text:
-            print(f"{API_MD} is out of date: run `python docs/gen_api.py` and commit it.", file=sys.stderr)
-            return 1
-        return 0
-    API_MD.write_text(text)
-    print(f"wrote {API_MD} ({len(text.splitlines())} lines)")
+        stale = [str(path) for path, text in outputs.items() if not path.exists() or path.read_text() != text]
+        if stale:
+            print(f"{', '.join(stale)} out of date: run `python docs/gen_api.py` and commit.", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        path.write_text(text)
+        print(f"wrote {path} ({len(text.splitlines())} lines)")
     return 0
 
 

@@ -29,8 +29,9 @@ import torch
 from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
-from hookmix import CacheKey, FeatureCache, FitConfig, MixSettings, fit, mean_ci, split, transform_fingerprint
+from hookmix import CacheKey, FeatureCache, FitConfig, MixSettings, fit, mean_ci, split
 from hookmix.app.imagefolder import stratified_split
+from hookmix.headonly.cache import transform_fingerprint
 
 METRICS = ("val_accuracy", "val_nll", "val_ece")
 

@@ -102,3 +102,26 @@ def test_the_tests_mirror_the_layers() -> None:
         assert any((tests / layer).glob("test_*.py")), f"tests/{layer}/ has no tests"
     for path in tests.glob("*/test_*.py"):
         assert path.parent.name in LAYERS, f"{path} is in a folder that is not a layer"
+
+
+def test_the_public_api_is_one_short_list() -> None:
+    """``_WHERE`` is the only list: ``__all__`` is its names, each resolves to the object in the module it
+    names, and the API stays the 15-25 names a user starts from."""
+    assert hookmix.__all__ == [*hookmix._WHERE, "__version__"]
+    assert 15 <= len(hookmix._WHERE) <= 25, sorted(hookmix._WHERE)
+    for name, module in hookmix._WHERE.items():
+        assert getattr(hookmix, name) is getattr(importlib.import_module(f"hookmix.{module}"), name)
+    assert len({name.lower() for name in hookmix._WHERE}) == len(hookmix._WHERE), "names differing only in case"
+
+
+def test_every_warning_hookmix_gives_derives_from_hookmix_warning() -> None:
+    """``filterwarnings(category=hookmix.HookmixWarning)`` reaches them all."""
+    warnings_found = []
+    for info in pkgutil.walk_packages(hookmix.__path__, "hookmix."):
+        if info.name.startswith("hookmix.integrations."):
+            continue
+        for value in vars(importlib.import_module(info.name)).values():
+            if isinstance(value, type) and issubclass(value, Warning) and value.__module__.startswith("hookmix"):
+                warnings_found.append(value)
+    assert len(set(warnings_found)) >= 4
+    assert all(issubclass(w, hookmix.HookmixWarning) for w in warnings_found), warnings_found

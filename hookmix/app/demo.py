@@ -68,9 +68,9 @@ the head's logits."""
 @dataclass(frozen=True)
 class Run:
     """One trained head: its setting and final validation metrics. ``head`` is the head's kind
-    (:data:`hookmix.HEAD_KINDS`), ``mixed_at`` where :func:`hookmix.fit` mixed (``"input"``: the cached map,
-    ``"output"``: the logits; nothing when ``mix`` is false); ``calibrated``: the metrics are those of the
-    logits divided by a temperature (:func:`cross_fitted`)."""
+    (:data:`hookmix.headonly.heads.HEAD_KINDS`), ``mixed_at`` where :func:`hookmix.fit` mixed (``"input"``:
+    the cached map, ``"output"``: the logits; nothing when ``mix`` is false); ``calibrated``: the metrics are
+    those of the logits divided by a temperature (:func:`cross_fitted`)."""
 
     k: int
     epochs: int

@@ -130,7 +130,7 @@ def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], 
 
 def default_layer(model: torch.nn.Module, name: str) -> str:
     """The last stage before the model's pooling and head: ``layer4`` of a ResNet, the last block of a ViT,
-    the last stage of a ConvNeXt (the last of :func:`~hookmix.stage_names`)."""
+    the last stage of a ConvNeXt (the last of :func:`~hookmix.graph.cutpoints.stage_names`)."""
     try:
         return stage_names(model)[-1]
     except UsageError as err:

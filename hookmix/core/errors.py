@@ -1,7 +1,7 @@
 """The error hookmix raises for a value it cannot use; it imports nothing, so the command line can catch it
 without loading torch."""
 
-__all__ = ["UsageError"]
+__all__ = ["HookmixWarning", "UsageError"]
 
 
 class UsageError(ValueError):
@@ -11,3 +11,8 @@ class UsageError(ValueError):
     catches ``ValueError`` keeps working. The ``hookmix`` command prints it as one line (exit code 2), and
     lets any other exception — a bug — keep its traceback.
     """
+
+
+class HookmixWarning(UserWarning):
+    """The base of every warning hookmix gives (the train-mode gate, cut points, two layers that are one mix
+    point): ``warnings.filterwarnings("error", category=hookmix.HookmixWarning)`` turns them all into errors."""

@@ -23,7 +23,7 @@ from hookmix.core.checks import check_class_indices, is_int, is_number
 from hookmix.core.errors import UsageError
 
 __all__ = [
-    "Reliability",
+    "ReliabilityCurve",
     "accuracy",
     "nll",
     "ece",
@@ -80,7 +80,7 @@ def nll(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class Reliability:
+class ReliabilityCurve:
     """Per-bin calibration of a classifier's top-1 confidence (one reliability diagram).
 
     ``edges`` ``(n_bins + 1,)`` are the equal-width bin edges on ``[0, 1]``; bin ``i`` holds the examples
@@ -103,7 +103,7 @@ class Reliability:
         return (weights * gaps).sum().item()
 
 
-def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reliability:
+def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> ReliabilityCurve:
     """Bin the top-1 confidence of ``logits`` ``(B, C)`` into ``n_bins`` equal-width bins on ``[0, 1]``.
 
     The confidence is the top softmax probability of the logits, the same convention as :func:`nll`:
@@ -115,8 +115,8 @@ def reliability(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> Reli
     return _binned(confidence, (predicted == y).double(), n_bins)
 
 
-def _binned(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> Reliability:
-    """A :class:`Reliability` of float64 ``confidence`` ``(M,)`` in ``[0, 1]`` against float64 ``correct`` ``(M,)``
+def _binned(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> ReliabilityCurve:
+    """A :class:`ReliabilityCurve` of float64 ``confidence`` ``(M,)`` in ``[0, 1]`` against float64 ``correct`` ``(M,)``
     (1 for a hit, 0 for a miss), in ``n_bins`` equal-width bins closed on the right."""
     if not is_int(n_bins, 1):
         raise UsageError(f"n_bins must be a positive int, got {n_bins!r}; 15 is the usual choice.")
@@ -126,7 +126,7 @@ def _binned(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> Rel
     conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device).index_add_(0, bins, confidence)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device).index_add_(0, bins, correct)
     denominator = count.double()
-    return Reliability(
+    return ReliabilityCurve(
         edges=edges.cpu(),
         confidence=(conf_sum / denominator).cpu(),
         accuracy=(acc_sum / denominator).cpu(),
@@ -367,7 +367,7 @@ def evaluate_multilabel(
 
 def reliability_multilabel(
     logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15, label: int | None = None
-) -> Reliability:
+) -> ReliabilityCurve:
     """Reliability of multi-label probabilities ``sigmoid(logits)`` ``(N, L)``, for a reliability diagram.
 
     Each (example, label) entry is one binary prediction: its ``confidence`` is the predicted probability

@@ -20,7 +20,7 @@ import torch
 from hookmix.core.checks import is_number
 from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write
-from hookmix.evaluation.metrics import Reliability
+from hookmix.evaluation.metrics import ReliabilityCurve
 from hookmix.mixing.settings import MixSettings
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def plot_history(history: History | Mapping[str, History], path: str | os.PathLi
     return _save(figure, path)
 
 
-def plot_reliability(curves: Mapping[str, Reliability], path: str | os.PathLike[str]) -> Path:
+def plot_reliability(curves: Mapping[str, ReliabilityCurve], path: str | os.PathLike[str]) -> Path:
     """Reliability diagram: per-bin accuracy against mean confidence for each model, plus the diagonal.
 
     ``curves`` maps a model label to its :func:`hookmix.reliability`; empty bins are skipped
@@ -129,13 +129,13 @@ def plot_reliability(curves: Mapping[str, Reliability], path: str | os.PathLike[
     """
     if not isinstance(curves, Mapping) or not curves:
         raise UsageError(
-            f"curves must be a non-empty dict {{label: Reliability}}, got {curves!r}; "
+            f"curves must be a non-empty dict {{label: ReliabilityCurve}}, got {curves!r}; "
             "build each value with hookmix.reliability(logits, y)."
         )
     for label, curve in curves.items():
-        if not isinstance(curve, Reliability):
+        if not isinstance(curve, ReliabilityCurve):
             raise TypeError(
-                f"curves[{label!r}] must be a hookmix.Reliability, got {type(curve).__name__}; "
+                f"curves[{label!r}] must be a ReliabilityCurve, got {type(curve).__name__}; "
                 "build it with hookmix.reliability(logits, y)."
             )
     figure = _new_figure(5.5, 5.0)

@@ -28,7 +28,7 @@ import torchvision
 from torch import fx, nn
 
 from hookmix.core.checks import modes_restored
-from hookmix.core.errors import UsageError
+from hookmix.core.errors import HookmixWarning, UsageError
 
 __all__ = [
     "CutPointWarning",
@@ -43,7 +43,7 @@ _TORCHVISION_OPS = tuple(
 )
 
 
-class CutPointWarning(UserWarning):
+class CutPointWarning(HookmixWarning):
     """A layer chosen for mixing is not a cut point, or the model could not be analysed."""
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hookmix.core.errors import UsageError
+from hookmix.core.errors import HookmixWarning, UsageError
 from hookmix.graph.cutpoints import CutPoints, UntraceableError, cut_points
 
 INPUT = "input"
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 
-class SameMixPointWarning(UserWarning):
+class SameMixPointWarning(HookmixWarning):
     """Two layers given to a mixer are the same mixing point for mixup (only linear ops separate them)."""
 
 

@@ -3,7 +3,7 @@
 A *layer spec* is a dotted module name (``"layer4"``, ``"blocks.11"``), a glob (``"layer*"``,
 ``"blocks.*"``; ``*`` and ``?`` stay inside one dotted component, ``**`` crosses dots), one of the
 pseudo-layers ``"input"`` (the model's input: input mixup) and ``"output"`` (the model's output: logit
-mixup), ``"stages"`` (the model's stage outputs, see :func:`hookmix.stage_names`), or a list
+mixup), ``"stages"`` (the model's stage outputs, see :func:`hookmix.graph.cutpoints.stage_names`), or a list
 of those. ``"stages"`` always means the stage list, also for timm ConvNeXt, whose ``stages`` module has
 the output of its last stage.
 """
@@ -270,7 +270,7 @@ def check_mix_points(
 ) -> None:
     """Warn once per layer of ``layers`` that is not a cut point of ``model`` (an error when ``strict``).
 
-    Each :class:`hookmix.CutPointWarning` names the path that bypasses the layer and the
+    Each :class:`hookmix.graph.cutpoints.CutPointWarning` names the path that bypasses the layer and the
     nearest cut points; ``"input"`` and ``"output"`` are always sound. With ``mode="all"`` (every layer
     mixed in the same forward, as :class:`hookmix.HookMixer`'s ``mode``) the layers are judged
     together: none is flagged when every path from the input to the output passes through one of them.

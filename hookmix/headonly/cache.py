@@ -18,7 +18,7 @@ On disk (``path=...``) a cache is a directory of safetensors shards and a JSON m
 shard (extraction holds one shard at a time) and read back only after checking every shard
 (:mod:`hookmix.headonly._cache_format`). A cache larger than memory is not loaded but memory-mapped
 (``load(..., mmap=True)``, or ``mmap=None``: when it exceeds a memory budget): its ``features`` are then a
-:class:`hookmix.ShardedFeatures` that :func:`hookmix.fit` streams block by block.
+:class:`hookmix.headonly.streaming.ShardedFeatures` that :func:`hookmix.fit` streams block by block.
 
 A stored cache serves only the :class:`CacheKey` it was built for, whose ``dataset`` names the rows' identity
 (:mod:`hookmix.headonly.dataset_identity`); :func:`keyed_directory` gives every key its own directory under one root.
@@ -255,7 +255,7 @@ class FeatureCache:
 
     Attributes:
         features: ``(V, N, *F)`` features of ``N`` examples, ``V`` views each, in ``dtype``: a tensor, or
-            for a memory-mapped cache (``load(..., mmap=True)``) a :class:`hookmix.ShardedFeatures`
+            for a memory-mapped cache (``load(..., mmap=True)``) a :class:`hookmix.headonly.streaming.ShardedFeatures`
             with the same ``shape`` and ``dtype`` that :func:`hookmix.fit` streams from disk.
         labels: ``(N, ...)`` labels as the dataset yields them (e.g. ``(N,)`` int64).
         key: the :class:`CacheKey` the features were extracted under.
@@ -412,12 +412,12 @@ class FeatureCache:
         Args:
             mmap: ``False`` reads every shard (checking its sha256) into one ``(V, N, *F)`` tensor. ``True``
                 reads only the labels and leaves the features on disk as a
-                :class:`hookmix.ShardedFeatures`: each shard's size and header are checked now,
+                :class:`hookmix.headonly.streaming.ShardedFeatures`: each shard's size and header are checked now,
                 its sha256 when :func:`hookmix.fit` reads it, so a corrupted shard is refused
                 mid-epoch, before any of its rows is trained on. ``None``: ``True`` when the shard files
                 exceed ``memory_budget``.
             memory_budget: bytes (``mmap=None`` only); ``None``: half of the memory available now
-                (:func:`hookmix.default_memory_budget`).
+                (:func:`hookmix.headonly.streaming.default_memory_budget`).
         """
         _check_mmap(mmap, memory_budget)
         directory = Path(path)

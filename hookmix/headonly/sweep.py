@@ -2,7 +2,7 @@
 
 Every cell is the run :func:`hookmix.fit` would make alone with its :class:`~hookmix.FitConfig`:
 the data order and views from a ``torch.Generator`` seeded like fit's, the mix plans from a
-:class:`hookmix.PlanSampler` seeded like the :class:`~hookmix.HookMixer` fit builds (drawn in the same
+:class:`hookmix.mixing.plan.PlanSampler` seeded like the :class:`~hookmix.HookMixer` fit builds (drawn in the same
 order), the head's own init, AdamW with a per-step cosine schedule. What differs is the loop: the heads'
 parameters are stacked (``torch.func.stack_module_state``) and run in one ``vmap`` forward over a batched
 gather ``(G, B, ...)`` of each head's own batch, and one AdamW steps them all — AdamW is elementwise, so with

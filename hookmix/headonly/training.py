@@ -224,7 +224,7 @@ def fit(
         model: the head (cache path) or a model with a frozen backbone (hooked path).
         layer: where to mix (``"input"`` for cached features).
         train_inputs: (N, ...) or (V, N, ...) — V cached augmented views, one drawn per example per epoch —
-            or a memory-mapped cache's :class:`hookmix.ShardedFeatures` (``FeatureCache.load(path,
+            or a memory-mapped cache's :class:`hookmix.headonly.streaming.ShardedFeatures` (``FeatureCache.load(path,
             key, mmap=True).features``), read from disk block by block with bounded memory.
         train_labels: (N,) integer class indices (softmax cross-entropy, mixed as the loss), or (N, C) float
             multi-hot rows (multi-label: ``BCEWithLogitsLoss`` on the mixed targets).
@@ -242,9 +242,9 @@ def fit(
             pinned host memory (``False``); ``None`` preloads when they fit in half of the free device
             memory. Both give the same steps.
         blocks: the epoch order. ``None``: a permutation of all rows for tensors, and
-            ``train_inputs.layout()`` for a streamed cache. A :class:`hookmix.BlockLayout`: its
+            ``train_inputs.layout()`` for a streamed cache. A :class:`hookmix.headonly.streaming.BlockLayout`: its
             shards are visited in shuffled blocks, the rows of a block in a shuffled order
-            (:meth:`hookmix.BlockLayout.order`) — for tensors too, so that in-memory training given
+            (:meth:`hookmix.headonly.streaming.BlockLayout.order`) — for tensors too, so that in-memory training given
             ``blocks=cache.features.layout(k)`` of the streamed cache takes exactly the streamed steps.
     Returns:
         :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
@@ -316,7 +316,9 @@ def _batch_starts(n: int, batch_size: int) -> list[int]:
 def _check_blocks(blocks: BlockLayout | None, views: torch.Tensor | ShardedFeatures, n: int) -> BlockLayout | None:
     """``blocks``, or a streamed cache's default layout; refuses a layout of other rows or shards."""
     if blocks is not None and not isinstance(blocks, BlockLayout):
-        raise TypeError(f"blocks must be a hookmix.BlockLayout or None, got {type(blocks).__name__}.")
+        raise TypeError(
+            f"blocks must be a hookmix.headonly.streaming.BlockLayout or None, got {type(blocks).__name__}."
+        )
     if isinstance(views, ShardedFeatures):
         if blocks is not None and blocks.stops != views.stops:
             raise UsageError(

@@ -19,10 +19,12 @@ import warnings
 import torch
 from torch import nn
 
+from hookmix.core.errors import HookmixWarning
+
 __all__ = ["GateWarning", "TrainGate"]
 
 
-class GateWarning(UserWarning):
+class GateWarning(HookmixWarning):
     """The modes of the model's trainable modules disagree, so whether a forward trains is a judgement."""
 
 

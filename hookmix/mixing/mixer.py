@@ -1,6 +1,6 @@
 """HookMixer: mixup at any named layer of an unmodified ``nn.Module`` through forward hooks.
 
-Each training step draws one :class:`hookmix.MixPlan` (``mixer.plan(y)``) that *arms* the hooks
+Each training step draws one :class:`hookmix.mixing.plan.MixPlan` (``mixer.plan(y)``) that *arms* the hooks
 for exactly one forward of the model. A root-level pre-hook takes the armed plan when a *training*
 forward starts (:mod:`hookmix.mixing.gate` decides which forwards train), the layer hooks mix their outputs with
 it, and a root-level post-hook (always called, exceptions included) retires it. Everything else passes
@@ -9,7 +9,7 @@ through untouched: forwards of a model in ``eval()``, under ``torch.no_grad()`` 
 
 The mixer owns that arm / take / retire cycle and nothing else: the gate, the replay of a mixed forward
 that gradient checkpointing recomputes inside backward (:mod:`hookmix.mixing.replay`), the CutMix layout of each
-layer (:class:`~hookmix.graph.layouts.LayerLayouts`), the draw of the plans (:class:`hookmix.PlanSampler`)
+layer (:class:`~hookmix.graph.layouts.LayerLayouts`), the draw of the plans (:class:`hookmix.mixing.plan.PlanSampler`)
 and the targets' checks (:mod:`hookmix.mixing.targets`) each live in their own module.
 """
 

@@ -1,7 +1,7 @@
 """MixSettings: how a mixer mixes, in one frozen object that checks itself when built.
 
 The same settings travel from the command line, :class:`~hookmix.FitConfig` and the integrations to the
-:class:`~hookmix.PlanSampler` that draws the plans, so a new setting is added here once. Settings that
+:class:`~hookmix.mixing.plan.PlanSampler` that draws the plans, so a new setting is added here once. Settings that
 need the model or the data — the layers, ``num_classes``, ``layout`` — stay with
 :class:`~hookmix.HookMixer`, which takes a ``MixSettings`` (``settings=``) or builds one from its keywords.
 """

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hookmix.evaluation.metrics import (
-    Reliability,
+    ReliabilityCurve,
     accuracy,
     apply_thresholds,
     ece,
@@ -95,7 +95,7 @@ def test_reliability_bins() -> None:
     probs = [[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 6
     y = torch.tensor([0, 0, 0, 1, 0, 0, 0, 1, 1, 1])
     rel = reliability(_logits_from_probs(probs), y, n_bins=4)
-    assert isinstance(rel, Reliability)
+    assert isinstance(rel, ReliabilityCurve)
     assert rel.edges.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert rel.count.tolist() == [0, 0, 6, 4]
     assert rel.confidence[2].item() == pytest.approx(0.6)

@@ -25,8 +25,9 @@ from fastai.vision.learner import create_head
 from timm.models.vision_transformer import global_pool_nlc
 from torch import nn
 
-from hookmix import TokenPool, build_head
+from hookmix import build_head
 from hookmix.graph.splitting import split
+from hookmix.headonly.heads import TokenPool
 from hookmix.headonly.trained_model import assemble
 from hookmix.mixing.mixer import HookMixer
 from tests.conftest import recover_mix

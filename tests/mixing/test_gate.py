@@ -28,7 +28,8 @@ import torch
 import torchvision
 from torch import nn
 
-from hookmix import FitConfig, GateWarning, HookMixer, MixSettings, fit
+from hookmix import FitConfig, HookMixer, MixSettings, fit
+from hookmix.mixing.gate import GateWarning
 from tests.conftest import recover_mix
 
 

@@ -137,7 +137,7 @@ def test_input_and_output_pseudo_layers():
         torch.testing.assert_close(model(x), expected_mix(plain(x), step.lam, step.perm))
 
 
-@pytest.mark.filterwarnings("ignore::hookmix.SameMixPointWarning")  # three linear layers: one point
+@pytest.mark.filterwarnings("ignore::hookmix.graph.equivalence.SameMixPointWarning")  # three linear layers: one point
 def test_mode_all_mixes_every_layer_with_one_plan():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     plain = nn.Sequential(*model)
@@ -150,7 +150,7 @@ def test_mode_all_mixes_every_layer_with_one_plan():
     assert step.layers == ("0", "2")
 
 
-@pytest.mark.filterwarnings("ignore::hookmix.SameMixPointWarning")  # three linear layers: one point
+@pytest.mark.filterwarnings("ignore::hookmix.graph.equivalence.SameMixPointWarning")  # three linear layers: one point
 def test_manifold_mixup_mixes_exactly_the_drawn_layer():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     plain = nn.Sequential(*model)

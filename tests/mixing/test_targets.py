@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hookmix import HookMixer, MixPlan, MixStep
+from hookmix import HookMixer, MixStep
+from hookmix.mixing.plan import MixPlan
 from tests.conftest import recover_mix
 
 
