@@ -1,6 +1,7 @@
 """The on-disk format of a feature cache: safetensors shards and a JSON manifest, written and checked.
 
-On disk (``path=...``) a cache is a directory of safetensors shards, ``shard-00000.safetensors``, ...,
+On disk (``path=...``) a cache is a directory (or a prefix in object storage: :mod:`hookmix.headonly.store`, through
+which every file here is read and written) of safetensors shards, ``shard-00000.safetensors``, ...,
 each holding ``features`` ``(V, n, *F)`` and ``labels`` ``(n, ...)`` for a contiguous range of ``n``
 examples, plus ``manifest.json`` (format version, the :class:`CacheKey` fields, dtype, shapes, count,
 views, bytes per example, and each shard's row range, byte size and sha256). Every file is written
@@ -18,7 +19,8 @@ that fails its checksum was damaged after it was written, never a second writer'
 of an incomplete cache asks the lock whether a writer is at work before calling it interrupted.
 
 A shard is read by memory-mapping its file (:func:`map_shard`): the sha256 is computed over the mapping as
-its pages come in — that pass is the read — and the tensors are views of the same mapping, so a caller
+its pages come in — that pass is the read (in object storage: as its bytes stream into a local temp file, which
+is then mapped) — and the tensors are views of the same mapping, so a caller
 either copies them into one in-memory tensor (``FeatureCache.load``) or uses them for one block of a
 streamed epoch and drops them (:mod:`hookmix.headonly.streaming`), which unmaps the file and returns its pages.
 The safetensors header is parsed here (8-byte length, JSON, offsets) so that no byte is read twice.
@@ -26,7 +28,6 @@ The safetensors header is parsed here (8-byte length, JSON, offsets) so that no 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -35,19 +36,20 @@ import mmap
 import re
 import struct
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 from safetensors.torch import save as save_safetensors
 
 from hookmix.core.checks import is_int
 from hookmix.core.errors import UsageError
-from hookmix.core.files import atomic_write
+from hookmix.headonly.store import LOCK_NAME, LocalStore, Store, open_store, writer_active, writer_lock
 
 __all__ = [
     "bytes_per_example",
@@ -66,6 +68,7 @@ __all__ = [
     "parse_dtype",
     "parse_shard",
     "read_shard",
+    "read_shards",
     "damaged_hint",
     "elsewhere_hint",
     "Shard",
@@ -78,9 +81,9 @@ __all__ = [
 FORMAT = "hookmix-feature-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".writer.lock"
-"""The file whose lock a writer of the directory holds (hidden, like the temp files)."""
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_BYTES = 64 * 2**10
+"""Bytes read first when only a shard's labels are wanted: its header, and the labels when they fit."""
 
 # One completed shard hands (start, stop, features (V, n, *F), labels (n, ...)) to a sink.
 Sink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -105,44 +108,13 @@ def hookmix_version() -> str:
         return getattr(sys.modules.get("hookmix"), "__version__", "unknown")
 
 
-@contextlib.contextmanager
-def writer_lock(directory: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold ``directory``'s writer lock for the ``with`` block, waiting for another writer to finish first;
-    ``on_wait`` gets one line saying so when the lock is busy (a second process would otherwise look hung)."""
-    lock = FileLock(directory / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if on_wait is not None:
-            on_wait(f"waiting for another process that is writing the feature cache in {directory}")
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def writer_active(directory: Path) -> bool:
-    """Whether a process holds ``directory``'s writer lock now (``False`` when the lock cannot be taken for
-    another reason, e.g. a read-only copy, where no hookmix writer can be at work)."""
-    lock = FileLock(directory / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    except OSError:
-        return False
-    lock.release()
-    return False
-
-
-def elsewhere_hint(directory: Path) -> str:
+def elsewhere_hint(directory: Path | Store) -> str:
     """The fix for a cache that is valid but not the one asked for: it may be another run's work, so it is
     never to be deleted."""
     return f"extract into another directory ({directory} is left as it is: it may serve other runs)"
 
 
-def damaged_hint(directory: Path) -> str:
+def damaged_hint(directory: Path | Store) -> str:
     """The fix for files changed after they were published. Writers hold the directory's lock and never rewrite
     a published file, so this is damage (a disk fault, an edit, a copy cut short), not another writer at work;
     still, nothing is deleted here and the advice to remove waits until no process uses the directory."""
@@ -212,18 +184,27 @@ class Manifest:
 
     @classmethod
     def read(
-        cls, directory: Path, key_type: type, name: str = MANIFEST_NAME, first_shard: int = 0, first_row: int = 0
+        cls,
+        directory: Path | Store,
+        key_type: type,
+        name: str = MANIFEST_NAME,
+        first_shard: int = 0,
+        first_row: int = 0,
     ) -> Manifest:
-        """Parse and validate ``directory/name``, its key rebuilt as ``key_type`` (CacheKey, whose module
-        imports this one); ``ValueError`` when missing or invalid. ``first_shard`` / ``first_row``: where its
-        shard list starts (not 0 for the part of one rank, see :func:`hookmix.headonly.distributed.extract_sharded`)."""
-        path = directory / name
-        if not path.is_file():
+        """Parse and validate ``directory/name`` (a path or a :class:`~hookmix.headonly.store.Store`; a remote
+        cache's manifest or, before it is complete, its progress record), its key rebuilt as ``key_type``
+        (CacheKey, whose module imports this one); ``ValueError`` when missing or invalid. ``first_shard`` /
+        ``first_row``: where its shard list starts (not 0 for the part of one rank, see
+        :func:`hookmix.headonly.distributed.extract_sharded`)."""
+        directory = open_store(directory)
+        path = directory.where(name)
+        raw = directory.read(name)
+        if raw is None:
             raise UsageError(
                 f"no feature cache in {directory}: {MANIFEST_NAME} is missing; "
                 "run FeatureCache.extract(..., path=...) to create it."
             )
-        data = _json_object(path, directory)
+        data = _json_object(raw, path, directory)
         if data.get("format") == FORMAT and data.get("format_version") != FORMAT_VERSION:
             raise UsageError(
                 f"{path} is a feature cache of format version {data.get('format_version')!r} (written by hookmix "
@@ -268,14 +249,14 @@ class Manifest:
             previous_stop = shard.stop
 
 
-def _not_a_manifest(path: Path, directory: Path, problem: Exception) -> str:
+def _not_a_manifest(path: str, directory: Store, problem: Exception) -> str:
     return f"{path} is not a valid feature cache manifest ({problem}); {damaged_hint(directory)}."
 
 
-def _json_object(path: Path, directory: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; a file that cannot be read or is no JSON object is a damaged manifest."""
+def _json_object(raw: bytes, path: str, directory: Store) -> dict[str, Any]:
+    """The JSON object in ``raw`` (read from ``path``); anything else is a damaged manifest."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(raw)
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
     except (OSError, ValueError, TypeError) as exc:
@@ -322,7 +303,7 @@ def parse_shard(data: object) -> Shard:
 
 def check_request(
     manifest: Manifest,
-    directory: Path,
+    directory: Path | Store,
     key: Any,
     *,
     dtype: torch.dtype | None,
@@ -358,121 +339,133 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _open_shard(directory: Path, shard: Shard, whole: bool) -> mmap.mmap:
-    """A private mapping of the shard's file, after checking it exists and has the listed size; ``whole``:
-    every byte will be read next, so the kernel is asked to start reading them all now."""
-    path = directory / shard.file
-    fix = damaged_hint(directory)
+def _header(head: bytes | mmap.mmap, size: int, path: str, directory: Store) -> tuple[int, dict[str, tuple]]:
+    """Parse a safetensors header from the first bytes ``head`` of a file of ``size`` bytes: the offset of its
+    data and each tensor's ``(dtype, shape, begin, end)``; every offset is checked against the file."""
     try:
-        with open(path, "rb") as file:
-            size = path.stat().st_size
-            if size != shard.bytes:
-                raise UsageError(
-                    f"shard {path} is {size} bytes but {MANIFEST_NAME} says {shard.bytes} (truncated?); {fix}."
-                )
-            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view: no torch warning
-    except FileNotFoundError:
-        raise UsageError(f"shard {path} listed in {MANIFEST_NAME} is missing; {fix}.") from None
-    if whole and hasattr(mmap, "MADV_WILLNEED"):
-        mapping.madvise(mmap.MADV_WILLNEED)
-    return mapping
-
-
-def _tensors(mapping: mmap.mmap, path: Path, directory: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as views of ``mapping``; every offset is checked against the file."""
-    try:
-        (length,) = struct.unpack("<Q", mapping[:8])
-        if not 2 <= length <= len(mapping) - 8:
-            raise ValueError(f"header length {length} does not fit a file of {len(mapping)} bytes")
-        header = json.loads(bytes(mapping[8 : 8 + length]))
+        (length,) = struct.unpack("<Q", head[:8])
+        if not 2 <= length <= size - 8:
+            raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+        header = json.loads(bytes(head[8 : 8 + length]))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         header.pop("__metadata__", None)
-        tensors, base = {}, 8 + length
+        entries, base = {}, 8 + length
         for name, entry in header.items():
             dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(entry["shape"])
             begin, end = entry["data_offsets"]
-            count = math.prod(shape)
-            if not (all(is_int(d, 0) for d in shape) and 0 <= begin <= end <= len(mapping) - base):
+            if not (all(is_int(d, 0) for d in shape) and 0 <= begin <= end <= size - base):
                 raise ValueError(f"tensor {name!r} has shape {shape} and offsets {begin}..{end} outside the file")
-            if end - begin != count * dtype.itemsize:
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor {name!r} of shape {shape} has {end - begin} bytes")
-            flat = (
-                torch.frombuffer(mapping, dtype=dtype, count=count, offset=base + begin)
-                if count
-                else torch.empty(0, dtype=dtype)
-            )
-            tensors[name] = flat.view(shape)
+            entries[name] = (dtype, shape, begin, end)
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise UsageError(f"shard {path} is not a valid safetensors file ({exc}); {damaged_hint(directory)}.") from None
+    return base, entries
+
+
+def _tensors(mapping: mmap.mmap, path: str, directory: Store) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of ``mapping``."""
+    base, entries = _header(mapping, len(mapping), path, directory)
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        count = math.prod(shape)
+        flat = (
+            torch.frombuffer(mapping, dtype=dtype, count=count, offset=base + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[name] = flat.view(shape)
     return tensors
 
 
 def _checked(
-    tensors: dict[str, torch.Tensor],
-    path: Path,
-    directory: Path,
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    path: str,
+    directory: Store,
     shard: Shard,
     manifest: Manifest,
-    names: tuple[str, ...],
-) -> tuple[torch.Tensor, ...]:
+) -> None:
+    """Refuse a shard whose tensors (name: dtype and shape) are not those ``manifest`` implies for it."""
     rows = shard.stop - shard.start
     expected = {
         "features": (manifest.dtype, (manifest.views, rows, *manifest.feature_shape)),
         "labels": (manifest.label_dtype, (rows, *manifest.label_shape)),
     }
-    found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-    if found != expected:
+    if tensors != expected:
         raise UsageError(
-            f"shard {path} holds {found}, but {MANIFEST_NAME} implies {expected}; {damaged_hint(directory)}."
+            f"shard {path} holds {tensors}, but {MANIFEST_NAME} implies {expected}; {damaged_hint(directory)}."
         )
-    return tuple(tensors[name] for name in names)
 
 
-def map_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memory-map one shard, verify it (size, sha256, tensor names, dtypes, shapes) as its bytes are read,
-    and return ``(features (V, n, *F), labels (n, ...))`` as views of the mapping.
+def map_shard(directory: Path | Store, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map one shard, verify it (size, sha256, tensor names, dtypes, shapes) as its bytes are read, and return
+    ``(features (V, n, *F), labels (n, ...))`` as views of the mapping: of the file itself in a local directory,
+    of a local temp copy streamed in from object storage (:meth:`hookmix.headonly.store.Store.fetch`).
 
     The mapping lives as long as the returned tensors (or a view of them): drop them to unmap the file.
     A ``ValueError`` naming the shard and the fix when any check fails.
     """
-    path = directory / shard.file
-    mapping = _open_shard(directory, shard, whole=True)
-    digest = hashlib.sha256(mapping).hexdigest()  # releases the GIL: a prefetch thread reads while training runs
-    if digest != shard.sha256:
-        raise UsageError(
-            f"shard {path} fails its checksum (sha256 {digest[:12]}..., {MANIFEST_NAME} says "
-            f"{shard.sha256[:12]}...): its bytes changed after it was written; {damaged_hint(directory)}."
-        )
-    features, labels = _checked(
-        _tensors(mapping, path, directory), path, directory, shard, manifest, ("features", "labels")
-    )
-    return features, labels
+    directory = open_store(directory)
+    path = directory.where(shard.file)
+    mapping = directory.fetch(shard.file, shard.bytes, shard.sha256, damaged_hint(directory), MANIFEST_NAME)
+    tensors = _tensors(mapping, path, directory)
+    _checked({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, path, directory, shard, manifest)
+    return tensors["features"], tensors["labels"]
 
 
-def read_shard(directory: Path, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+def read_shard(directory: Path | Store, shard: Shard, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`map_shard` with the tensors copied out of the mapping (which is closed on return)."""
     features, labels = map_shard(directory, shard, manifest)
     return features.clone(), labels.clone()
 
 
-def peek_labels(directory: Path, shard: Shard, manifest: Manifest) -> torch.Tensor:
-    """The labels ``(n, ...)`` of one shard, copied out of its mapping without reading its features.
+def read_shards(directory: Path | Store, manifest: Manifest) -> Iterator[tuple[Shard, torch.Tensor, torch.Tensor]]:
+    """Each shard of ``manifest`` in order with its tensors (:func:`read_shard`). From object storage the next
+    two shards are streamed in by background threads while the caller uses the current one, so at most three
+    shards wait in local temp files; a local directory is read one shard after the other."""
+    directory = open_store(directory)
+    if isinstance(directory, LocalStore):
+        yield from ((shard, *read_shard(directory, shard, manifest)) for shard in manifest.shards)
+        return
+    with ThreadPoolExecutor(2, thread_name_prefix="hookmix-fetch") as pool:
+        ahead = deque(pool.submit(read_shard, directory, shard, manifest) for shard in manifest.shards[:2])
+        try:
+            for index, shard in enumerate(manifest.shards):
+                if index + 2 < len(manifest.shards):
+                    ahead.append(pool.submit(read_shard, directory, manifest.shards[index + 2], manifest))
+                yield shard, *ahead.popleft().result()
+        finally:  # a failed shard or a caller that stops: the reads not started yet are dropped
+            for read in ahead:
+                read.cancel()
+
+
+def peek_labels(directory: Path | Store, shard: Shard, manifest: Manifest) -> torch.Tensor:
+    """The labels ``(n, ...)`` of one shard, read without its features: its header, then the labels' bytes
+    (one or two ranged reads of an object in object storage).
 
     Its size, header and shapes are checked, but not its checksum: that needs every byte, and is verified
     when the shard's features are read (:func:`map_shard`), before any of its rows is used.
     """
-    path = directory / shard.file
-    (labels,) = _checked(
-        _tensors(_open_shard(directory, shard, whole=False), path, directory),
-        path,
-        directory,
-        shard,
-        manifest,
-        ("labels",),
-    )
-    return labels.clone()
+    directory = open_store(directory)
+    path = directory.where(shard.file)
+    with directory.open(shard.file, shard.bytes, damaged_hint(directory), MANIFEST_NAME) as file:
+        head = file.read(min(shard.bytes, HEAD_BYTES))
+        length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        if len(head) < 8 + length <= shard.bytes:
+            head += file.read(8 + length - len(head))
+        base, entries = _header(head, shard.bytes, path, directory)
+        _checked({name: entry[:2] for name, entry in entries.items()}, path, directory, shard, manifest)
+        _, shape, begin, end = entries["labels"]
+        if base + end <= len(head):
+            data = head[base + begin : base + end]
+        else:
+            file.seek(base + begin)
+            data = file.read(end - begin)
+    if not data:  # labels of zero width, e.g. (n, 0)
+        return torch.empty(shape, dtype=manifest.label_dtype)
+    return torch.frombuffer(bytearray(data), dtype=manifest.label_dtype).view(shape)
 
 
 class ShardWriter:
@@ -480,11 +473,13 @@ class ShardWriter:
 
     ``first_shard`` / ``manifest_name``: the number of its first shard file and the name of the manifest it
     keeps; one rank of a sharded extraction writes its shards under their final names and its own manifest.
+    ``directory``: a path, or a :class:`~hookmix.headonly.store.Store` (in object storage the manifest is
+    published only once it is complete; see :meth:`hookmix.headonly.store.Store.publish`).
     """
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | Store,
         key: Any,
         dtype: torch.dtype,
         views: int,
@@ -496,7 +491,7 @@ class ShardWriter:
     ) -> None:
         self.first_shard = first_shard
         self.manifest_name = manifest_name
-        self.directory = directory
+        self.directory = open_store(directory)
         self.key = key
         self.dtype = dtype
         self.views = views
@@ -523,13 +518,13 @@ class ShardWriter:
             check_consistent(self.manifest, manifest, self.directory)
         data = save_safetensors({"features": features, "labels": labels})
         name = shard_name(self.first_shard + len(shards))
-        atomic_write(self.directory / name, data)
+        self.directory.write(name, data)
         shard = Shard(name, start, stop, len(data), hashlib.sha256(data).hexdigest())
         self.manifest = replace(manifest, shards=(*shards, shard))
-        atomic_write(self.directory / self.manifest_name, self.manifest.to_json())
+        self.directory.publish(self.manifest_name, self.manifest.to_json(), complete=self.manifest.complete)
 
 
-def check_consistent(before: Manifest, now: Manifest, directory: Path) -> None:
+def check_consistent(before: Manifest, now: Manifest, directory: Path | Store) -> None:
     """Refuse new rows whose feature / label layout differs from the shards already stored."""
     for name in ("feature_shape", "label_dtype", "label_shape"):
         if getattr(before, name) != getattr(now, name):

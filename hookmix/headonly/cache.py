@@ -55,9 +55,9 @@ from hookmix.headonly._cache_format import (
     check_request,
     dtype_name,
     read_shard,
-    writer_active,
-    writer_lock,
+    read_shards,
 )
+from hookmix.headonly.store import Store, join, open_store
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
 
 __all__ = [
@@ -131,16 +131,16 @@ class CacheKey:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def keyed_directory(root: str | Path, name: str, key: CacheKey, *, dtype: torch.dtype, views: int) -> Path:
+def keyed_directory(root: str | Path, name: str, key: CacheKey, *, dtype: torch.dtype, views: int) -> str | Path:
     """``root/<name>-<12 hex digits>``: the directory of one cache among many under ``root``, named after its
-    key, storage dtype and views.
+    key, storage dtype and views (a ``Path``; a URL under a URL root such as ``s3://bucket/prefix``).
 
     Runs with other data or settings then extract next to each other instead of refusing, or replacing, a
     cache that another run may be reading; a changed dataset gets a new directory and the old one stays valid
     for the old data. ``name`` (e.g. ``"train"``) only makes the listing readable.
     """
     text = json.dumps([key.fingerprint(), dtype_name(dtype), views])
-    return Path(root) / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return join(root, f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}")
 
 
 def _run_backbone(
@@ -259,7 +259,7 @@ class FeatureCache:
             with the same ``shape`` and ``dtype`` that :func:`hookmix.fit` streams from disk.
         labels: ``(N, ...)`` labels as the dataset yields them (e.g. ``(N,)`` int64).
         key: the :class:`CacheKey` the features were extracted under.
-        path: the cache directory, or ``None`` for an in-memory cache.
+        path: the cache directory (a URL for a cache in object storage), or ``None`` for an in-memory cache.
         batches_run: how many batches the backbone ran to build this object (0 when loaded; on a
             resumed extraction, only the batches of the shards that were missing).
         rows_reused: how many rows were read from a cache already on disk instead of extracted (all of them
@@ -269,7 +269,7 @@ class FeatureCache:
     features: torch.Tensor | ShardedFeatures
     labels: torch.Tensor
     key: CacheKey
-    path: Path | None = None
+    path: Path | str | None = None
     batches_run: int = 0
     rows_reused: int = 0
 
@@ -385,7 +385,7 @@ class FeatureCache:
             batches = _run_backbone(backbone, dataset, [(0, count)], keep, progress=progress, **run)
             [(features, labels)] = parts
             return cls(features, labels, key, batches_run=batches)
-        directory = Path(path)
+        directory = open_store(path)
         reused, batches = _complete(backbone, dataset, key, directory, shard_size=shard_size, progress=progress, **run)
         cache = cls.load(directory, key, dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
         cache.batches_run, cache.rows_reused = batches, reused
@@ -420,8 +420,8 @@ class FeatureCache:
                 (:func:`hookmix.headonly.streaming.default_memory_budget`).
         """
         _check_mmap(mmap, memory_budget)
-        directory = Path(path)
-        if not (directory / MANIFEST_NAME).is_file() and directory.is_dir() and writer_active(directory):
+        directory = open_store(path)
+        if not directory.exists(MANIFEST_NAME) and directory.active():
             raise UsageError(f"{_BEING_WRITTEN.format(directory=directory, done='no shard is complete yet')}.")
         manifest = Manifest.read(directory, CacheKey)
         check_request(manifest, directory, key, dtype=dtype, views=views, count=None)
@@ -431,15 +431,13 @@ class FeatureCache:
             mmap = manifest.stored_bytes > (default_memory_budget() if memory_budget is None else memory_budget)
         if mmap:
             sharded = ShardedFeatures(directory, manifest)
-            return cls(sharded, sharded.labels(), manifest.key, path=directory, rows_reused=manifest.count)
+            return cls(sharded, sharded.labels(), manifest.key, path=directory.path, rows_reused=manifest.count)
         shape = (manifest.views, manifest.count, *manifest.feature_shape)
         features = torch.empty(shape, dtype=manifest.dtype)
         labels = torch.empty((manifest.count, *manifest.label_shape), dtype=manifest.label_dtype)
-        for shard in manifest.shards:
-            features[:, shard.start : shard.stop], labels[shard.start : shard.stop] = read_shard(
-                directory, shard, manifest
-            )
-        return cls(features, labels, manifest.key, path=directory, rows_reused=manifest.count)
+        for shard, shard_features, shard_labels in read_shards(directory, manifest):
+            features[:, shard.start : shard.stop], labels[shard.start : shard.stop] = shard_features, shard_labels
+        return cls(features, labels, manifest.key, path=directory.path, rows_reused=manifest.count)
 
     def save(self, path: str | Path, *, shard_size: int = 1024) -> FeatureCache:
         """Write this cache to the directory ``path`` in the on-disk format and return it with ``path`` set.
@@ -455,23 +453,23 @@ class FeatureCache:
         if self.dtype not in FEATURE_DTYPES:
             names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
             raise UsageError(f"features of dtype {self.dtype} cannot be stored; convert them to one of {names}.")
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        with writer_lock(directory):
-            if (directory / MANIFEST_NAME).exists():
+        directory = open_store(path)
+        directory.prepare()
+        with directory.lock():
+            if directory.exists(MANIFEST_NAME):
                 raise UsageError(f"{directory} already holds a feature cache; save to another path.")
             writer = ShardWriter(directory, self.key, self.dtype, self.views, len(self), None)
             for start in range(0, len(self), shard_size):
                 stop = min(start + shard_size, len(self))
                 writer(start, stop, self.features[:, start:stop].contiguous(), self.labels[start:stop].contiguous())
-        return FeatureCache(self.features, self.labels, self.key, path=directory)
+        return FeatureCache(self.features, self.labels, self.key, path=directory.path)
 
 
 def extract_rows(
     backbone: nn.Module,
     dataset: Dataset,
     key: CacheKey,
-    directory: Path,
+    directory: Path | Store,
     rows: tuple[int, int],
     first_shard: int,
     manifest_name: str,
@@ -498,9 +496,10 @@ def extract_rows(
     _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
     first, last = rows
     count = len(dataset)  # type: ignore[arg-type]
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = open_store(directory)
+    directory.prepare()
     previous = None
-    if (directory / manifest_name).exists():
+    if directory.exists(manifest_name):
         previous = Manifest.read(directory, CacheKey, manifest_name, first_shard, first)
         check_request(previous, directory, key, dtype=dtype, views=views, count=count)
         for shard in previous.shards if previous.rows_done != last else ():
@@ -517,7 +516,9 @@ def extract_rows(
     return done - first, _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
 
 
-def _complete(backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: Path, **options: Any) -> tuple[int, int]:
+def _complete(
+    backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: Store, **options: Any
+) -> tuple[int, int]:
     """Make ``directory`` hold the complete cache of ``key``; the rows found stored and the batches run.
 
     A complete cache never changes, so one found complete is checked without the lock (a read-only copy works);
@@ -529,12 +530,12 @@ def _complete(backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: P
     if published is not None:
         check_request(published, directory, key, dtype=options["dtype"], views=options["views"], count=count)
         return count, 0
-    directory.mkdir(parents=True, exist_ok=True)
-    with writer_lock(directory, _say_on_stderr if options["progress"] else None):
+    directory.prepare()
+    with directory.lock(_say_on_stderr if options["progress"] else None):
         return extract_rows(backbone, dataset, key, directory, (0, count), 0, MANIFEST_NAME, **options)
 
 
-def _published(directory: Path) -> Manifest | None:
+def _published(directory: Store) -> Manifest | None:
     """The manifest of the complete cache in ``directory`` (of any key), or ``None``: no cache, an incomplete
     one or an invalid manifest, which the writer's path (under the lock) reads again and reports."""
     try:
@@ -554,10 +555,10 @@ _BEING_WRITTEN = (
 )
 
 
-def _incomplete(directory: Path, manifest: Manifest) -> str:
+def _incomplete(directory: Store, manifest: Manifest) -> str:
     """Why an incomplete cache cannot be loaded: another process is extracting it now, or it was interrupted."""
     done = f"{manifest.rows_done} of {manifest.count} examples"
-    if writer_active(directory):
+    if directory.active():
         return f"{_BEING_WRITTEN.format(directory=directory, done=done + ' so far')}."
     return (
         f"the feature cache in {directory} is incomplete ({done}; its extraction was interrupted); "

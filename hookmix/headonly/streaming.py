@@ -31,6 +31,7 @@ import torch
 from hookmix.core.checks import check_int, is_int
 from hookmix.core.errors import UsageError
 from hookmix.headonly._cache_format import Manifest, map_shard, peek_labels
+from hookmix.headonly.store import Store, open_store
 
 __all__ = ["BlockLayout", "BLOCK_BYTES", "default_memory_budget", "EpochOrder", "READERS", "ShardedFeatures"]
 
@@ -112,18 +113,19 @@ class BlockLayout:
 
 
 class ShardedFeatures:
-    """The features ``(V, N, *F)`` of an on-disk cache, left on disk and read shard by shard.
+    """The features ``(V, N, *F)`` of a stored cache, left on disk (or in object storage) and read shard by shard.
 
     What ``FeatureCache.load(path, key, mmap=True).features`` holds, and what :func:`hookmix.fit`
     streams: pass it as ``train_inputs``. It has the ``shape``, ``dtype`` and ``ndim`` of the tensor it
     stands for; its rows are read through :meth:`batches` (one epoch, in the order of an :class:`EpochOrder`).
-    Every shard's size and header are checked when it is opened; its checksum when its block is read.
+    Every shard's size and header are checked when it is opened; its checksum when its block is read (a shard in
+    object storage as its bytes stream into a local temp file, which is then mapped: :mod:`hookmix.headonly.store`).
     """
 
-    def __init__(self, directory: Path, manifest: Manifest) -> None:
+    def __init__(self, directory: Path | Store, manifest: Manifest) -> None:
         if not manifest.complete:
             raise UsageError(f"the feature cache in {directory} is incomplete; resume its extraction first.")
-        self.directory = Path(directory)
+        self.directory = open_store(directory)
         self.manifest = manifest
         self.shape = torch.Size((manifest.views, manifest.count, *manifest.feature_shape))
         self.dtype = manifest.dtype
