@@ -167,11 +167,11 @@ def _fit_config(args: argparse.Namespace) -> "FitConfig":
 _DIGITS = "digits"  # hookmix.app.finetune_job.DIGITS, named here without importing torch
 
 
-def _check_finetune_paths(args: argparse.Namespace) -> None:
+def _check_finetune_paths(args: argparse.Namespace) -> str | Path | None:
     """The inputs ``finetune`` reads exist, ``--out`` and ``--cache`` can be written, and an image folder
     comes with ``--model``: checked before torch is imported or a model built, so such a mistake answers
-    at once (and leaves nothing behind)."""
-    from hookmix.app.paths import existing_dir, existing_file, writable_dir
+    at once (and leaves nothing behind). Returns the ``--cache`` location (a directory or a URL)."""
+    from hookmix.app.paths import cache_location, existing_dir, existing_file, writable_dir
 
     if args.data != _DIGITS:
         root = "the folder the CSV's paths are relative to" if args.labels else "a folder with one sub-folder per class"
@@ -183,15 +183,15 @@ def _check_finetune_paths(args: argparse.Namespace) -> None:
             existing_file(flag, Path(given), "give a CSV file with the columns path,labels")
     if args.weights:
         existing_file("--weights", Path(args.weights), "give a .safetensors file or a torch state dict")
-    for flag, given in (("--out", args.out), ("--cache", args.cache)):
-        if given:
-            writable_dir(flag, Path(given))
+    writable_dir("--out", Path(args.out))
+    cache = cache_location("--cache", args.cache)
     if args.data != _DIGITS and args.model is None:
         raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
+    return cache
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    _check_finetune_paths(args)
+    cache = _check_finetune_paths(args)
     config = _fit_config(args)  # every setting checked before the model is built
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from hookmix.app.finetune_job import JobSpec, run_finetune
@@ -203,7 +203,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         model=args.model,
         pretrained=args.pretrained,
         weights=Path(args.weights) if args.weights else None,
-        cache_dir=Path(args.cache) if args.cache else None,
+        cache_dir=cache,
         input_size=tuple(args.input_size) if args.input_size else None,
         fp32=args.fp32,
         shots=args.shots,
@@ -271,7 +271,7 @@ def _finetune_interrupted(args: argparse.Namespace) -> str:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     """``hookmix sweep``: checked like ``finetune`` before torch is imported, then :func:`run_sweep`."""
-    from hookmix.app.paths import existing_dir, writable_dir
+    from hookmix.app.paths import cache_location, existing_dir, writable_dir
 
     if args.data != _DIGITS:
         existing_dir("--data", Path(args.data), "give a folder with one sub-folder per class, or 'digits'")
@@ -279,9 +279,8 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
     if args.val:
         existing_dir("--val", Path(args.val), "give a folder with the same class sub-folders as --data")
-    for flag, given in (("--out", args.out), ("--cache", args.cache)):
-        if given:
-            writable_dir(flag, Path(given))
+    writable_dir("--out", Path(args.out))
+    cache = cache_location("--cache", args.cache)
     from hookmix.headonly.training import FitConfig
 
     defaults = _DIGITS_FIT if args.data == _DIGITS else _IMAGE_FIT
@@ -296,7 +295,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         out_dir=Path(args.out),
         model=args.model,
         pretrained=args.pretrained,
-        cache_dir=Path(args.cache) if args.cache else None,
+        cache_dir=cache,
         input_size=tuple(args.input_size) if args.input_size else None,
         shots=args.shots,
         val=Path(args.val) if args.val else None,
@@ -514,7 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
         "backbone (default: --seed; a sweep's cells use 0)",
     )
     ft.add_argument("--exclude-classes", type=int, nargs="+", metavar="C", help="class indices never mixed")
-    ft.add_argument("--cache", metavar="DIR", help="keep features on disk here (reused when they match)")
+    ft.add_argument(
+        "--cache",
+        metavar="DIR|URL",
+        help="keep features here (reused when they match): a directory, or object storage such as s3://bucket/prefix",
+    )
     ft.add_argument("--fp32", action="store_true", help="cache features in float32 (default float16)")
     ft.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
     ft.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
@@ -607,7 +610,7 @@ def _add_sweep(sub: Any) -> None:
     sw.add_argument("--seeds", type=_int_at_least(2), default=5, help="seeds 0..K-1 per cell (>= 2, default 5)")
     sw.add_argument("--epochs", type=_positive_int, default=20)
     sw.add_argument("--batch-size", type=_positive_int, default=None, help="default 32; digits: 16")
-    sw.add_argument("--cache", metavar="DIR", help="feature caches, shared with finetune")
+    sw.add_argument("--cache", metavar="DIR|URL", help="feature caches, shared with finetune (a directory or s3://...)")
     sw.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
     sw.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
     sw.add_argument("--device", type=_device, default=None, help="auto (the default), cpu, cuda, mps")

@@ -72,7 +72,7 @@ class JobSpec:
     model: str | None = None
     pretrained: bool = False
     weights: Path | None = None
-    cache_dir: Path | None = None
+    cache_dir: Path | str | None = None  # a directory, or a URL in object storage (s3://bucket/prefix)
     input_size: tuple[int, int, int] | None = None
     fp32: bool = False
     shots: int = 20
@@ -391,7 +391,7 @@ def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint) -> int
     if need > budget and spec.cache_dir is None:
         raise UsageError(
             f"the training features need {_human(need)}, over the memory budget of {_human(budget)}; "
-            "give --cache DIR so they can be streamed from disk (or raise --memory-budget)."
+            "give --cache DIR (or an s3:// URL) so they can be streamed from it (or raise --memory-budget)."
         )
     return budget
 

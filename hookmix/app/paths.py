@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 from hookmix.core.errors import UsageError
+from hookmix.headonly.store import check_location, is_url
 
-__all__ = ["existing_dir", "existing_file", "writable_dir", "writable_file"]
+__all__ = ["cache_location", "existing_dir", "existing_file", "writable_dir", "writable_file"]
 
 
 _SAID = {"file": "it is a file", "directory": "it is a directory", "missing": "it does not exist"}
@@ -84,3 +85,15 @@ def writable_file(flag: str, path: Path, example: str) -> Path:
     if reason:
         raise UsageError(f"{flag} {path} cannot be written ({reason}); give a file in a directory you can write to.")
     return path
+
+
+def cache_location(flag: str, given: str | None) -> str | Path | None:
+    """Where ``--cache`` keeps features: a URL (``s3://bucket/prefix``, any fsspec store) whose storage library is
+    installed, or a directory the command can write (:func:`writable_dir`); ``None`` when not given. The store
+    itself answers later, at its first request (credentials, endpoint), in one line naming the object."""
+    if not given:
+        return None
+    if is_url(given):
+        check_location(flag, given)
+        return given
+    return writable_dir(flag, Path(given))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hookmix.core.errors import UsageError
+
+if TYPE_CHECKING:  # only annotations: the command line's path checks (hookmix.headonly.store) load no torch
+    import torch
+    from torch import nn
 
 __all__ = ["atomic_write", "load_state"]
 
