@@ -66,9 +66,11 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class StoreError(UsageError, OSError):
-    """An object of a cache that cannot be read or written: the message names it (path or URL), says what went
-    wrong and how to fix it. A :class:`~hookmix.UsageError` (the command line prints one line, exit 2) and an
-    ``OSError`` (code that catches I/O errors keeps working)."""
+    """A request to object storage that failed (refused credentials, a server that does not answer, a missing
+    bucket, an object that exists with other bytes): the message names the object's URL, what went wrong and
+    how to fix it. A :class:`~hookmix.UsageError` (the command line prints one line, exit 2) and an ``OSError``
+    (code that catches I/O errors keeps working). A shard that is missing, short or changed is a plain
+    ``UsageError`` with the same wording as in a local directory."""
 
 
 def is_url(location: str | Path) -> bool:
@@ -188,17 +190,18 @@ class Store(ABC):
         """Whether another process is writing this cache now, as far as the store can tell."""
 
 
+# A shard that is missing, short or changed is damage, not a failed request: a UsageError, locally as remotely.
 def _missing(where: str, fix: str, listed_in: str) -> UsageError:
-    return StoreError(f"shard {where} listed in {listed_in} is missing; {fix}.")
+    return UsageError(f"shard {where} listed in {listed_in} is missing; {fix}.")
 
 
 def _short(where: str, size: int, expected: int, fix: str, listed_in: str) -> UsageError:
-    return StoreError(f"shard {where} is {size} bytes but {listed_in} says {expected} (truncated?); {fix}.")
+    return UsageError(f"shard {where} is {size} bytes but {listed_in} says {expected} (truncated?); {fix}.")
 
 
 def _check_digest(where: str, digest: str, expected: str, fix: str, listed_in: str) -> None:
     if digest != expected:
-        raise StoreError(
+        raise UsageError(
             f"shard {where} fails its checksum (sha256 {digest[:12]}..., {listed_in} says "
             f"{expected[:12]}...): its bytes changed after it was written; {fix}."
         )
