@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from hookmix.core.errors import UsageError
-from hookmix.headonly.store import check_location, is_url
+from hookmix.headonly.store import check_location, is_remote, local_path
 
 __all__ = ["cache_location", "existing_dir", "existing_file", "writable_dir", "writable_file"]
 
@@ -93,7 +93,7 @@ def cache_location(flag: str, given: str | None) -> str | Path | None:
     itself answers later, at its first request (credentials, endpoint), in one line naming the object."""
     if not given:
         return None
-    if is_url(given):
+    if is_remote(given):
         check_location(flag, given)
         return given
-    return writable_dir(flag, Path(given))
+    return writable_dir(flag, local_path(given))

@@ -42,8 +42,10 @@ from hookmix.core.files import atomic_write
 
 __all__ = [
     "check_location",
+    "is_remote",
     "is_url",
     "join",
+    "local_path",
     "LocalStore",
     "LOCK_NAME",
     "open_store",
@@ -78,6 +80,16 @@ def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and _URL.match(location) is not None
 
 
+def is_remote(location: str | Path) -> bool:
+    """Whether ``location`` names object storage: a URL whose scheme is not ``file://``."""
+    return is_url(location) and not str(location).startswith("file://")
+
+
+def local_path(location: str | Path) -> Path:
+    """A local location as a ``Path`` (``file:///data/cache`` -> ``/data/cache``)."""
+    return Path(str(location).removeprefix("file://"))
+
+
 def join(root: str | Path, name: str) -> str | Path:
     """``root/name``: a ``Path`` under a local root, a URL under a URL (``Path`` would fold its ``//``)."""
     return f"{root.rstrip('/')}/{name}" if is_url(root) else Path(root) / name
@@ -85,9 +97,8 @@ def join(root: str | Path, name: str) -> str | Path:
 
 def check_location(flag: str, location: str) -> None:
     """Refuse a URL whose storage library is not installed, at once and in one line naming ``flag``."""
-    if not is_url(location) or location.startswith("file://"):
-        return
-    _filesystem_class(flag, location)
+    if is_remote(location):
+        _filesystem_class(flag, location)
 
 
 def _filesystem_class(flag: str, url: str) -> type:
@@ -397,6 +408,4 @@ def open_store(location: str | Path | Store) -> Store:
     ``file://`` or a path on the local file system."""
     if isinstance(location, Store):
         return location
-    if is_url(location) and not str(location).startswith("file://"):
-        return RemoteStore(str(location))
-    return LocalStore(Path(str(location).removeprefix("file://")))
+    return RemoteStore(str(location)) if is_remote(location) else LocalStore(local_path(location))

@@ -176,9 +176,9 @@ def test_a_missing_truncated_or_changed_object_is_refused_in_one_line_naming_it(
     damage(kind, url)
     with pytest.raises(UsageError) as info:
         cache = FeatureCache.load(url, KEY, mmap=mmap)  # missing and truncated: refused here, mapped or not
-        order = cache.features.layout(1).order(torch.Generator().manual_seed(0))
-        for _ in cache.features.batches(order, torch.zeros(ROWS, dtype=torch.long), SHARD):
-            pass  # changed: refused when its block is read, before its rows are used
+        if isinstance(cache.features, ShardedFeatures):  # changed: refused when its block is read
+            order = cache.features.layout(1).order(torch.Generator().manual_seed(0))
+            list(cache.features.batches(order, torch.zeros(ROWS, dtype=torch.long), SHARD))
     message = one_line(info.value, failed_request=False)  # damage: the words of a damaged local shard
     assert f"shard s3://{s3_bucket}/caches/train/shard-00002.safetensors " in message and expected in message
 

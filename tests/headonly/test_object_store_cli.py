@@ -8,11 +8,15 @@ its shards from S3. Bugs these tests catch, and where:
   checks that the second run reuses the cache in the bucket;
 * a fault that ends in a botocore / aiohttp traceback, or in a line that does not say which object ->
   ``test_a_fault_in_the_store_ends_in_one_line_naming_the_object`` (a missing shard, a truncated object,
-  refused credentials, the server going away mid-epoch; exit code 2 each).
+  refused credentials, the server going away mid-epoch; exit code 2 each);
+* a URL taken for a directory (``Path`` folds ``s3://`` into ``s3:/``, a local folder is created), or a store
+  whose library is missing found only after the model is built ->
+  ``test_a_url_without_its_storage_library_is_refused_before_the_model_loads``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,20 @@ def test_a_fault_in_the_store_ends_in_one_line_naming_the_object(
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("hookmix: error: "), err
     assert expected.format(train=train.path) in err, err
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [("gs://bucket/cache", "needs a storage library for gs:// "), ("nosuch://x", "fsspec knows no protocol 'nosuch'")],
+)
+def test_a_url_without_its_storage_library_is_refused_before_the_model_loads(
+    tmp_path: Path, images: Path, capsys, url: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if url.startswith("gs:") and importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here: gs:// has its storage library")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        finetune(images, tmp_path / "out", url)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and f"--cache {url}" in err and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither --out nor a folder named after the URL
