@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -90,10 +91,11 @@ def _start(timeout: float = 30.0) -> S3Server:
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable))
     port = _free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION}
+    log = tempfile.TemporaryFile()  # not a pipe: werkzeug logs every request, and a full pipe hangs the server
     proc = subprocess.Popen(
         [*([exe] if exe else [sys.executable, "-m", "moto.server"]), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         env=env,
         start_new_session=True,
     )
@@ -101,7 +103,8 @@ def _start(timeout: float = 30.0) -> S3Server:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"moto_server exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             with urllib.request.urlopen(server.endpoint + "/moto-api/data.json", timeout=1):
                 return server
