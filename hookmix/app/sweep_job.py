@@ -51,6 +51,7 @@ from hookmix.headonly.sweep import (
     grid_unstacked,
     summary,
 )
+from hookmix.headonly.tasks import MULTICLASS
 from hookmix.headonly.training import FitConfig
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
@@ -156,7 +157,7 @@ def run_sweep(spec: SweepSpec, say: Callable[[str], None] = print) -> dict[str, 
     _check_out(spec)
     device = resolve_device(spec.job.device)
     prepared = _prepare(spec.job, DATA_SEED)
-    if prepared.task != "multiclass":
+    if prepared.task is not MULTICLASS:
         raise UsageError("sweep compares multi-class runs (accuracy, NLL, ECE); multi-label sweeps are not built yet.")
     layers = _layers(spec, prepared)
     say(f"{prepared.source.id} @ {', '.join(layers)} on {device}: {_grid_text(spec)}")
