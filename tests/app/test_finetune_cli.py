@@ -20,6 +20,11 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - ``--views`` caching one view, or the same view twice: ``test_views_cache_that_many_augmented_views``;
 - ``--fp32`` / ``--cache`` / ``--layer`` not reaching the cache: ``test_layer_fp32_and_cache_set_what_is_stored``;
 - ``--workers`` changing the features: ``test_workers_extract_the_same_features``;
+- ``--extract-batch-size`` ignored (extraction fixed at 64), or put in the cache key (a run with another
+  extraction batch size extracts again), or not reaching ``sweep``:
+  ``test_extract_batch_size_sets_the_backbone_batches_not_the_cache``,
+  ``test_sweep_extracts_in_batches_of_extract_batch_size``; left unvalidated (the library's message then
+  names ``--batch-size``): ``test_a_bad_flag_is_one_line_with_exit_code_2``;
 - ``--pretrained`` / ``--weights`` not loading the weights: ``test_pretrained_and_weights_set_the_backbone``;
 - ``--quiet`` not silencing the bars: ``test_quiet_silences_the_progress_bars``.
 """
