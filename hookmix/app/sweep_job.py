@@ -51,6 +51,7 @@ from hookmix.headonly.sweep import (
     grid_unstacked,
     summary,
 )
+from hookmix.headonly.tasks import MULTICLASS
 from hookmix.headonly.training import FitConfig
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
@@ -156,7 +157,7 @@ def run_sweep(spec: SweepSpec, say: Callable[[str], None] = print) -> dict[str, 
     _check_out(spec)
     device = resolve_device(spec.job.device)
     prepared = _prepare(spec.job, DATA_SEED)
-    if prepared.task != "multiclass":
+    if prepared.task is not MULTICLASS:
         raise UsageError("sweep compares multi-class runs (accuracy, NLL, ECE); multi-label sweeps are not built yet.")
     layers = _layers(spec, prepared)
     say(f"{prepared.source.id} @ {', '.join(layers)} on {device}: {_grid_text(spec)}")
@@ -218,10 +219,10 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 def plot_sweep(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Each metric against α, one line per layer (and lr), mean ± 95% CI over seeds; a PNG at ``path``."""
-    from hookmix.evaluation.plots import _new_figure, _save
+    from hookmix.evaluation.plots import new_figure, save_figure
 
     metrics = _metrics(records)
-    figure = _new_figure(4.0 * len(metrics), 3.2)
+    figure = new_figure(4.0 * len(metrics), 3.2)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     lines: dict[tuple[Any, ...], dict[float, list[dict[str, Any]]]] = {}
     for (layer, head, lr, alpha), members in _arms(records).items():
@@ -236,4 +237,4 @@ def plot_sweep(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("α (0: no mixup)")
         ax.set_title(f"validation {metric.removeprefix('val_')}")
     axes[0].legend(fontsize=7)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -61,6 +61,7 @@ from hookmix.headonly._cache_format import (
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
 
 __all__ = [
+    "bytes_per_example",
     "CacheKey",
     "extract_rows",
     "FeatureCache",
