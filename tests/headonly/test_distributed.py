@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -18,6 +18,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hookmix import CacheKey, FeatureCache, HookMixer
 from hookmix.headonly.distributed import extract_sharded, rank_seed, unwrap
+from hookmix.headonly.training import FitConfig, FitResult, fit
+from hookmix.mixing.settings import MixSettings
 from tests.conftest import expected_mix, recover_mix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,6 +222,93 @@ def test_a_rank_writes_its_shards_itself_and_a_crashed_extraction_resumes(tmp_pa
     assert shard_list(cache) == shard_list(tmp_path / "single")
     assert (cache / "shard-00001.safetensors").stat().st_mtime_ns == kept  # verified and kept, not redone
     assert not list(cache.glob(".shard-*"))
+
+
+FEATURES, CLASSES = 6, 3
+
+
+def features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, FEATURES, generator=g), torch.arange(n) % CLASSES
+
+
+def head() -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(FEATURES, 8), nn.ReLU(), nn.Linear(8, CLASSES))
+
+
+def _fit(model: nn.Module, ddp: bool, mix: bool, **options: Any) -> FitResult:
+    """45 training rows in global batches of 8 (the last one 5 rows: split 2 + 3 under DDP), 2 epochs."""
+    config = FitConfig(epochs=2, batch_size=8, lr=0.05, mix=mix, mixing=MixSettings(alpha=0.4))
+    return fit(
+        model,
+        "input",
+        *features(45, 0),
+        *features(9, 1),
+        config,
+        num_classes=CLASSES,
+        ddp=ddp,
+        progress=False,
+        **options,
+    )
+
+
+def _ddp_fit(rank: int, tmp: str, mix: bool = False, checkpoint: bool = False) -> None:
+    model = head()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    raw: list[torch.Tensor] = []
+    recording = lambda: model.training and torch.is_grad_enabled()  # noqa: E731 - training steps only
+    model.register_forward_pre_hook(lambda m, a: raw.append(a[0].detach().clone()) if recording() else None)
+    model[0].register_forward_pre_hook(
+        lambda m, a: seen.append((raw[-1], a[0].detach().clone())) if recording() else None
+    )  # registered before fit's mixer: the first hook sees the rows, the second the mixed rows
+    result = _fit(model, True, mix, checkpoint_dir=f"{tmp}/run" if checkpoint else None)
+    torch.save(
+        {"params": [p.detach() for p in model.parameters()], "seen": seen, "history": result.history},
+        f"{tmp}/fit{rank}.pt",
+    )
+
+
+def _ddp_fit_mixed(rank: int, tmp: str) -> None:
+    _ddp_fit(rank, tmp, mix=True, checkpoint=True)
+
+
+def test_ddp_fit_without_mixing_equals_one_process_of_the_global_batch(tmp_path: Path) -> None:
+    run_ranks(_ddp_fit, tmp_path)
+    reference = head()
+    expected = _fit(reference, False, False)
+    ranks = [torch.load(tmp_path / f"fit{rank}.pt") for rank in range(WORLD)]
+    for rank in ranks:  # both ranks hold the head of one process trained on batches of 8 (max diff seen: 3e-8)
+        for got, want in zip(rank["params"], reference.parameters()):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+        assert [r["epoch"] for r in rank["history"]] == [1, 2]  # rank 0's validation, sent to rank 1
+        for got, want in zip(rank["history"], expected.history):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # each rank trained on 4 rows of the full batches and 2 / 3 of the last one: 6 steps per epoch
+    assert [len(x) for x, _ in ranks[0]["seen"][:6]] == [4, 4, 4, 4, 4, 2]
+    assert [len(x) for x, _ in ranks[1]["seen"][:6]] == [4, 4, 4, 4, 4, 3]
+
+
+def test_each_ddp_rank_mixes_the_plans_of_its_rank_seed(tmp_path: Path) -> None:
+    run_ranks(_ddp_fit_mixed, tmp_path)
+    for rank in range(WORLD):
+        # the plans of a HookMixer seeded seed + rank, drawn for this rank's batches ...
+        reference = head()
+        mixer = HookMixer(
+            reference, "input", settings=MixSettings(alpha=0.4), num_classes=CLASSES, seed=rank_seed(0, rank=rank)
+        )
+        seen = torch.load(tmp_path / f"fit{rank}.pt")["seen"]
+        assert len(seen) == 12
+        for x, mixed in seen:
+            plan = mixer.plan(torch.zeros(len(x), dtype=torch.int64))
+            reference(x)  # a forward uses the plan up
+            lam, partner, residual = recover_mix(x, mixed)  # ... recovered from the rows the head saw
+            assert residual.max() < 1e-4
+            torch.testing.assert_close(lam.float(), plan.lam, rtol=1e-4, atol=1e-5)
+            assert torch.equal(partner, plan.perm)
+    state = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert state["world"] == WORLD and state["epoch"] == 2
 
 
 def test_save_writes_a_loadable_cache_and_refuses_to_overwrite(tmp_path: Path) -> None:
