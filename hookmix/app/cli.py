@@ -219,9 +219,11 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         calibrate=args.calibrate,
         memory_budget=args.memory_budget,
         progress=not args.quiet,
+        ddp=args.ddp,
     )
     payload = run_finetune(spec, config, resume=args.resume, overwrite=args.overwrite, say=print)
-    _print_finetune_report(payload, config, spec.out_dir)
+    if payload is not None:  # None: a torchrun rank other than 0, which prints nothing
+        _print_finetune_report(payload, config, spec.out_dir)
 
 
 def _print_finetune_report(payload: dict[str, Any], config: "FitConfig", out: Path) -> None:
@@ -537,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     again = ft.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     again.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    ft.add_argument(
+        "--ddp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="under torchrun: train the head with DDP on every rank (on), on rank 0 alone (off), or as measured "
+        "best (auto: rank 0 on CPUs; DDP on GPUs from 1024 rows per GPU and step); --batch-size is the global batch",
+    )
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(handler=_cmd_finetune, interrupted=_finetune_interrupted)
 
