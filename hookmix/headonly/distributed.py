@@ -167,8 +167,9 @@ class HeadTraining:
 
 def head_training(ranks: Ranks, mode: str, batch_size: int) -> HeadTraining:
     """Decide, before training, whether the head trains with DDP (``mode="on"``), on rank 0 alone (``"off"``)
-    or by the rule (``"auto"``): never on gloo (CPU) ranks — measured, DDP of a head is 1.7-18x slower per step
-    there (``benchmarks/ddp_head.py``) — and on GPUs only with at least :data:`MIN_ROWS_PER_GPU` rows per rank.
+    or by the rule (``"auto"``): never on gloo (CPU) ranks — measured, DDP of a head on 2 gloo ranks is at best
+    as fast as one process and up to 4x slower per step (``benchmarks/ddp_head.py``) — and on GPUs only with at
+    least :data:`MIN_ROWS_PER_GPU` rows per rank (on paper: README, "Past one machine").
 
     Args:
         ranks: the job's ranks (:func:`process_group`).
@@ -192,8 +193,8 @@ def head_training(ranks: Ranks, mode: str, batch_size: int) -> HeadTraining:
     if ranks.backend != "nccl":
         return HeadTraining(
             False,
-            f"--ddp auto: {ranks.backend} ranks on CPUs; measured, DDP of a head on 2 gloo ranks is 1.7-18x slower "
-            "per step than one process (benchmarks/ddp_head.py)",
+            f"--ddp auto: {ranks.backend} ranks on CPUs; measured, DDP of a head on 2 gloo ranks is at best as fast "
+            "as one process and up to 4x slower per step (benchmarks/ddp_head.py)",
         )
     if rest or per_rank < MIN_ROWS_PER_GPU:
         return HeadTraining(
