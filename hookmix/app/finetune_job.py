@@ -707,7 +707,7 @@ def _report(spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _Cache
         "memory_budget": facts["memory_budget"],
         "streamed": isinstance(train.features, ShardedFeatures),
         "extract_seconds": facts["extract_seconds"],
-        "distributed": facts["distributed"],
+        "distributed": facts.get("distributed"),  # None: written by hookmix sweep, not run by finetune
         "cache_reused": {"train": train.batches_run == 0, "val": val.batches_run == 0},
         "config": asdict(config),
         "schedule_restarts": result.restarts,
