@@ -220,9 +220,11 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         calibrate=args.calibrate,
         memory_budget=args.memory_budget,
         progress=not args.quiet,
+        ddp=args.ddp,
     )
     payload = run_finetune(spec, config, resume=args.resume, overwrite=args.overwrite, say=print)
-    _print_finetune_report(payload, config, spec.out_dir)
+    if payload is not None:  # None: a torchrun rank other than 0, which prints nothing
+        _print_finetune_report(payload, config, spec.out_dir)
 
 
 def _print_finetune_report(payload: dict[str, Any], config: "FitConfig", out: Path) -> None:
@@ -614,6 +616,13 @@ def _finetune_training(group: Any) -> None:
         action="store_true",
         help="after training, fit a temperature T on the validation split (L-BFGS on the NLL); metrics.json "
         "records T and the NLL / ECE before and after, reliability.png draws both",
+    )
+    group.add_argument(
+        "--ddp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="under torchrun: train the head with DDP on every rank (on), on rank 0 alone (off), or as measured "
+        "best (auto: rank 0 on CPUs; DDP on GPUs from 1024 rows per GPU and step); --batch-size is the global batch",
     )
 
 

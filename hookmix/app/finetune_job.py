@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,14 @@ from hookmix.graph.cutpoints import stage_names
 from hookmix.graph.equivalence import mix_equivalence
 from hookmix.graph.models import resolve_model
 from hookmix.headonly.cache import CacheKey, FeatureCache, bytes_per_example, keyed_directory
+from hookmix.headonly.distributed import (
+    Ranks,
+    extract_sharded,
+    head_training,
+    leave_group,
+    process_group,
+    rank_and_world,
+)
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
 from hookmix.headonly.tasks import MULTICLASS, MULTILABEL, Task
 from hookmix.headonly.trained_model import FinetunedConfig, assemble, example_shape
@@ -85,6 +93,7 @@ class JobSpec:
     calibrate: bool = False
     memory_budget: int | None = None
     progress: bool = True
+    ddp: str = "auto"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -313,11 +322,8 @@ def _extract(
     if spec.cache_dir is not None:  # one directory per key: other data or settings never meet this cache
         name = _cache_name(part, layer, prepared.layer)
         path = keyed_directory(spec.cache_dir, name, key, dtype=spec.dtype, views=views)
-    return FeatureCache.extract(
-        backbone,
-        prepared.dataset(part),
-        key,
-        path=path,
+    dataset = prepared.dataset(part)
+    options = dict(
         dtype=spec.dtype,
         batch_size=spec.extract_batch_size,
         views=views,
@@ -327,6 +333,18 @@ def _extract(
         mmap=None if budget is not None and spec.cache_dir is not None else False,
         memory_budget=budget,
     )
+    world = rank_and_world()[1]
+    if world == 1:
+        return FeatureCache.extract(backbone, dataset, key, path=path, **options)
+    assert path is not None  # run_finetune refuses torchrun without --cache
+    return extract_sharded(backbone, dataset, key, path=path, shard_size=_shard_size(len(dataset)), **options)
+
+
+def _shard_size(count: int) -> int:
+    """Rows per shard of an extraction shared by the ranks: at least 64 shards (so up to 64 ranks share the
+    work, and a rank that dies loses at most 1/64 of it), at most 1024 rows; the same for any number of ranks,
+    so a resumed extraction may run on another number."""
+    return min(1024, max(1, -(-count // 64)))
 
 
 @dataclass
@@ -562,13 +580,38 @@ def run_finetune(
     say: Callable[[str], None] = print,
     *,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run the job and write its report; returns the ``metrics.json`` payload. ``say`` gets the first lines
     (model, layer, device; what is cached, reused, resumed) before the long work starts. A run already in
     ``spec.out_dir`` is continued with ``resume`` (checked against this job's data, model, cut and settings),
-    replaced with ``overwrite``, and otherwise refused."""
+    replaced with ``overwrite``, and otherwise refused.
+
+    Under ``torchrun`` (more than one process) every rank runs this: the ranks share the extraction into
+    ``--cache`` (:func:`~hookmix.headonly.distributed.extract_sharded`), then the head trains with DDP or on rank
+    0 alone (:func:`~hookmix.headonly.distributed.head_training`). Rank 0 says what happens, writes the run and
+    returns the payload; the other ranks print only errors and return ``None``."""
     _check_out(spec.out_dir, resume, overwrite)
-    device = resolve_device(spec.device)
+    with process_group(resolve_device(spec.device)) as (ranks, device):
+        if ranks.world > 1 and spec.cache_dir is None:
+            raise UsageError(
+                f"torchrun with {ranks.world} processes needs --cache DIR on a file system every rank reaches: "
+                "the ranks write their shards of the features there."
+            )
+        if not ranks.leader:
+            say, spec = _quiet, replace(spec, progress=False)
+        if ranks.world > 1:
+            say(f"rank {ranks.rank} of {ranks.world} ({ranks.backend}); the other ranks print only errors")
+        return _run(spec, config, resume, say, ranks, device)
+
+
+def _quiet(line: str) -> None:
+    """The ``say`` of a rank other than 0."""
+
+
+def _run(
+    spec: JobSpec, config: FitConfig, resume: bool, say: Callable[[str], None], ranks: Ranks, device: torch.device
+) -> dict[str, Any] | None:
+    """The phases of :func:`run_finetune` on one rank: prepare, extract (shared by the ranks), train, report."""
     prepared = _prepare(spec, config.seed if spec.data_seed is None else spec.data_seed)
     check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
     chosen = " (default: the last stage before the pooling and head)" if prepared.layer_is_default else ""
@@ -580,8 +623,18 @@ def run_finetune(
     identity = _identity(spec, prepared, point, config, [key.fingerprint() for key in keys])
     if resume and _checkpoint_epoch(spec.out_dir) is not None:  # before the extraction: it may be long
         _check_resume(spec.out_dir, identity)
+    plan = head_training(ranks, spec.ddp, config.batch_size)  # before the extraction: it may refuse
     train, val, budget, extract_s = _extract_all(spec, prepared, backbone, point, keys, device, say)
-    _start_training(spec, config, identity, resume, say)
+    if ranks.world > 1:
+        say(f"head training: {'DDP on all ranks' if plan.ddp else 'on rank 0 alone'} ({plan.reason})")
+    if not plan.ddp:  # every rank has finished the extraction (extract_sharded's last barrier)
+        leave_group()
+        if not ranks.leader:
+            return None
+    if ranks.leader:
+        _start_training(spec, config, identity, resume, say)
+    if plan.ddp:
+        torch.distributed.barrier()  # job.json is written, an overwritten run cleared, before any step
     result = fit(
         head,
         "input",
@@ -595,8 +648,12 @@ def run_finetune(
         resume=resume,
         device=device,
         progress=spec.progress,
+        ddp=plan.ddp,
     )
+    if not ranks.leader:
+        return None
     facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
+    facts["distributed"] = plan.record(ranks)
     return _report(spec, config, prepared, point, _Trained(train, val, head, result, facts, identity))
 
 
@@ -681,6 +738,7 @@ def _payload(
         "memory_budget": done.facts["memory_budget"],
         "streamed": isinstance(train.features, ShardedFeatures),
         "extract_seconds": done.facts["extract_seconds"],
+        "distributed": done.facts.get("distributed"),  # None: written by hookmix sweep, not run by finetune
         "cache_reused": {"train": train.batches_run == 0, "val": val.batches_run == 0},
         "config": asdict(config),
         "schedule_restarts": result.restarts,

@@ -131,7 +131,7 @@ def plot_history(history: History | Mapping[str, History], path: str | os.PathLi
 
 
 def plot_reliability(curves: Mapping[str, ReliabilityCurve], path: str | os.PathLike[str]) -> Path:
-    """Reliability diagram: per-bin accuracy against mean confidence for each model, plus the diagonal.
+    """ReliabilityCurve diagram: per-bin accuracy against mean confidence for each model, plus the diagonal.
 
     ``curves`` maps a model label to its :func:`hookmix.reliability`; empty bins are skipped
     and each legend entry shows the model's ECE. Writes a PNG to ``path`` and returns it.

@@ -93,22 +93,38 @@ class BlockLayout:
     def rows(self) -> int:
         return self.stops[-1]
 
-    def order(self, generator: torch.Generator) -> EpochOrder:
+    def order(self, generator: torch.Generator, rank: int = 0, world: int = 1) -> EpochOrder:
         """Draw one epoch: a permutation of the shards cut into blocks, then a permutation of each block's rows.
 
-        A pure function of ``generator``'s state and the layout (it draws ``1 + blocks`` permutations), so
-        the in-memory and the streamed path of :func:`hookmix.fit` see the same order.
+        A pure function of ``generator``'s state and the layout, so the in-memory and the streamed path of
+        :func:`hookmix.fit` see the same order. With ``world`` > 1 the permuted shards are dealt to the ranks
+        (rank r takes every W-th: ``shards[r::W]``, so ranks differ by at most one shard) and cut into blocks of
+        that rank's own; ``rank``'s order comes back. Every rank draws every rank's permutations (``1 + blocks``
+        in all), so the generator, seeded alike on every rank, stays shared; ``world=1`` is the plain order.
         """
+        check_int("world", world, 1)
+        check_int("rank", rank, 0, f" below world={world}")
+        if rank >= world:
+            raise UsageError(f"rank={rank} must be below world={world}.")
         starts = (0, *self.stops[:-1])
         shards = torch.randperm(len(self.stops), generator=generator).tolist()
-        blocks = tuple(
-            tuple(shards[i : i + self.shards_per_block]) for i in range(0, len(shards), self.shards_per_block)
-        )
-        parts = []
-        for block in blocks:
-            rows = torch.cat([torch.arange(starts[s], self.stops[s]) for s in block])
-            parts.append(rows[torch.randperm(len(rows), generator=generator)])
-        return EpochOrder(torch.cat(parts), blocks)
+        mine = EpochOrder(torch.zeros(0, dtype=torch.int64), ())
+        for dealt in range(world):
+            own = shards[dealt::world]
+            blocks = tuple(tuple(own[i : i + self.shards_per_block]) for i in range(0, len(own), self.shards_per_block))
+            parts = [torch.zeros(0, dtype=torch.int64)]
+            for block in blocks:
+                rows = torch.cat([torch.arange(starts[s], self.stops[s]) for s in block])
+                parts.append(rows[torch.randperm(len(rows), generator=generator)])
+            if dealt == rank:
+                mine = EpochOrder(torch.cat(parts), blocks)
+        return mine
+
+    def fewest_rows(self, world: int) -> int:
+        """The fewest rows one of ``world`` ranks can be dealt in an epoch (:meth:`order`): the sum of the
+        ``shards // world`` smallest shards. DDP over a streamed cache trains that many rows per rank and epoch."""
+        sizes = sorted(b - a for a, b in zip((0, *self.stops[:-1]), self.stops))
+        return sum(sizes[: len(sizes) // check_int("world", world, 1)])
 
 
 class ShardedFeatures:
@@ -156,17 +172,19 @@ class ShardedFeatures:
         return BlockLayout(self.stops, shards_per_block)
 
     def batches(self, epoch_order: EpochOrder, view: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-        """Yield the batches ``(B, *F)`` of one epoch: rows ``epoch_order.order[i : i + batch_size]``, row ``r``
+        """Yield the batches ``(B, *F)`` of one epoch (of one rank's shards under DDP: :meth:`BlockLayout.order`):
+        rows ``epoch_order.order[i : i + batch_size]``, row ``r``
         from view ``view[r]`` (``view``: ``(N,)``), exactly as ``features[view[idx], idx]`` of the in-memory tensor.
 
         The blocks are read in ``epoch_order.blocks`` order, one block ahead, by :data:`READERS` background
         threads (the shards of a block in parallel: the disk reads one while another is hashed); a block is released
         once the epoch has moved past its rows, so at most two are mapped at a time.
         """
-        if tuple(sorted(s for block in epoch_order.blocks for s in block)) != tuple(range(len(self.stops))):
+        listed = [s for block in epoch_order.blocks for s in block]
+        if len(set(listed)) != len(listed) or not set(listed) <= set(range(len(self.stops))):
             raise UsageError(
-                f"epoch_order.blocks={epoch_order.blocks} do not list each of this cache's {len(self.stops)} "
-                "shards once."
+                f"epoch_order.blocks={epoch_order.blocks} do not list shards of this cache's {len(self.stops)} "
+                "at most once each."
             )
         starts = torch.tensor((0, *self.stops[:-1]))
         stops = torch.tensor(self.stops)

@@ -22,7 +22,7 @@ from torch import nn
 from hookmix.core.checks import check_class_indices
 from hookmix.core.errors import UsageError
 from hookmix.evaluation.metrics import (
-    Reliability,
+    ReliabilityCurve,
     evaluate,
     evaluate_multilabel,
     reliability,
@@ -89,7 +89,7 @@ class Task:
         found = self.evaluate(logits, labels, thresholds)
         return {name: found[name.removeprefix("val_")] for name in self.metric_names}
 
-    def reliability(self, logits: torch.Tensor, labels: torch.Tensor) -> Reliability:
+    def reliability(self, logits: torch.Tensor, labels: torch.Tensor) -> ReliabilityCurve:
         """The reliability curve to draw: of the top-1 confidence (multi-class), or of every (example,
         label) probability pooled (multi-label)."""
         return reliability_multilabel(logits, labels) if self._multilabel else reliability(logits, labels)

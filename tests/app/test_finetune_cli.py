@@ -609,6 +609,7 @@ FLAG_EFFECTS = {
     "--resume": "test_a_cutmix_only_run_finishes_with_its_head_and_predicts",
     "--quiet": "test_quiet_silences_the_progress_bars",
     "--overwrite": "test_run_trust.py::test_a_finished_run_is_refused_unless_overwrite_is_given",
+    "--ddp": "test_torchrun.py::test_ddp_without_mixing_equals_one_process_and_resumes_after_a_rank_dies",
 }
 
 
