@@ -272,8 +272,15 @@ def fit(
     devices = [target] if target.type == "cuda" else []
     with (
         torch.random.fork_rng(devices=devices),  # dropout in the head draws from the global RNG: seed it here
+        # validate=False: the labels were checked once above (_check_data), so no step waits on the host
         HookMixer(
-            model, layer, settings=settings, num_classes=num_classes, seed=config.seed, targets=task.targets
+            model,
+            layer,
+            settings=settings,
+            num_classes=num_classes,
+            seed=config.seed,
+            targets=task.targets,
+            validate=False,
         ) as mixer,
     ):
         torch.manual_seed(config.seed)
