@@ -355,8 +355,9 @@ def _train_epoch(
     epoch_order = blocks.order(state.data_gen) if blocks is not None else None
     order = epoch_order.order if epoch_order is not None else torch.randperm(n, generator=state.data_gen)
     view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
+    gather_on = labels.device if labels.device.type == "cuda" else None  # whole blocks to the GPU, rows gathered there
     streamed = (
-        views.batches(epoch_order, view, state.config.batch_size)
+        views.batches(epoch_order, view, state.config.batch_size, gather_on)
         if epoch_order and isinstance(views, ShardedFeatures)
         else None
     )
