@@ -27,6 +27,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,7 @@ class _DeviceGather:
             sizes = torch.tensor([views * rows.sizes[s] for s in block])
             offsets[list(block)] = sizes.cumsum(0) - sizes
         local = offsets[rows.shard] + rows.row  # each position's row in its block's tensor
-        self.local = local.pin_memory().to(device, non_blocking=True) if self.side else local.to(device)
+        self.local = local.pin_memory().to(device, non_blocking=True) if self.side is not None else local.to(device)
         self.loaded: dict[int, torch.Tensor] = {}
 
     def read(self, pool: ThreadPoolExecutor, block: int) -> list[Future[Any]]:
@@ -314,17 +315,13 @@ class _DeviceGather:
         return [pool.submit(self._copy_shard, s, part) for s, part in zip(shards, tensor.split(sizes))]
 
     def _copy_shard(self, shard: int, part: torch.Tensor) -> torch.cuda.Event | None:
+        """Map and verify ``shard``, copy it into ``part`` (its rows of the block's tensor) through staging buffers:
+        on CUDA pinned ones, copied on the side stream; the event that marks the end of its copies."""
         features = self.features._map_shard(shard)
-        if self.side is None:
-            part.copy_(features)
-            return None
-        chunk = max(1, STAGING_BYTES // (features[0].numel() * features.element_size()))
-        with torch.cuda.stream(self.side):
-            for start in range(0, len(features), chunk):
-                staging = torch.empty(features[start : start + chunk].shape, dtype=features.dtype, pin_memory=True)
-                staging.copy_(features[start : start + chunk])  # the pinned block is reused once its copy is done
-                part[start : start + chunk].copy_(staging, non_blocking=True)
-            return self.side.record_event()
+        with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
+            for start, staging in _staged(features, pin_memory=self.side is not None):
+                part[start : start + len(staging)].copy_(staging, non_blocking=True)  # the buffer is reused after it
+        return self.side.record_event() if self.side is not None else None
 
     def ready(self, block: int, reads: list[Future[Any]]) -> None:
         for read in reads:
@@ -342,6 +339,19 @@ class _DeviceGather:
             if first < last:
                 torch.index_select(self.loaded[block], 0, self.local[first:last], out=out[first - begin : last - begin])
         return out
+
+
+def _staged(features: torch.Tensor, pin_memory: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """``features`` ``(R, *F)`` copied chunk by chunk into new (pinned) buffers of at most :data:`STAGING_BYTES`
+    (at least one row): ``(first row, buffer)`` pairs. numpy copies: one memcpy without the GIL, where torch's copy
+    would start a team of threads in each reader thread."""
+    chunk = max(1, STAGING_BYTES // (features[0].numel() * features.element_size()))
+    width = _same_width(features.dtype)
+    source = features.view(width).numpy()
+    for start in range(0, len(features), chunk):
+        staging = torch.empty(features[start : start + chunk].shape, dtype=features.dtype, pin_memory=pin_memory)
+        np.copyto(staging.view(width).numpy(), source[start : start + chunk])
+        yield start, staging
 
 
 def _same_width(dtype: torch.dtype) -> torch.dtype:

@@ -26,6 +26,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   instead of rows x views, a block's span taken from the wrong end (the first block's start read as the last
   block's end), a batch that spans blocks gathered from one:
   ``test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows[device-gather]``;
+* a shard staged in chunks that land at the wrong rows of its block, or the last, shorter chunk dropped:
+  ``test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows[device-gather]``;
 * a shard's mapping kept after it was copied into its block (host memory held twice):
   ``test_a_device_gather_unmaps_each_shard_once_its_block_is_copied``;
 * the readers' results not awaited before a block is used (a bad checksum never raised, rows read from a
@@ -235,17 +237,27 @@ class NoisyRows(TensorDataset):
 
 
 @pytest.mark.parametrize("device", [None, "cpu"], ids=["host-gather", "device-gather"])
-def test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows(tmp_path: Path, device: str | None) -> None:
+def test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows(
+    tmp_path: Path, device: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each row from its own view, in float16, including batches that span more than two blocks; gathered on
-    the host from the mapped shards, or on a device (the CPU here) from whole blocks copied there."""
+    the host from the mapped shards, or on a device (the CPU here) from whole blocks copied there through staging
+    buffers of 2 rows (a shard's 15 rows, 3 views x 5, in 8 copies)."""
+    monkeypatch.setattr(streaming, "STAGING_BYTES", 2 * 4 * 2 + 3)
     options = dict(path=tmp_path, dtype=torch.float16, batch_size=8, shard_size=SHARD, views=3, progress=False)
     FeatureCache.extract(nn.Flatten(), NoisyRows(), KEY, **options)
     memory = FeatureCache.load(tmp_path, KEY).features
     features = FeatureCache.load(tmp_path, KEY, mmap=True).features
     assert memory.shape == (3, N, 4) and not torch.equal(memory[1], memory[2])
-    view = torch.randint(3, (N,), generator=torch.Generator().manual_seed(1))
-    for per_block, batch_size in [(2, 6), (1, 16), (3, 7), (8, 38)]:  # 16 rows: up to four blocks of one shard
-        plan = features.layout(per_block).order(torch.Generator().manual_seed(per_block))
+    random_views = torch.randint(3, (N,), generator=torch.Generator().manual_seed(1))
+    last_view = torch.full((N,), 2)  # every shard's last stored rows, staged last
+    for per_block, batch_size, view in [
+        (2, 6, random_views),
+        (1, 16, random_views),
+        (3, 7, last_view),
+        (8, 38, last_view),
+    ]:
+        plan = features.layout(per_block).order(torch.Generator().manual_seed(per_block))  # 16: up to 4 blocks
         batches = list(features.batches(plan, view, batch_size, device))
         assert [len(b) for b in batches] == [min(batch_size, N - i) for i in range(0, N, batch_size)]
         got = torch.cat(batches)
