@@ -290,7 +290,16 @@ def fit(
     seed = rank_seed(config.seed, rank=rank)
     with (
         torch.random.fork_rng(devices=devices),  # dropout in the head draws from the global RNG: seed it here
-        HookMixer(model, layer, settings=settings, num_classes=num_classes, seed=seed, targets=task.targets) as mixer,
+        # validate=False: the labels were checked once above (_check_data), so no step waits on the host
+        HookMixer(
+            model,
+            layer,
+            settings=settings,
+            num_classes=num_classes,
+            seed=seed,
+            targets=task.targets,
+            validate=False,
+        ) as mixer,
     ):
         torch.manual_seed(seed)
         net = DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None) if ddp else model
@@ -431,7 +440,8 @@ def _train_epoch(
     order = epoch_order.order if epoch_order is not None else torch.randperm(n, generator=state.data_gen)
     view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
     per_batch = state.shares[0][1] - state.shares[0][0]
-    streamed = views.batches(epoch_order, view, per_batch) if epoch_order and streaming else None
+    gather_on = labels.device if labels.device.type == "cuda" else None  # whole blocks to the GPU, rows gathered there
+    streamed = views.batches(epoch_order, view, per_batch, gather_on) if epoch_order and streaming else None
     order, view = order.to(labels.device), view.to(labels.device)
     criterion = state.task.criterion()
     total = torch.zeros(2, device=labels.device)  # the loss summed over rows, and the rows
