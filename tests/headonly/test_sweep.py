@@ -19,6 +19,9 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - the paired difference taken unpaired (another seed's baseline), the CI's t quantile wrong, a verdict
   calling a higher NLL "better", or the warning signs not raised:
   ``test_paired_differences_verdicts_and_warnings``;
+- a CutMix cell compared with a baseline of its own cutmix α instead of no mixing, records without the cutmix α
+  or the multi-label metrics, a CutMix sweep caching pooled features, the grid's CutMix cells drifting from
+  ``finetune --cutmix-alpha``: ``test_a_multilabel_cutmix_sweep_of_mlp_heads_equals_finetune``;
 - ``hookmix sweep`` cells drifting from ``finetune`` (another cache, head init, split or config), the best
   cell not written as a run: ``test_the_sweep_cli_cells_equal_finetune_runs``.
 """
@@ -271,3 +274,40 @@ def test_one_head_given_for_two_cells_is_refused() -> None:
     head = _linear(0)
     with pytest.raises(ValueError, match="the same module twice"):
         fit_grid([head, head], configs, x[0], y, vx, vy, num_classes=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hookmix.app.mosaics import digits_mosaics, write_mosaics
+
+    root = tmp_path_factory.mktemp("mosaics")
+    write_mosaics(root, digits_mosaics(60, 40, 0))
+    return root
+
+
+def test_a_multilabel_cutmix_sweep_of_mlp_heads_equals_finetune(mosaics: Path, tmp_path: Path, capsys) -> None:
+    """--labels (multi-label) with --cutmix-alpha and --head mlp: the records carry mAP, F1 and the cutmix α, the
+    verdicts compare mAP against no mixing, and a CutMix cell is the finetune run of its flags."""
+    image = ["--data", str(mosaics), "--model", "digits-cnn", "--input-size", "1", "16", "16", "--quiet"]
+    common = [*image, "--labels", str(mosaics / "train.csv"), "--val-labels", str(mosaics / "val.csv")]
+    common += ["--epochs", "2", "--head", "mlp", "--cache", str(tmp_path / "cache")]
+    grid = ["--layers", "stage2", "--alpha", "0.4", "--cutmix-alpha", "1", "--seeds", "2"]
+    assert main(["sweep", *common, *grid, "--out", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "stage2: training 8 mlp heads together" in printed
+    assert "cutmix α=1 at stage2 (mlp, lr 0.003): mAP" in printed
+    payload = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    cells = {(r["alpha"], r["cutmix_alpha"], r["seed"]): r for r in payload["records"]}
+    assert sorted(cells) == [(a, c, s) for a in (0.0, 0.4) for c in (0.0, 1.0) for s in (0, 1)]
+    assert payload["task"] == "multilabel" and {"val_map", "val_f1"} <= set(cells[0.0, 0.0, 0])
+    worst = 0.0
+    for alpha, cutmix, seed in ((0.0, 1.0, 1), (0.4, 1.0, 0)):
+        out = tmp_path / f"f{alpha}-{cutmix}-{seed}"
+        flags = ["--alpha", str(alpha), "--cutmix-alpha", str(cutmix), "--seed", str(seed), "--data-seed", "0"]
+        assert main(["finetune", *common, "--layer", "stage2", *flags, "--out", str(out)]) == 0
+        final = json.loads((out / "metrics.json").read_text())["final"]
+        worst = max(
+            worst, *(abs(cells[alpha, cutmix, seed][k] - final[k]) for k in ("val_map", "val_nll", "train_loss"))
+        )
+    print(f"largest difference against finetune: {worst:.2e}")
+    assert worst <= TOLERANCE
