@@ -60,6 +60,8 @@ _WHERE = {
     "default_memory_budget": "headonly.streaming",
     "ShardedFeatures": "headonly.streaming",
     "split": "graph.splitting",
+    "sweep": "headonly.sweep",
+    "SweepResult": "headonly.sweep",
     "MixStep": "mixing.targets",
     "UsageError": "core.errors",
 }
@@ -108,6 +110,8 @@ __all__ = [
     "SameMixPointWarning",
     "split",
     "stage_names",
+    "sweep",
+    "SweepResult",
     "TokenPool",
     "transform_fingerprint",
     "UsageError",
@@ -149,6 +153,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ se
     from hookmix.headonly.cache import CacheKey, FeatureCache, transform_fingerprint
     from hookmix.headonly.heads import HEAD_KINDS, AdaptiveConcatPool2d, TokenPool, build_head
     from hookmix.headonly.streaming import BlockLayout, ShardedFeatures, default_memory_budget
+    from hookmix.headonly.sweep import SweepResult, sweep
     from hookmix.headonly.trained_model import FinetunedConfig, FinetunedModel, load_finetuned, save_finetuned
     from hookmix.headonly.training import FitConfig, FitResult, fit
     from hookmix.mixing.gate import GateWarning

@@ -22,6 +22,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - a CutMix cell compared with a baseline of its own cutmix α instead of no mixing, records without the cutmix α
   or the multi-label metrics, a CutMix sweep caching pooled features, the grid's CutMix cells drifting from
   ``finetune --cutmix-alpha``: ``test_a_multilabel_cutmix_sweep_of_mlp_heads_equals_finetune``;
+- ``hookmix.sweep`` mixing up layers (another layer's features or heads), a summary of other records, ``best``
+  not the lowest NLL, unequal layer sets accepted: ``test_the_python_api_sweeps_layers_and_each_cell_is_fit``;
 - ``hookmix sweep`` cells drifting from ``finetune`` (another cache, head init, split or config), the best
   cell not written as a run: ``test_the_sweep_cli_cells_equal_finetune_runs``.
 """
@@ -39,7 +41,15 @@ from torch import nn
 
 from hookmix.app.cli import main
 from hookmix.headonly.heads import build_head
-from hookmix.headonly.sweep import fit_grid, grid_configs, paired_differences, stackable, verdicts, warnings_of
+from hookmix.headonly.sweep import (
+    fit_grid,
+    grid_configs,
+    paired_differences,
+    stackable,
+    summary,
+    verdicts,
+    warnings_of,
+)
 from hookmix.headonly.training import FitConfig, fit
 from hookmix.mixing.settings import MixSettings
 
@@ -311,3 +321,31 @@ def test_a_multilabel_cutmix_sweep_of_mlp_heads_equals_finetune(mosaics: Path, t
         )
     print(f"largest difference against finetune: {worst:.2e}")
     assert worst <= TOLERANCE
+
+
+def test_the_python_api_sweeps_layers_and_each_cell_is_fit(capsys) -> None:
+    """``hookmix.sweep`` on in-memory features of two layers with the MLP head: one record per cell and layer,
+    the summary of those records, the best cell on NLL; a cell equals ``fit`` of ``build_head`` alone."""
+    import hookmix
+
+    x, y, vx, vy = _data(views=1)
+    maps, _, vmaps, _ = _maps(False)
+    train, val = {"vec": x[0], "map": maps[0]}, {"vec": vx, "map": vmaps}
+    base = FitConfig(epochs=2, batch_size=16)
+    found = hookmix.sweep(
+        train, y, val, vy, num_classes=5, head="mlp", alphas=[0.4], lrs=[1e-2], seeds=2, base=base, say=print
+    )
+    assert "vec: training 4 mlp heads together" in capsys.readouterr().out
+    assert [(r["layer"], r["alpha"], r["seed"]) for r in found.records] == [
+        (layer, a, s) for layer in ("vec", "map") for a in (0.0, 0.4) for s in (0, 1)
+    ]
+    assert found.summary == summary(found.records) and len(found.summary["verdicts"]) == 2 * 3
+    layer, config, head, result = found.best()
+    assert result.final["val_nll"] == min(r["val_nll"] for r in found.records)
+    alone = build_head("mlp", feature_shape=val["map"].shape[1:], num_classes=5, seed=1)
+    cell = next(r for c, _, r in found.cells["map"] if c.seed == 1 and c.mix)
+    config = next(c for c, _, _ in found.cells["map"] if c.seed == 1 and c.mix)
+    expected = fit(alone, "input", maps[0], y, vmaps, vy, config, num_classes=5, progress=False)
+    assert abs(cell.final["val_nll"] - expected.final["val_nll"]) <= TOLERANCE
+    with pytest.raises(ValueError, match="give the same layers"):
+        hookmix.sweep(train, y, {"vec": vx}, vy, num_classes=5)
