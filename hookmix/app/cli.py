@@ -272,14 +272,18 @@ def _finetune_interrupted(args: argparse.Namespace) -> str:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     """``hookmix sweep``: checked like ``finetune`` before torch is imported, then :func:`run_sweep`."""
-    from hookmix.app.paths import existing_dir, writable_dir
+    from hookmix.app.paths import existing_dir, existing_file, writable_dir
 
     if args.data != _DIGITS:
-        existing_dir("--data", Path(args.data), "give a folder with one sub-folder per class, or 'digits'")
+        root = "the folder the CSV's paths are relative to" if args.labels else "a folder with one sub-folder per class"
+        existing_dir("--data", Path(args.data), f"give {root}, or 'digits'")
         if args.model is None:
             raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
     if args.val:
         existing_dir("--val", Path(args.val), "give a folder with the same class sub-folders as --data")
+    for flag, given in (("--labels", args.labels), ("--val-labels", args.val_labels)):
+        if given:
+            existing_file(flag, Path(given), "give a CSV file with the columns path,labels")
     for flag, given in (("--out", args.out), ("--cache", args.cache)):
         if given:
             writable_dir(flag, Path(given))
@@ -301,19 +305,24 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         input_size=tuple(args.input_size) if args.input_size else None,
         shots=args.shots,
         val_dir=Path(args.val) if args.val else None,
+        labels=Path(args.labels) if args.labels else None,
+        val_labels=Path(args.val_labels) if args.val_labels else None,
         device=args.device or "auto",
         extract_batch_size=args.extract_batch_size,
         head=args.head,
         progress=not args.quiet,
     )
     lrs = tuple(args.lr) if args.lr else (defaults["lr"],)
-    spec = SweepSpec(job, tuple(args.layers or ()) or None, tuple(args.alpha), lrs, args.seeds, base, args.overwrite)
+    layers = tuple(args.layers or ()) or None
+    alphas, cutmix = tuple(args.alpha), tuple(args.cutmix_alpha)
+    spec = SweepSpec(job, layers, alphas, lrs, args.seeds, base, args.overwrite, cutmix)
     payload = run_sweep(spec, say=print)
     print(format_table(payload["records"]))
     for line in payload["verdicts"] + payload["warnings"]:
         print(line)
     best = payload["best"]
-    print(f"best on validation NLL: {best['layer']} α={best['alpha']:g} lr {best['lr']:g} seed {best['seed']}")
+    cutmix = f" cutmix α={best['cutmix_alpha']:g}" if best["cutmix_alpha"] else ""
+    print(f"best on validation NLL: {best['layer']} α={best['alpha']:g}{cutmix} lr {best['lr']:g} seed {best['seed']}")
     print(f"wrote {args.out}/sweep.json, sweep.csv, sweep.png and the best cell's run in {args.out}/best")
 
 
@@ -440,6 +449,13 @@ def _data_flags(parser: argparse.ArgumentParser) -> Any:
     group.add_argument("--data", required=True, help="an image folder (one sub-folder per class) or 'digits'")
     group.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
     group.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
+    group.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="multi-label: a CSV with columns path,labels (labels ';'-separated, may be empty; paths under "
+        "--data); trains with BCEWithLogitsLoss on mixed label targets",
+    )
+    group.add_argument("--val-labels", metavar="CSV", help="the validation CSV of --labels (default: split --labels)")
     return group
 
 
@@ -511,13 +527,6 @@ def _add_finetune(sub: Any) -> None:
 
 
 def _finetune_data(group: Any) -> None:
-    group.add_argument(
-        "--labels",
-        metavar="CSV",
-        help="multi-label: a CSV with columns path,labels (labels ';'-separated, may be empty; paths under "
-        "--data); trains with BCEWithLogitsLoss on mixed label targets",
-    )
-    group.add_argument("--val-labels", metavar="CSV", help="the validation CSV of --labels (default: split --labels)")
     group.add_argument(
         "--data-seed",
         type=_non_negative_int,
@@ -678,16 +687,24 @@ def _add_sweep(sub: Any) -> None:
     """The ``sweep`` sub-command: finetune's inputs, with lists where a grid makes sense."""
     sw = sub.add_parser(
         "sweep",
-        help="train a grid of heads (layer x alpha x lr x seed) on cached features; paired CIs against alpha=0",
-        description="Per layer, cache the features once and train every cell (alpha x lr x seed) together; "
-        "report each alpha against alpha=0 on the same seeds with 95% CIs, and write the best cell on "
-        "validation NLL as a run directory --out/best.",
+        help="train a grid of heads (layer x alpha x cutmix alpha x lr x seed) on cached features; paired CIs "
+        "against no mixing",
+        description="Per layer, cache the features once and train every cell (alpha x cutmix alpha x lr x seed) "
+        "together; report each mixing against none (alpha=0, cutmix alpha=0) on the same seeds with 95% CIs, and "
+        "write the best cell on validation NLL as a run directory --out/best.",
     )
     _data_flags(sw)
     _model_flags(sw, weights=False)
     sw.add_argument("--layers", nargs="+", metavar="L", help="layers to cut at (default: the last two stages)")
     sw.add_argument("--head", choices=("model", "linear", "mlp"), default="model", help="as finetune --head")
     sw.add_argument("--alpha", type=_number_in(0), nargs="+", default=[0.0, 0.2, 0.4, 1.0], help="0 is always in")
+    sw.add_argument(
+        "--cutmix-alpha",
+        type=_number_in(0),
+        nargs="+",
+        default=[0.0],
+        help="CutMix alphas (caches the maps); crossed with --alpha, 0 always in (default: 0, no CutMix)",
+    )
     sw.add_argument("--lr", type=_number_in(0, low_open=True), nargs="+", help="AdamW lrs (default as finetune)")
     sw.add_argument("--seeds", type=_int_at_least(2), default=5, help="seeds 0..K-1 per cell (>= 2, default 5)")
     _extraction_flags(sw)
