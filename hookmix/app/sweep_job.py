@@ -178,7 +178,7 @@ def run_sweep(spec: SweepSpec, say: Callable[[str], None] = print) -> dict[str, 
     payload = {
         "model": prepared.source.id,
         "head": spec.job.head,
-        "task": prepared.task,
+        "task": prepared.task.name,
         "layers": list(layers),
         "data_seed": DATA_SEED,
         "settings": {"epochs": spec.base.epochs, "batch_size": spec.base.batch_size, "seeds": spec.seeds},
