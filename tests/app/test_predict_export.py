@@ -235,7 +235,7 @@ def test_bad_runs_and_inputs_are_one_line_errors(case: str, digits_run: Path, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1].startswith("hookmix: error: ")
     expected = {
-        "missing": "is not a directory",
+        "missing": "nowhere does not exist",
         "unfinished": "has no head.safetensors",
         "other-version": "run format 99",
         "no-images": "holds no images",
