@@ -12,8 +12,9 @@ Plausible maintainer bugs, and the test that catches each:
   libraries, non-square photos);
 * T not applied, or applied twice (in ``probabilities`` and again in ``predict``)
   -> ``test_predict_is_softmax_of_the_logits_over_t`` (every row and class, T = 2.5);
-* thresholds applied in another class order (reversed, sorted), or ``>`` / argmax for a multi-label model
-  -> ``test_multilabel_predict_applies_each_class_s_threshold``;
+* thresholds applied in another class order (reversed), one threshold for all, or argmax for a multi-label
+  model -> ``test_multilabel_predict_applies_each_class_s_threshold`` (``>`` for ``>=`` at a threshold is
+  ``tests/app/test_predict_export.py``'s);
 * a run directory and the exported file of the same model rebuilt differently (e.g. the file's classifier left
   at another init) -> ``test_the_run_directory_and_the_exported_file_are_one_model``;
 * a head taken with another run's ``run.json``, a run of another format version, a recorded transform that
@@ -143,18 +144,20 @@ def test_predict_is_softmax_of_the_logits_over_t(run: tuple[str, Path], photos: 
 
 
 def test_multilabel_predict_applies_each_class_s_threshold(tmp_path: Path, photos: list[Path]) -> None:
-    """Per class its own threshold, in class order, ``p >= t`` on sigmoid(logits / T): thresholds chosen between
-    the photos' probabilities so that the reversed order decides other label sets."""
-    name = "torchvision:resnet18"
-    probe = make_run(tmp_path / "probe", name, temperature=1.5, thresholds=(0.5, 0.5, 0.5))
+    """Per class its own threshold, in class order, on sigmoid(logits / T) (T = 15 spreads the large logits):
+    thresholds midway between the photos' probabilities, other for each class, so that the reversed order
+    decides other label sets, and clear of every probability (> 1e-5) so that only the order decides."""
+    name, temperature = "torchvision:resnet18", 15.0
+    probe = make_run(tmp_path / "probe", name, temperature=temperature, thresholds=(0.5, 0.5, 0.5))
     x = torch.stack([library_preset(name)(Image.open(p).convert("RGB")) for p in photos])
     with torch.no_grad():
-        probabilities = torch.sigmoid(by_hand(name, probe / "head.safetensors")(x) / 1.5)
+        probabilities = torch.sigmoid(by_hand(name, probe / "head.safetensors")(x) / temperature)
     ordered = probabilities.sort(dim=0).values
-    thresholds = tuple(ordered[k, j].item() * 0.5 + ordered[k + 1, j].item() * 0.5 for j, k in enumerate((0, 1, 2)))
+    thresholds = tuple((ordered[k, j].item() + ordered[k + 1, j].item()) / 2 for j, k in enumerate((0, 2, 1)))
+    assert (probabilities - torch.tensor(thresholds)).abs().min() > 1e-5
     expected = probabilities >= torch.tensor(thresholds)
     assert not torch.equal(expected, probabilities >= torch.tensor(thresholds[::-1]))
-    directory = make_run(tmp_path / "run", name, temperature=1.5, thresholds=thresholds)
+    directory = make_run(tmp_path / "run", name, temperature=temperature, thresholds=thresholds)
     found = load_finetuned(directory).predict(photos)
     torch.testing.assert_close(found.probabilities, probabilities, rtol=0, atol=TOLERANCE)
     assert found.predicted == tuple(tuple(c for c, on in zip(CLASSES, row) if on) for row in expected.tolist())
