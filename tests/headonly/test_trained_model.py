@@ -70,10 +70,13 @@ def by_hand(name: str, head_file: Path) -> nn.Module:
     return model.eval()
 
 
-def make_run(out: Path, name: str, *, temperature: float, thresholds: tuple[float, ...] | None = None) -> Path:
-    """A run directory written by the library (as ``hookmix finetune`` does): the seed-0 model cut at layer4
-    with its own classifier as the head, scaled up so that T visibly changes the probabilities."""
-    source = BackboneSource(name, seed=0)
+def make_run(
+    out: Path, name: str, *, temperature: float, thresholds: tuple[float, ...] | None = None, seed: int = 0
+) -> Path:
+    """A run directory written by the library (as ``hookmix finetune`` does): the model initialised from
+    ``seed``, cut at layer4 with its own classifier as the head, scaled up so that T visibly changes the
+    probabilities."""
+    source = BackboneSource(name, seed=seed)
     model = source.build()
     source.resize(model, len(CLASSES))
     _, head, fixed = assemble(model, "layer4", "model", input_size=(3, 224, 224), num_classes=len(CLASSES))
@@ -163,14 +166,14 @@ def test_multilabel_predict_applies_each_class_s_threshold(tmp_path: Path, photo
     assert found.predicted == tuple(tuple(c for c, on in zip(CLASSES, row) if on) for row in expected.tolist())
 
 
-def test_the_run_directory_and_the_exported_file_are_one_model(
-    run: tuple[str, Path], photos: list[Path], tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet18"])
+def test_the_run_directory_and_the_exported_file_are_one_model(name: str, photos: list[Path], tmp_path: Path) -> None:
     """The file save_finetuned writes from a loaded run (its whole source model and head) loads into the same
-    model: equal config, equal probabilities; and ``run.json`` itself names its run."""
+    model: equal config, equal probabilities; and ``run.json`` itself names its run. The backbone is initialised
+    from seed 3, not the architecture's default seed 0, so that a file whose weights were not loaded differs."""
     from hookmix.headonly.trained_model import load_finetuned_with_source
 
-    _, directory = run
+    directory = make_run(tmp_path / "run", name, temperature=2.0, seed=3)
     model, source = load_finetuned_with_source(directory)
     exported = load_finetuned(save_finetuned(tmp_path / "m.safetensors", source, model.head, model.config))
     assert exported.config == model.config
