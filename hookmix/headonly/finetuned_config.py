@@ -30,7 +30,7 @@ class FinetunedConfig:
         model: the architecture's name, e.g. ``"torchvision:resnet50"`` (:func:`hookmix.graph.models.create_model`).
         weights: where the backbone's weights came from, e.g. ``"torchvision:resnet50:pretrained"``.
         layer: the layer the model was cut at.
-        head: the head kind, one of :data:`hookmix.HEAD_KINDS`.
+        head: the head kind, one of :data:`hookmix.headonly.heads.HEAD_KINDS`.
         pooled: the cut was moved past the fixed linear ops at the head's input.
         classes: the class names, in logit order.
         task: ``"multiclass"`` (softmax) or ``"multilabel"`` (a sigmoid per class).
