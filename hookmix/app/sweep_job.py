@@ -1,11 +1,12 @@
 """The ``hookmix sweep`` job: per layer, one feature cache and a grid of heads (α × lr × seed) trained together.
 
 It reuses the ``finetune`` job's phases — preparing the model and data, cutting and assembling the head,
-the cache keys and the extraction (so the caches in ``--cache`` are shared with ``finetune``) — and trains each
-layer's cells with :func:`hookmix.headonly.sweep.fit_grid`. The data are prepared once, with seed 0 (the split of a
-folder without ``--val``, the digits task, a random-init backbone); ``--seeds K`` varies each head's seed
-(its init, data order, mix plans, dropout). So a cell of seed s is exactly ``finetune --seed s --data-seed 0``
-with its α, lr, layer and head.
+the cache keys and cache directories (so the caches in ``--cache`` are shared with ``finetune``) — extracts every
+layer's cache in one backbone pass per part (:meth:`~hookmix.FeatureCache.extract_many` with hooks on all the
+layers), and trains each layer's cells with :func:`hookmix.headonly.sweep.fit_grid`. The data are prepared once,
+with seed 0 (the split of a folder without ``--val``, the digits task, a random-init backbone); ``--seeds K``
+varies each head's seed (its init, data order, mix plans, dropout). So a cell of seed s is exactly ``finetune
+--seed s --data-seed 0`` with its α, lr, layer and head.
 
 Writes ``sweep.json`` (settings, one record per cell, the paired differences against α = 0, the verdicts and
 warnings), ``sweep.csv`` (the records), ``sweep.png`` (each metric against α per layer, mean ± 95% CI over
@@ -20,6 +21,7 @@ import csv
 import io
 import json
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,11 +32,14 @@ from hookmix.app.finetune_job import (
     JobSpec,
     _assemble,
     _cache_key,
-    _extract_all,
+    _cache_path,
+    _CachePoint,
+    _check_budget,
     _identity,
     _prepare,
     _Prepared,
     _report,
+    _say_stored,
     _Trained,
 )
 from hookmix.core.devices import resolve_device
@@ -42,6 +47,7 @@ from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write
 from hookmix.evaluation.metrics import mean_ci
 from hookmix.graph.cutpoints import stage_names
+from hookmix.headonly.cache import CacheKey, FeatureCache
 from hookmix.headonly.sweep import (
     HIGHER_IS_BETTER,
     cell_alpha,
@@ -51,6 +57,7 @@ from hookmix.headonly.sweep import (
     grid_unstacked,
     summary,
 )
+from hookmix.headonly.taps import LayerTaps
 from hookmix.headonly.training import FitConfig
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
@@ -96,17 +103,98 @@ class _Layer:
     facts: dict[str, Any]
 
 
-def _sweep_layer(
-    spec: SweepSpec, prepared: _Prepared, layer: str, device: torch.device, say: Callable[[str], None]
-) -> _Layer:
-    """Extract (or reuse) ``layer``'s caches and train its grid of cells together."""
+@dataclass(frozen=True)
+class _Cut:
+    """One layer of the sweep before training: the job prepared at the layer, the grid's configs, each seed's
+    ``(backbone, head, cached point)`` as ``finetune`` assembles them, and the point's train / val cache keys."""
+
+    prepared: _Prepared
+    configs: list[FitConfig]
+    by_seed: dict[int, tuple[torch.nn.Module, torch.nn.Module, _CachePoint]]
+    keys: tuple[CacheKey, CacheKey]
+
+    @property
+    def point(self) -> _CachePoint:
+        return self.by_seed[0][2]
+
+    @property
+    def fixed_ops(self) -> torch.nn.Module | None:
+        """The fixed ops (average pool, flatten) that take the layer's map to the cached point, or ``None``:
+        the map is cached (``finetune``'s backbone is then ``Sequential(cut model, fixed ops)``)."""
+        return self.by_seed[0][0][1] if self.point.fixed_ops else None
+
+
+def _cut(spec: SweepSpec, prepared: _Prepared, layer: str) -> _Cut:
+    """Cut the model at ``layer`` for every seed of the grid, as ``finetune --layer`` would."""
     prepared = replace(prepared, layer=layer, layer_is_default=False)
     configs = grid_configs(spec.base, spec.alphas, spec.lrs, range(spec.seeds))
     by_seed = {c.seed: _assemble(prepared, spec.job, c) for c in configs}
-    backbone, _, point = by_seed[0]
-    heads = [copy.deepcopy(by_seed[c.seed][1]) for c in configs]
+    point = by_seed[0][2]
     keys = (_cache_key(prepared, "train", point.key_layer), _cache_key(prepared, "val", point.key_layer))
-    train, val, budget, extract_s = _extract_all(spec.job, prepared, backbone, point, keys, device, say)
+    return _Cut(prepared, configs, by_seed, keys)
+
+
+@dataclass(frozen=True)
+class _Extracted:
+    """Every cut's ``(train, val)`` caches by cached point (:attr:`_CachePoint.key_layer`), and the facts of
+    the extraction that each layer's run reports (device, memory budget, seconds of the shared passes)."""
+
+    caches: dict[str, tuple[FeatureCache, FeatureCache]]
+    facts: dict[str, Any]
+
+
+def _extract_layers(
+    spec: SweepSpec, cuts: Sequence[_Cut], device: torch.device, say: Callable[[str], None]
+) -> _Extracted:
+    """All layers' caches from ONE backbone pass over the training data and one over the validation data:
+    hooks on every layer (:class:`~hookmix.headonly.taps.LayerTaps`), the forward stopped after the deepest.
+    Each cache is the one ``finetune --layer`` makes (same point, key, ``--cache`` directory and bytes), so
+    either reuses the other's; layers already cached are loaded, and when all are no backbone runs."""
+    job = spec.job
+    budget = max(_check_budget(job, cut.prepared, cut.point) for cut in cuts)
+    taps = {cut.point.key_layer: (cut.point.layer, cut.fixed_ops) for cut in cuts}
+    model = cuts[0].prepared.model
+
+    def backbone_for(names: tuple[str, ...]) -> LayerTaps:
+        return LayerTaps(model, {name: taps[name] for name in names})
+
+    start, parts = time.perf_counter(), []
+    for index, (part, dataset) in enumerate((("train", cuts[0].prepared.train), ("val", cuts[0].prepared.val))):
+        train = index == 0
+        parts.append(
+            FeatureCache.extract_many(
+                backbone_for,
+                dataset,
+                {
+                    cut.point.key_layer: (cut.keys[index], _cache_path(job, cut.keys[index], cut.prepared.layer))
+                    for cut in cuts
+                },
+                dtype=job.dtype,
+                batch_size=job.batch_size,
+                views=job.views if train else 1,
+                num_workers=job.workers,
+                device=device,
+                progress=job.progress,
+                mmap=None if train and job.cache_dir is not None else False,
+                memory_budget=budget if train else None,
+                desc=f"extracting {part} features",
+            )
+        )
+    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(time.perf_counter() - start, 3)}
+    caches = {name: (parts[0][name], parts[1][name]) for name in taps}
+    for cut in cuts:
+        layer = cut.prepared.layer
+        _say_stored(job, caches[cut.point.key_layer], budget, lambda line, layer=layer: say(f"{layer}: {line}"))
+    return _Extracted(caches, facts)
+
+
+def _sweep_layer(
+    spec: SweepSpec, cut: _Cut, extracted: _Extracted, device: torch.device, say: Callable[[str], None]
+) -> _Layer:
+    """Train ``cut``'s grid of cells together on its layer's caches."""
+    configs, layer = cut.configs, cut.prepared.layer
+    heads = [copy.deepcopy(cut.by_seed[c.seed][1]) for c in configs]
+    train, val = extracted.caches[cut.point.key_layer]
     alone = grid_unstacked(heads, configs, train.features, train.labels)
     how = f"one by one with fit ({alone})" if alone else "together"
     say(f"{layer}: training {len(configs)} {spec.job.head} heads {how} ({_grid_text(spec)})")
@@ -117,12 +205,12 @@ def _sweep_layer(
         train.labels,
         val.features[0],
         val.labels,
-        num_classes=len(prepared.classes),
+        num_classes=len(cut.prepared.classes),
         device=device,
         progress=spec.job.progress,
     )
-    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
-    return _Layer(prepared, point, keys, list(zip(configs, heads, results)), (train, val), facts)
+    trained = list(zip(configs, heads, results))
+    return _Layer(cut.prepared, cut.point, cut.keys, trained, (train, val), dict(extracted.facts))
 
 
 def _grid_text(spec: SweepSpec) -> str:
@@ -160,7 +248,9 @@ def run_sweep(spec: SweepSpec, say: Callable[[str], None] = print) -> dict[str, 
         raise UsageError("sweep compares multi-class runs (accuracy, NLL, ECE); multi-label sweeps are not built yet.")
     layers = _layers(spec, prepared)
     say(f"{prepared.source.id} @ {', '.join(layers)} on {device}: {_grid_text(spec)}")
-    done = [_sweep_layer(spec, prepared, layer, device, say) for layer in layers]
+    cuts = [_cut(spec, prepared, layer) for layer in layers]
+    extracted = _extract_layers(spec, cuts, device, say)
+    done = [_sweep_layer(spec, cut, extracted, device, say) for cut in cuts]
     records = [
         cell_record(layer.prepared.layer, spec.job.head, config, result, layer.caches[1].labels)
         for layer in done
