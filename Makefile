@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/gpu_head_only.py
 	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/extract_layers.py
 	$(PY) benchmarks/data_fingerprint.py
 
 # Mutation testing (mutmut, configured in pyproject.toml's [tool.mutmut]) in a fresh copy of the working tree
