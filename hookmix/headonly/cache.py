@@ -546,7 +546,7 @@ def _extract_missing(
     backbone_for: Callable[[tuple[str, ...]], nn.Module], dataset: Dataset, todo: list[_Target], run: _Pass
 ) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Extract the rows ``todo``'s caches lack in one pass, under all their directories' writer locks (taken
-    in path order, so that two such passes never wait for each other); the batches run and the in-memory
+    in path order, so that two such passes over shared directories cannot deadlock); the batches run and the in-memory
     targets' ``(features, labels)``. A target completed by another writer meanwhile takes nothing."""
     count = len(dataset)  # type: ignore[arg-type]
     on_disk = sorted((t for t in todo if t.directory is not None), key=lambda t: str(t.directory))
