@@ -325,7 +325,7 @@ class FeatureCache:
         wanted = _targets(targets)
         if mmap and any(target.directory is None for target in wanted):
             raise UsageError("mmap=True needs path=DIR: only a cache stored on disk can be memory-mapped.")
-        _check_extract_args(dataset, run.dtype, run.batch_size, run.shard_size, run.views, run.num_workers)
+        _check_pass_args(dataset, run.dtype, run.batch_size, run.shard_size, run.views, run.num_workers)
         count = len(dataset)  # type: ignore[arg-type]
         todo = [target for target in wanted if not _stored(target, count, run)]
         batches, kept = _extract_missing(backbone_for, dataset, todo, run) if todo else (0, {})
@@ -446,9 +446,7 @@ def extract_rows(
     The caller holds the lock on writing ``directory/manifest_name`` (:meth:`FeatureCache.extract` holds the
     directory's writer lock; the ranks of a sharded extraction each write their own manifest).
     """
-    _check_backbone(backbone)
-    _check_key(key)
-    _check_extract_args(dataset, dtype, batch_size, shard_size, views, num_workers)
+    _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
     first, last = rows
     count = len(dataset)  # type: ignore[arg-type]
     directory.mkdir(parents=True, exist_ok=True)
@@ -462,7 +460,13 @@ def extract_rows(
         directory, key, dtype, views, count, previous, first_shard=first_shard, manifest_name=manifest_name
     )
     run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
-    return done - first, run_backbone(backbone, dataset, ranges, {key.layer: writer}, progress=progress, **run)
+    return done - first, _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
+
+
+def _run_backbone(backbone: nn.Module, dataset: Dataset, ranges: list[tuple[int, int]], sink: Sink, **run: Any) -> int:
+    """:func:`~hookmix.headonly._backbone_pass.run_backbone` for a backbone with one output ``(B, *F)`` and
+    one sink (one cache, or one rank's shards of it); ``run``: its keyword arguments."""
+    return run_backbone(backbone, dataset, ranges, {"features": sink}, **run)
 
 
 def _resume(
@@ -655,6 +659,22 @@ def _check_key(key: object) -> None:
 
 
 def _check_extract_args(
+    backbone: object,
+    dataset: object,
+    key: object,
+    dtype: object,
+    batch_size: object,
+    shard_size: object,
+    views: object,
+    num_workers: object,
+) -> None:
+    """The arguments of one cache's extraction (:func:`extract_rows`, the ranks of a sharded extraction)."""
+    _check_backbone(backbone)
+    _check_key(key)
+    _check_pass_args(dataset, dtype, batch_size, shard_size, views, num_workers)
+
+
+def _check_pass_args(
     dataset: object,
     dtype: object,
     batch_size: object,
