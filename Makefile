@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/gpu_head_only.py
 	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/extract_layers.py
 	$(PY) benchmarks/data_fingerprint.py
 
 # Every GPU figure of the project in one run of under 10 minutes on one GPU (benchmarks/bench_gpu.py: host syncs

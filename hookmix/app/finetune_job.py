@@ -306,6 +306,16 @@ def _cache_key(prepared: _Prepared, part: str, layer: str) -> CacheKey:
     return CacheKey(prepared.source.id, layer, prepared.input_size, transform, f"{part}:{identity}")
 
 
+def _cache_path(spec: JobSpec, key: CacheKey, layer: str) -> Path | None:
+    """The ``--cache`` directory of the cache of ``key`` (one part's features at ``layer``), ``None`` without
+    ``--cache``: one directory per key, so other data or settings never meet this cache."""
+    if spec.cache_dir is None:
+        return None
+    part = key.dataset.partition(":")[0]
+    views = spec.views if part == "train" else 1
+    return keyed_directory(spec.cache_dir, _cache_name(part, key.layer, layer), key, dtype=spec.dtype, views=views)
+
+
 def _extract(
     prepared: _Prepared,
     backbone: torch.nn.Module,
@@ -316,12 +326,9 @@ def _extract(
 ) -> FeatureCache:
     """Extract (or load) one part's features; with a ``budget`` and a cache directory, a cache larger than
     the budget comes back memory-mapped (streamed by :func:`hookmix.fit`)."""
-    part, layer = key.dataset.partition(":")[0], key.layer
+    part = key.dataset.partition(":")[0]
     views = spec.views if part == "train" else 1
-    path = None
-    if spec.cache_dir is not None:  # one directory per key: other data or settings never meet this cache
-        name = _cache_name(part, layer, prepared.layer)
-        path = keyed_directory(spec.cache_dir, name, key, dtype=spec.dtype, views=views)
+    path = _cache_path(spec, key, prepared.layer)
     dataset = prepared.dataset(part)
     options = dict(
         dtype=spec.dtype,
@@ -546,15 +553,20 @@ def _extract_all(
     train = _extract(prepared, backbone, spec, device, keys[0], budget)
     val = _extract(prepared, backbone, spec, device, keys[1], None)
     extract_s = time.perf_counter() - start
-    _say_caches(say, (train, val))
-    limit = _human(budget)
+    _say_stored(spec, (train, val), budget, say)
+    return train, val, budget, extract_s
+
+
+def _say_stored(spec: JobSpec, caches: tuple[FeatureCache, FeatureCache], budget: int, say: Callable) -> None:
+    """Say which caches were reused, and whether the training features are streamed or kept in memory."""
+    _say_caches(say, caches)
+    train, limit = caches[0], _human(budget)
     if isinstance(train.features, ShardedFeatures):
         size = _human(train.features.stored_bytes)
         say(f"training features {size} > memory budget {limit}: memory-mapped, streamed from {train.path} in blocks")
     elif spec.cache_dir is not None or spec.memory_budget is not None:
         size = _human(len(train) * train.bytes_per_example)
         say(f"training features {size} <= memory budget {limit}: kept in memory")
-    return train, val, budget, extract_s
 
 
 def _start_training(spec: JobSpec, config: FitConfig, identity: dict, resume: bool, say: Callable) -> None:

@@ -2,11 +2,12 @@
 together.
 
 It reuses the ``finetune`` job's phases — preparing the model and data, cutting and assembling the head,
-the cache keys and the extraction (so the caches in ``--cache`` are shared with ``finetune``) — and trains each
-layer's cells with :func:`hookmix.sweep`, on multi-class (class folders, digits) or multi-label (``--labels``)
-data. The data are prepared once, with seed 0 (the split of a folder without ``--val``, the digits task, a
-random-init backbone); ``--seeds K`` varies each head's seed (its init, data order, mix plans, dropout). So a
-cell of seed s is exactly ``finetune --seed s --data-seed 0`` with its α, lr, layer and head.
+the cache keys and cache directories (so the caches in ``--cache`` are shared with ``finetune``) — extracts every
+layer's cache in one backbone pass per part (:meth:`~hookmix.FeatureCache.extract_many` with hooks on all the
+layers), and trains each layer's cells with :func:`hookmix.sweep`, on multi-class (class folders, digits) or
+multi-label (``--labels``) data. The data are prepared once, with seed 0 (the split of a folder without
+``--val``, the digits task, a random-init backbone); ``--seeds K`` varies each head's seed (its init, data order,
+mix plans, dropout). So a cell of seed s is exactly ``finetune --seed s --data-seed 0`` with its α, lr, layer and head.
 
 Writes ``sweep.json`` (settings, one record per cell, the paired differences against no mixing, the verdicts and
 warnings), ``sweep.csv`` (the records), ``sweep.png`` (each metric against α per layer, mean ± 95% CI over
@@ -21,6 +22,7 @@ import csv
 import io
 import json
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,11 +33,14 @@ from hookmix.app.finetune_job import (
     JobSpec,
     _assemble,
     _cache_key,
-    _extract_all,
+    _cache_path,
+    _CachePoint,
+    _check_budget,
     _identity,
     _prepare,
     _Prepared,
     _report,
+    _say_stored,
     _Trained,
 )
 from hookmix.core.devices import resolve_device
@@ -43,7 +48,9 @@ from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write
 from hookmix.evaluation.metrics import mean_ci
 from hookmix.graph.cutpoints import stage_names
+from hookmix.headonly.cache import CacheKey, FeatureCache
 from hookmix.headonly.sweep import HIGHER_IS_BETTER, cell_alpha, cell_cutmix_alpha, grid_configs, sweep
+from hookmix.headonly.taps import LayerTaps
 from hookmix.headonly.training import FitConfig
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
@@ -80,14 +87,17 @@ def _layers(spec: SweepSpec, prepared: _Prepared) -> tuple[str, ...]:
 
 @dataclass
 class _Layer:
-    """One layer's caches and what its best cell needs to be written as a run; its cells once trained."""
+    """One layer's cut and what its best cell needs to be written as a run: the job prepared at the layer, the
+    cached point (and the fixed ops that take the layer's map to it, ``None``: the map is cached), its cache keys,
+    each seed's fresh head; its caches once extracted, its cells once trained."""
 
     prepared: _Prepared
-    point: Any
-    keys: tuple[Any, Any]
+    point: _CachePoint
+    fixed_ops: torch.nn.Module | None
+    keys: tuple[CacheKey, CacheKey]
     heads: dict[int, torch.nn.Module]
-    caches: tuple[Any, Any]
-    facts: dict[str, Any]
+    caches: tuple[Any, Any] = ()
+    facts: dict[str, Any] = field(default_factory=dict)
     trained: list[tuple[FitConfig, torch.nn.Module, Any]] = field(default_factory=list)
 
 
@@ -95,21 +105,60 @@ def _configs(spec: SweepSpec) -> list[FitConfig]:
     return grid_configs(spec.base, spec.alphas, spec.lrs, range(spec.seeds), spec.cutmix_alphas)
 
 
-def _prepare_layer(
-    spec: SweepSpec, prepared: _Prepared, layer: str, device: torch.device, say: Callable[[str], None]
-) -> _Layer:
-    """Extract (or reuse) ``layer``'s caches — the maps when a cell cuts (CutMix pastes boxes of the map) — and
-    each seed's fresh head."""
+def _prepare_layer(spec: SweepSpec, prepared: _Prepared, layer: str) -> _Layer:
+    """Cut the model at ``layer`` as ``finetune --layer`` would — caching the maps when a cell cuts (CutMix
+    pastes boxes of the map) — with each seed's fresh head."""
     prepared = replace(prepared, layer=layer, layer_is_default=False)
     configs = _configs(spec)
     widest = next((c for c in configs if c.mix and c.mixing.uses_cutmix), configs[0])  # decides what is cached
     by_seed = {c.seed: _assemble(prepared, spec.job, replace(widest, seed=c.seed)) for c in configs}
     backbone, _, point = by_seed[0]
     keys = (_cache_key(prepared, "train", point.key_layer), _cache_key(prepared, "val", point.key_layer))
-    train, val, budget, extract_s = _extract_all(spec.job, prepared, backbone, point, keys, device, say)
-    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
     heads = {seed: head for seed, (_, head, _) in by_seed.items()}
-    return _Layer(prepared, point, keys, heads, (train, val), facts)
+    return _Layer(prepared, point, backbone[1] if point.fixed_ops else None, keys, heads)
+
+
+def _extract_layers(
+    spec: SweepSpec, layers: Sequence[_Layer], device: torch.device, say: Callable[[str], None]
+) -> None:
+    """All layers' caches from ONE backbone pass over the training data and one over the validation data:
+    hooks on every layer (:class:`~hookmix.headonly.taps.LayerTaps`), the forward stopped after the deepest.
+    Each cache is the one ``finetune --layer`` makes (same point, key, ``--cache`` directory and bytes), so
+    either reuses the other's; layers already cached are loaded, and when all are no backbone runs."""
+    job, first = spec.job, layers[0].prepared
+    budget = max(_check_budget(job, layer.prepared, layer.point) for layer in layers)
+    taps = {layer.point.key_layer: (layer.point.layer, layer.fixed_ops) for layer in layers}
+
+    def backbone_for(names: tuple[str, ...]) -> LayerTaps:
+        return LayerTaps(first.model, {name: taps[name] for name in names})
+
+    start, parts = time.perf_counter(), []
+    for index, part in enumerate(("train", "val")):
+        targets = {
+            layer.point.key_layer: (layer.keys[index], _cache_path(job, layer.keys[index], layer.prepared.layer))
+            for layer in layers
+        }
+        parts.append(
+            FeatureCache.extract_many(
+                backbone_for,
+                first.dataset(part),
+                targets,
+                dtype=job.dtype,
+                batch_size=job.extract_batch_size,
+                views=job.views if index == 0 else 1,
+                num_workers=job.workers,
+                device=device,
+                progress=job.progress,
+                mmap=None if index == 0 and job.cache_dir is not None else False,
+                memory_budget=budget if index == 0 else None,
+                desc=f"extracting {part} features",
+            )
+        )
+    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(time.perf_counter() - start, 3)}
+    for layer in layers:
+        name = layer.prepared.layer
+        layer.caches, layer.facts = (parts[0][layer.point.key_layer], parts[1][layer.point.key_layer]), dict(facts)
+        _say_stored(job, layer.caches, budget, lambda line, name=name: say(f"{name}: {line}"))
 
 
 def _grid_text(spec: SweepSpec) -> str:
@@ -154,7 +203,8 @@ def run_sweep(spec: SweepSpec, say: Callable[[str], None] = print) -> dict[str, 
     prepared = _prepare(spec.job, DATA_SEED)
     layers = _layers(spec, prepared)
     say(f"{prepared.source.id} @ {', '.join(layers)} on {device}: {_grid_text(spec)}")
-    done = {layer: _prepare_layer(spec, prepared, layer, device, say) for layer in layers}
+    done = {layer: _prepare_layer(spec, prepared, layer) for layer in layers}
+    _extract_layers(spec, list(done.values()), device, say)
     train, val = next(iter(done.values())).caches  # the labels: one set of images for every layer
     result = sweep(
         {layer: d.caches[0].features for layer, d in done.items()},
