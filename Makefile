@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench mutate clean
+.PHONY: setup demo test lint bench bench-gpu mutate clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,19 @@ bench: setup
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/gpu_head_only.py
 	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/extract_layers.py
 	$(PY) benchmarks/data_fingerprint.py
+
+# Every GPU figure of the project in one run of under 10 minutes on one GPU (benchmarks/bench_gpu.py: host syncs
+# per step, the streamed epoch over a 6 GB cache / its sequential read, head-only, the sweep, hook overhead), written
+# to BENCH_GPU_JSON. Without CUDA it measures nothing; BENCH_GPU_ARGS=--smoke runs every part tiny on the CPU. It
+# needs no virtualenv: on a GPU machine whose python3 holds torch, `make bench-gpu` runs with that one.
+BENCH_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+BENCH_GPU_JSON ?= bench_gpu.json
+BENCH_GPU_ARGS ?=
+
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(BENCH_PY) benchmarks/bench_gpu.py --json $(BENCH_GPU_JSON) $(BENCH_GPU_ARGS)
 
 # Mutation testing (mutmut, configured in pyproject.toml's [tool.mutmut]) in a fresh copy of the working tree
 # at MUTATE_DIR, never in the tree itself: mutmut writes mutated modules under mutants/ there. About 1,800

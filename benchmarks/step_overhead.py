@@ -10,15 +10,17 @@ round so machine noise hits all of them alike:
 Prints the median step times, the ratios hooked/plain and hooked/timm, the extra memory autograd
 keeps for backward (bytes of unique saved tensors, the dominant term of a train step's peak memory,
 which a CPU has no allocator counter for) against the size of one layer4 activation, and the graph
-breaks ``torch._dynamo.explain`` finds in the hooked forward.
+breaks ``torch._dynamo.explain`` finds in the hooked forward. With ``--device cuda`` the steps run on the GPU
+(each timed between two ``torch.cuda.synchronize``) and the card's name is printed.
 
-    python benchmarks/step_overhead.py [--batch 32] [--size 224] [--rounds 5]
+    python benchmarks/step_overhead.py [--batch 32] [--size 224] [--rounds 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import time
 from typing import Callable
 
 import timm.data
@@ -45,18 +47,38 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
+def synced(step: Callable[[], float], device: torch.device) -> Callable[[], float]:
+    """``step`` timed from an idle device to the end of its kernels (CUDA runs asynchronously); as is on the CPU."""
+    if device.type != "cuda":
+        return step
+
+    def timed() -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: not measured on a GPU")
+        return
     torch.manual_seed(0)
-    model = torchvision.models.resnet50()
+    model = torchvision.models.resnet50().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 1000, (args.batch,))
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
     timm_mix = timm.data.Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, num_classes=1000)
     soft_ce = timm.loss.SoftTargetCrossEntropy()
 
@@ -75,7 +97,8 @@ def main() -> None:
     with HookMixer(model, "layer4", alpha=0.4, num_classes=1000, seed=0) as hooked:
         variants = {"plain": plain_loss, "hooked": hooked_loss, "timm-input": timm_loss}
         med = interleaved_medians(
-            {name: functools.partial(train_step, optimizer, fn) for name, fn in variants.items()}, args.rounds
+            {name: synced(functools.partial(train_step, optimizer, fn), device) for name, fn in variants.items()},
+            args.rounds,
         )
         memory = {name: saved_bytes(fn) for name, fn in variants.items()}
         hooked.plan(y[:2])
@@ -83,10 +106,9 @@ def main() -> None:
     layer4_bytes = args.batch * 2048 * (args.size // 32) ** 2 * 4
     extra = memory["hooked"] - memory["plain"]
     print()
-    print(
-        f"ResNet50 train step, B={args.batch}, {args.size}px, CPU threads={torch.get_num_threads()}, "
-        f"median of {args.rounds}:"
-    )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads={torch.get_num_threads()}"
+    print(f"ResNet50 train step, B={args.batch}, {args.size}px, {where}, torch {torch.__version__}, ", end="")
+    print(f"median of {args.rounds}:")
     for name, t in med.items():
         print(f"  {name:<11} {t * 1000:8.1f} ms")
     print(f"  hooked / plain      = {med['hooked'] / med['plain']:.3f}   (goal <= 1.02)")

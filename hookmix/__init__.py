@@ -39,6 +39,7 @@ _WHERE = {
     "FinetunedModel": "headonly.trained_model",
     "load_finetuned": "headonly.trained_model",
     "save_finetuned": "headonly.trained_model",
+    "sweep": "headonly.sweep",
     # evaluation
     "evaluate": "evaluation.metrics",
     "evaluate_multilabel": "evaluation.metrics",

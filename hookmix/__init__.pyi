@@ -16,6 +16,7 @@ from hookmix.headonly.trained_model import FinetunedConfig as FinetunedConfig
 from hookmix.headonly.trained_model import FinetunedModel as FinetunedModel
 from hookmix.headonly.trained_model import load_finetuned as load_finetuned
 from hookmix.headonly.trained_model import save_finetuned as save_finetuned
+from hookmix.headonly.sweep import sweep as sweep
 from hookmix.evaluation.metrics import evaluate as evaluate
 from hookmix.evaluation.metrics import evaluate_multilabel as evaluate_multilabel
 from hookmix.evaluation.calibration import fit_temperature as fit_temperature
@@ -43,6 +44,7 @@ __all__ = [
     'FinetunedModel',
     'load_finetuned',
     'save_finetuned',
+    'sweep',
     'evaluate',
     'evaluate_multilabel',
     'fit_temperature',

@@ -125,3 +125,22 @@ def test_every_warning_hookmix_gives_derives_from_hookmix_warning() -> None:
                 warnings_found.append(value)
     assert len(set(warnings_found)) >= 4
     assert all(issubclass(w, hookmix.HookmixWarning) for w in warnings_found), warnings_found
+
+
+def test_functions_and_classes_stay_small() -> None:
+    """No function body over 60 lines (its docstring aside: argument docs may be long) and no class over 300
+    lines, so each piece does one job a maintainer can read at once."""
+    too_long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1
+                lines = node.end_lineno - (body[1] if has_doc else body[0]).lineno + 1
+                if lines > 60:
+                    too_long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+            elif isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                too_long.append(
+                    f"{path.name}:{node.lineno} class {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                )
+    assert too_long == [], too_long

@@ -208,25 +208,31 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         fp32=args.fp32,
         shots=args.shots,
         data_seed=args.data_seed,
-        val=Path(args.val) if args.val else None,
+        val_dir=Path(args.val) if args.val else None,
         labels=Path(args.labels) if args.labels else None,
         val_labels=Path(args.val_labels) if args.val_labels else None,
         views=args.views,
         workers=args.workers,
         device=args.device or "auto",
+        extract_batch_size=args.extract_batch_size,
         head=args.head,
         keep_maps=args.keep_maps,
         calibrate=args.calibrate,
         memory_budget=args.memory_budget,
         progress=not args.quiet,
+        ddp=args.ddp,
     )
     payload = run_finetune(spec, config, resume=args.resume, overwrite=args.overwrite, say=print)
-    _print_finetune_report(payload, config, spec.out_dir)
+    if payload is not None:  # None: a torchrun rank other than 0, which prints nothing
+        _print_finetune_report(payload, config, spec.out_dir)
 
 
 def _print_finetune_report(payload: dict[str, Any], config: "FitConfig", out: Path) -> None:
-    """The closing lines of ``finetune``: the data, the final epoch's metrics, calibration, files written."""
-    final = payload["final"]
+    """The closing lines of ``finetune``: the data, the final epoch's metrics (the run's task says which lead),
+    calibration, files written."""
+    from hookmix.headonly.tasks import task_named
+
+    final, task = payload["final"], task_named(payload["task"])
     print(
         f"{payload['train_examples']} train / {payload['val_examples']} val, "
         f"features {'x'.join(map(str, payload['feature_shape']))} ({payload['cache_bytes_per_example']:,} B/example)"
@@ -234,13 +240,8 @@ def _print_finetune_report(payload: dict[str, Any], config: "FitConfig", out: Pa
     settings = config.mixing
     methods = [f"{name} alpha={a}" for name, a in (("mixup", settings.alpha), ("cutmix", settings.cutmix_alpha)) if a]
     mixing = " + ".join(methods) if config.mix else "no mixup"
-    headline = (
-        f"val mAP {final['val_map']:.4f}, F1@0.5 {final['val_f1']:.4f}"
-        if payload["task"] == "multilabel"
-        else f"val accuracy {final['val_accuracy']:.4f}"
-    )
     print(
-        f"epoch {final['epoch']}: train loss {final['train_loss']:.4f}, {headline}, "
+        f"epoch {final['epoch']}: train loss {final['train_loss']:.4f}, {task.describe(final)}, "
         f"NLL {final['val_nll']:.4f}, ECE {final['val_ece']:.4f} ({mixing})"
     )
     if payload["final_tuned"] is not None:
@@ -271,14 +272,18 @@ def _finetune_interrupted(args: argparse.Namespace) -> str:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     """``hookmix sweep``: checked like ``finetune`` before torch is imported, then :func:`run_sweep`."""
-    from hookmix.app.paths import cache_location, existing_dir, writable_dir
+    from hookmix.app.paths import cache_location, existing_dir, existing_file, writable_dir
 
     if args.data != _DIGITS:
-        existing_dir("--data", Path(args.data), "give a folder with one sub-folder per class, or 'digits'")
+        root = "the folder the CSV's paths are relative to" if args.labels else "a folder with one sub-folder per class"
+        existing_dir("--data", Path(args.data), f"give {root}, or 'digits'")
         if args.model is None:
             raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
     if args.val:
         existing_dir("--val", Path(args.val), "give a folder with the same class sub-folders as --data")
+    for flag, given in (("--labels", args.labels), ("--val-labels", args.val_labels)):
+        if given:
+            existing_file(flag, Path(given), "give a CSV file with the columns path,labels")
     writable_dir("--out", Path(args.out))
     cache = cache_location("--cache", args.cache)
     from hookmix.headonly.training import FitConfig
@@ -298,19 +303,25 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         cache_dir=cache,
         input_size=tuple(args.input_size) if args.input_size else None,
         shots=args.shots,
-        val=Path(args.val) if args.val else None,
+        val_dir=Path(args.val) if args.val else None,
+        labels=Path(args.labels) if args.labels else None,
+        val_labels=Path(args.val_labels) if args.val_labels else None,
         device=args.device or "auto",
+        extract_batch_size=args.extract_batch_size,
         head=args.head,
         progress=not args.quiet,
     )
     lrs = tuple(args.lr) if args.lr else (defaults["lr"],)
-    spec = SweepSpec(job, tuple(args.layers or ()) or None, tuple(args.alpha), lrs, args.seeds, base, args.overwrite)
+    layers = tuple(args.layers or ()) or None
+    alphas, cutmix = tuple(args.alpha), tuple(args.cutmix_alpha)
+    spec = SweepSpec(job, layers, alphas, lrs, args.seeds, base, args.overwrite, cutmix)
     payload = run_sweep(spec, say=print)
     print(format_table(payload["records"]))
     for line in payload["verdicts"] + payload["warnings"]:
         print(line)
     best = payload["best"]
-    print(f"best on validation NLL: {best['layer']} α={best['alpha']:g} lr {best['lr']:g} seed {best['seed']}")
+    cutmix = f" cutmix α={best['cutmix_alpha']:g}" if best["cutmix_alpha"] else ""
+    print(f"best on validation NLL: {best['layer']} α={best['alpha']:g}{cutmix} lr {best['lr']:g} seed {best['seed']}")
     print(f"wrote {args.out}/sweep.json, sweep.csv, sweep.png and the best cell's run in {args.out}/best")
 
 
@@ -395,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hookmix", description="Feature-level mixup through forward hooks.")
     parser.set_defaults(interrupted=_interrupted, flags={})
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_layers, _add_finetune, _add_predict, _add_export, _add_demo, _add_sweep):
+        add(sub)
+    for command in sub.choices.values():
+        command.set_defaults(flags=_flag_names(command))
+    return parser
+
+
+def _add_layers(sub: Any) -> None:
     layers = sub.add_parser(
         "layers",
         help="print every layer of a torchvision/timm model with its output shape",
@@ -419,42 +438,137 @@ def build_parser() -> argparse.ArgumentParser:
     )
     layers.set_defaults(handler=_cmd_layers)
 
+
+# The flags finetune and sweep share, one definition each, in the groups --help shows them in: what the
+# job reads (data, model), how it extracts the features, and how long and in what batches the head trains.
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> Any:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, help="an image folder (one sub-folder per class) or 'digits'")
+    group.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
+    group.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
+    group.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="multi-label: a CSV with columns path,labels (labels ';'-separated, may be empty; paths under "
+        "--data); trains with BCEWithLogitsLoss on mixed label targets",
+    )
+    group.add_argument("--val-labels", metavar="CSV", help="the validation CSV of --labels (default: split --labels)")
+    return group
+
+
+def _model_flags(parser: argparse.ArgumentParser, *, weights: bool) -> Any:
+    """``--model``, ``--pretrained`` (or, with ``weights``, ``--weights`` instead) and ``--input-size``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="torchvision/timm model name, e.g. resnet50 (not with --data digits)")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--pretrained", action="store_true", help="load the library's default weights (download)")
+    if weights:
+        source.add_argument("--weights", metavar="PATH", help="weights file (.safetensors or torch state dict)")
+    group.add_argument(
+        "--input-size",
+        type=_positive_int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="the image size the backbone sees (default: the model's own)",
+    )
+    return group
+
+
+def _extraction_flags(parser: argparse.ArgumentParser) -> Any:
+    group = parser.add_argument_group("feature extraction")
+    group.add_argument(
+        "--extract-batch-size",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="images per backbone forward while extracting (default 64); memory and speed only: the cache "
+        "serves runs of any extraction batch size",
+    )
+    group.add_argument(
+        "--cache",
+        metavar="DIR|URL",
+        help="keep features here (reused when they match, by finetune and sweep): a directory, or object storage "
+        "such as s3://bucket/prefix",
+    )
+    group.add_argument(
+        "--device", type=_device, default=None, help="auto (cuda, then mps, then cpu; the default), cpu, cuda, mps"
+    )
+    return group
+
+
+def _training_flags(parser: argparse.ArgumentParser) -> Any:
+    group = parser.add_argument_group("head training")
+    group.add_argument("--epochs", type=_positive_int, default=20, help="head training epochs (default 20)")
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="head training batch (default 32; digits: 16)"
+    )
+    return group
+
+
+def _add_finetune(sub: Any) -> None:
     ft = sub.add_parser(
         "finetune",
         help="train a model's head on cached, mixed features of a named layer",
         description="Split the model at --layer, run the frozen backbone once over the data (cached), then "
         "train the head on mixed cached features; writes metrics.json and PNG plots to --out.",
     )
-    ft.add_argument("--data", required=True, help="an image folder (one sub-folder per class) or 'digits'")
-    ft.add_argument("--model", help="torchvision/timm model name, e.g. resnet50 (not with --data digits)")
-    source = ft.add_mutually_exclusive_group()
-    source.add_argument("--pretrained", action="store_true", help="load the library's default weights (download)")
-    source.add_argument("--weights", metavar="PATH", help="weights file (.safetensors or torch state dict)")
-    ft.add_argument(
+    _finetune_data(_data_flags(ft))
+    _finetune_model(_model_flags(ft, weights=True))
+    _finetune_extraction(_extraction_flags(ft))
+    _mixing_flags(ft.add_argument_group("mixing"))
+    _finetune_training(_training_flags(ft))
+    run = ft.add_argument_group("run")
+    run.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, plots and checkpoints go")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.set_defaults(handler=_cmd_finetune, interrupted=_finetune_interrupted)
+
+
+def _finetune_data(group: Any) -> None:
+    group.add_argument(
+        "--data-seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of the data's preparation: the split of --data, the digits task's sample, a random-init "
+        "backbone (default: --seed; a sweep's cells use 0)",
+    )
+
+
+def _finetune_model(group: Any) -> None:
+    group.add_argument(
         "--layer",
         help="where to cut and mix, e.g. layer4 (default: the last stage before the pooling and head: layer4 of "
         "a ResNet, the last block of a ViT, the last stage of a ConvNeXt; stage2 for digits)",
     )
-    ft.add_argument(
+    group.add_argument(
         "--head",
         choices=("model", "linear", "mlp"),
         default="model",
         help="the head to train: the model's own after the layer (default), a fresh pooled linear one, or "
         "fastai's create_head MLP (concat pool, BatchNorm, dropout, 512, ReLU, ...)",
     )
-    ft.add_argument(
+    group.add_argument(
         "--keep-maps",
         action="store_true",
         help="cache the layer's maps even when only fixed linear ops (average pool, flatten) follow it; by "
         "default the pooled features are cached then (the same training, often 49x smaller)",
     )
-    ft.add_argument(
-        "--calibrate",
-        action="store_true",
-        help="after training, fit a temperature T on the validation split (L-BFGS on the NLL); metrics.json "
-        "records T and the NLL / ECE before and after, reliability.png draws both",
+
+
+def _finetune_extraction(group: Any) -> None:
+    group.add_argument(
+        "--views",
+        type=_positive_int,
+        default=1,
+        help="augmented views per training image, with the model's training transform (default 1)",
     )
-    ft.add_argument(
+    group.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
+    group.add_argument("--fp32", action="store_true", help="cache features in float32 (default float16)")
+    group.add_argument(
         "--memory-budget",
         type=_size,
         default=None,
@@ -462,87 +576,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="training features larger than this (e.g. 8G) are memory-mapped from --cache and streamed in "
         "shuffled blocks with bounded memory (default: half the available RAM)",
     )
-    ft.add_argument(
-        "--device", type=_device, default=None, help="auto (cuda, then mps, then cpu; the default), cpu, cuda, mps"
+
+
+def _mixing_flags(group: Any) -> None:
+    """The library's :class:`~hookmix.MixSettings`, one flag each, and ``--no-mix`` for the baseline."""
+    group.add_argument(
+        "--alpha", type=_number_in(0), default=0.4, help="mixup lambda ~ Beta(alpha, alpha); 0: off (default 0.4)"
     )
-    ft.add_argument(
-        "--alpha",
-        type=_number_in(0),
-        default=0.4,
-        help="mixup lambda ~ Beta(alpha, alpha); 0: off (default 0.4)",
-    )
-    ft.add_argument(
+    group.add_argument(
         "--cutmix-alpha",
         type=_number_in(0),
         default=0.0,
         help="cutmix at the layer, lambda ~ Beta(a, a); 0: off (default)",
     )
-    ft.add_argument(
+    group.add_argument(
         "--switch-prob",
         type=_number_in(0, 1),
         default=0.5,
         help="with both alphas > 0, the probability a step uses cutmix (default 0.5)",
     )
-    ft.add_argument(
+    group.add_argument(
         "--lam-mode", choices=("batch", "sample"), default="batch", help="one lambda per batch (default) or per example"
     )
-    ft.add_argument("--dominant", action="store_true", help="use max(lambda, 1 - lambda): each example dominates")
-    ft.add_argument(
+    group.add_argument("--dominant", action="store_true", help="use max(lambda, 1 - lambda): each example dominates")
+    group.add_argument(
         "--label-smoothing",
         type=_number_in(0, 1, high_open=True),
         default=0.0,
         help="smooth the class targets before mixing, in [0, 1)",
     )
-    ft.add_argument(
+    group.add_argument(
         "--stop-epoch", type=_non_negative_int, default=None, help="train without mixing from this epoch on (0-based)"
     )
-    ft.add_argument("--no-mix", action="store_true", help="train the baseline head without mixup")
-    ft.add_argument("--epochs", type=_positive_int, default=20)
-    ft.add_argument(
-        "--batch-size", type=_positive_int, default=None, help="head training batch (default 32; digits: 16)"
-    )
-    ft.add_argument(
+    group.add_argument("--exclude-classes", type=int, nargs="+", metavar="C", help="class indices never mixed")
+    group.add_argument("--no-mix", action="store_true", help="train the baseline head without mixup")
+
+
+def _finetune_training(group: Any) -> None:
+    group.add_argument(
         "--lr", type=_number_in(0, low_open=True), default=None, help="AdamW learning rate (default 3e-3; digits: 3e-2)"
     )
-    ft.add_argument("--seed", type=_non_negative_int, default=0)
-    ft.add_argument(
-        "--data-seed",
+    group.add_argument(
+        "--seed",
         type=_non_negative_int,
-        default=None,
-        help="seed of the data's preparation: the split of --data, the digits task's sample, a random-init "
-        "backbone (default: --seed; a sweep's cells use 0)",
+        default=0,
+        help="seed of the head's init, data order and mix plans (default 0)",
     )
-    ft.add_argument("--exclude-classes", type=int, nargs="+", metavar="C", help="class indices never mixed")
-    ft.add_argument(
-        "--cache",
-        metavar="DIR|URL",
-        help="keep features here (reused when they match): a directory, or object storage such as s3://bucket/prefix",
+    group.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="after training, fit a temperature T on the validation split (L-BFGS on the NLL); metrics.json "
+        "records T and the NLL / ECE before and after, reliability.png draws both",
     )
-    ft.add_argument("--fp32", action="store_true", help="cache features in float32 (default float16)")
-    ft.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
-    ft.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
-    ft.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
-    ft.add_argument(
-        "--labels",
-        metavar="CSV",
-        help="multi-label: a CSV with columns path,labels (labels ';'-separated, may be empty; paths under "
-        "--data); trains with BCEWithLogitsLoss on mixed label targets",
+    group.add_argument(
+        "--ddp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="under torchrun: train the head with DDP on every rank (on), on rank 0 alone (off), or as measured "
+        "best (auto: rank 0 on CPUs; DDP on GPUs from 1024 rows per GPU and step); --batch-size is the global batch",
     )
-    ft.add_argument("--val-labels", metavar="CSV", help="the validation CSV of --labels (default: split --labels)")
-    ft.add_argument(
-        "--views",
-        type=_positive_int,
-        default=1,
-        help="augmented views per training image, with the model's training transform (default 1)",
-    )
-    ft.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
-    ft.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, plots and checkpoints go")
-    again = ft.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    again.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    ft.add_argument("--quiet", action="store_true", help="no progress bars")
-    ft.set_defaults(handler=_cmd_finetune, interrupted=_finetune_interrupted)
 
+
+def _add_predict(sub: Any) -> None:
     pr = _run_command(
         sub,
         "predict",
@@ -559,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(handler=_cmd_predict, interrupted=_predict_interrupted)
 
+
+def _add_export(sub: Any) -> None:
     ex = _run_command(
         sub,
         "export",
@@ -571,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", action="store_true", help="also write FILE.onnx (needs pip install 'hookmix[onnx]')")
     ex.set_defaults(handler=_cmd_export, interrupted=_export_interrupted)
 
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="the digits-transfer experiment: head-only fine-tuning with and without feature mixup",
@@ -584,36 +683,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--alpha", type=float, default=0.4)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
-    _add_sweep(sub)
-    for command in sub.choices.values():
-        command.set_defaults(flags=_flag_names(command))
-    return parser
 
 
 def _add_sweep(sub: Any) -> None:
     """The ``sweep`` sub-command: finetune's inputs, with lists where a grid makes sense."""
     sw = sub.add_parser(
         "sweep",
-        help="train a grid of heads (layer x alpha x lr x seed) on cached features; paired CIs against alpha=0",
-        description="Per layer, cache the features once and train every cell (alpha x lr x seed) together; "
-        "report each alpha against alpha=0 on the same seeds with 95% CIs, and write the best cell on "
-        "validation NLL as a run directory --out/best.",
+        help="train a grid of heads (layer x alpha x cutmix alpha x lr x seed) on cached features; paired CIs "
+        "against no mixing",
+        description="Per layer, cache the features once and train every cell (alpha x cutmix alpha x lr x seed) "
+        "together; report each mixing against none (alpha=0, cutmix alpha=0) on the same seeds with 95% CIs, and "
+        "write the best cell on validation NLL as a run directory --out/best.",
     )
-    sw.add_argument("--data", required=True, help="an image folder (one sub-folder per class) or 'digits'")
-    sw.add_argument("--model", help="torchvision/timm model name (not with --data digits)")
-    sw.add_argument("--pretrained", action="store_true", help="load the library's default weights (download)")
-    sw.add_argument("--val", metavar="DIR", help="a validation folder with the same classes (default: split --data)")
+    _data_flags(sw)
+    _model_flags(sw, weights=False)
     sw.add_argument("--layers", nargs="+", metavar="L", help="layers to cut at (default: the last two stages)")
     sw.add_argument("--head", choices=("model", "linear", "mlp"), default="model", help="as finetune --head")
     sw.add_argument("--alpha", type=_number_in(0), nargs="+", default=[0.0, 0.2, 0.4, 1.0], help="0 is always in")
+    sw.add_argument(
+        "--cutmix-alpha",
+        type=_number_in(0),
+        nargs="+",
+        default=[0.0],
+        help="CutMix alphas (caches the maps); crossed with --alpha, 0 always in (default: 0, no CutMix)",
+    )
     sw.add_argument("--lr", type=_number_in(0, low_open=True), nargs="+", help="AdamW lrs (default as finetune)")
     sw.add_argument("--seeds", type=_int_at_least(2), default=5, help="seeds 0..K-1 per cell (>= 2, default 5)")
-    sw.add_argument("--epochs", type=_positive_int, default=20)
-    sw.add_argument("--batch-size", type=_positive_int, default=None, help="default 32; digits: 16")
-    sw.add_argument("--cache", metavar="DIR|URL", help="feature caches, shared with finetune (a directory or s3://...)")
-    sw.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
-    sw.add_argument("--shots", type=_positive_int, default=20, help="labels per class for --data digits")
-    sw.add_argument("--device", type=_device, default=None, help="auto (the default), cpu, cuda, mps")
+    _extraction_flags(sw)
+    _training_flags(sw)
     sw.add_argument("--out", required=True, metavar="DIR", help="sweep.json, sweep.csv, sweep.png, best/")
     sw.add_argument("--overwrite", action="store_true", help="replace a finished sweep in --out")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")

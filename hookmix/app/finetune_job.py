@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,19 +39,22 @@ from hookmix.core.devices import resolve_device
 from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write
 from hookmix.evaluation.calibration import fit_temperature
-from hookmix.evaluation.metrics import (
-    evaluate,
-    evaluate_multilabel,
-    reliability,
-    reliability_multilabel,
-    tune_thresholds,
-)
 from hookmix.graph.cutpoints import stage_names
 from hookmix.graph.equivalence import mix_equivalence
 from hookmix.graph.models import resolve_model
-from hookmix.headonly._cache_format import bytes_per_example
-from hookmix.headonly.cache import CacheKey, FeatureCache, keyed_directory
+from hookmix.headonly.cache import CacheKey, FeatureCache, bytes_per_example, keyed_directory
+from hookmix.headonly.distributed import (
+    Ranks,
+    extract_sharded,
+    head_training,
+    launched_world,
+    leave_group,
+    process_group,
+    rank_and_world,
+)
+from hookmix.headonly.store import is_remote
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
+from hookmix.headonly.tasks import MULTICLASS, MULTILABEL, Task
 from hookmix.headonly.trained_model import FinetunedConfig, assemble, example_shape
 from hookmix.headonly.training import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, FitConfig, FitResult, fit
 from hookmix.mixing.targets import check_classes
@@ -64,7 +67,9 @@ DIGITS_MODEL = "digits-cnn"
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What ``hookmix finetune`` was asked to do (validated CLI arguments)."""
+    """What ``hookmix finetune`` was asked to do (validated CLI arguments): ``val_dir`` is ``--val`` (a folder
+    of class sub-folders), ``extract_batch_size`` the images per backbone forward while extracting (the head's
+    training batch is :attr:`FitConfig.batch_size`)."""
 
     data: str
     layer: str | None
@@ -77,19 +82,20 @@ class JobSpec:
     fp32: bool = False
     shots: int = 20
     data_seed: int | None = None
-    val: Path | None = None
+    val_dir: Path | None = None
     labels: Path | None = None
     val_labels: Path | None = None
     val_fraction: float = 0.2
     views: int = 1
     workers: int = 0
     device: str = "auto"
-    batch_size: int = 64
+    extract_batch_size: int = 64
     head: str = "model"
     keep_maps: bool = False
     calibrate: bool = False
     memory_budget: int | None = None
     progress: bool = True
+    ddp: str = "auto"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,20 +105,25 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """The model, data and cache-key parts one fine-tuning job works on."""
+    """The model, data and cache-key parts one fine-tuning job works on: ``train_set`` / ``val_set`` are the
+    datasets the backbone runs over (images or tensors, not yet features)."""
 
     model: torch.nn.Module
     source: BackboneSource
     layer: str
     layer_is_default: bool
-    train: Dataset
-    val: Dataset
+    train_set: Dataset
+    val_set: Dataset
     classes: tuple[str, ...]
     input_size: tuple[int, ...]
     train_transform: str
     val_transform: str
     preprocessing: dict[str, Any] | None
-    task: str = "multiclass"
+    task: Task = MULTICLASS
+
+    def dataset(self, part: str) -> Dataset:
+        """The ``"train"`` or ``"val"`` dataset."""
+        return self.train_set if part == "train" else self.val_set
 
 
 def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int], name: str) -> None:
@@ -140,7 +151,7 @@ def default_layer(model: torch.nn.Module, name: str) -> str:
 def _digits(spec: JobSpec, seed: int) -> _Prepared:
     if spec.model not in (None, DIGITS_MODEL):
         raise UsageError(f"--data digits uses the embedded {DIGITS_MODEL!r}; drop --model {spec.model}.")
-    for flag, given in (("--views", spec.views > 1), ("--val", spec.val is not None), ("--labels", spec.labels)):
+    for flag, given in (("--views", spec.views > 1), ("--val", spec.val_dir is not None), ("--labels", spec.labels)):
         if given:
             raise UsageError(f"{flag} needs an image folder: the digits task has fixed tensors; drop {flag}.")
     task = digits_transfer(spec.shots, seed)
@@ -151,8 +162,8 @@ def _digits(spec: JobSpec, seed: int) -> _Prepared:
         source=source,
         layer=spec.layer or "stage2",
         layer_is_default=spec.layer is None,
-        train=TensorDataset(task.train_x, task.train_y),
-        val=TensorDataset(task.val_x, task.val_y),
+        train_set=TensorDataset(task.train_x, task.train_y),
+        val_set=TensorDataset(task.val_x, task.val_y),
         classes=task.class_names,
         input_size=tuple(task.train_x.shape[1:]),
         train_transform=transform,
@@ -168,7 +179,7 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
         raise UsageError("--model is required with an image folder, e.g. --model resnet50.")
     if spec.val_labels is not None and spec.labels is None:
         raise UsageError("--val-labels needs --labels (the training CSV); add it or drop --val-labels.")
-    if spec.labels is not None and spec.val is not None:
+    if spec.labels is not None and spec.val_dir is not None:
         raise UsageError("--val is a folder of class sub-folders; with --labels give --val-labels CSV instead.")
     model_spec = resolve_model(spec.model)
     weights = None if spec.weights is None else str(spec.weights)
@@ -187,14 +198,14 @@ def _prepare(spec: JobSpec, seed: int) -> _Prepared:
         source=source,
         layer=layer,
         layer_is_default=spec.layer is None,
-        train=folder.train,
-        val=folder.val,
+        train_set=folder.train,
+        val_set=folder.val,
         classes=folder.classes,
         input_size=input_size,
         train_transform=preprocessing.fingerprint(training=folder.augmented),
         val_transform=preprocessing.fingerprint(),
         preprocessing=preprocessing.record(),
-        task="multilabel" if spec.labels is not None else "multiclass",
+        task=MULTICLASS if spec.labels is None else MULTILABEL,
     )
 
 
@@ -203,7 +214,7 @@ def _load_data(spec: JobSpec, input_size: tuple[int, int, int], preprocessing: A
     (multi-label) with paths under ``--data``; the validation part from ``--val`` / ``--val-labels`` or split."""
     common = dict(preprocessing=preprocessing, augment=spec.views > 1, val_fraction=spec.val_fraction, seed=seed)
     if spec.labels is None:
-        return load_image_folder(spec.data, input_size, val_root=spec.val, progress=spec.progress, **common)
+        return load_image_folder(spec.data, input_size, val_root=spec.val_dir, progress=spec.progress, **common)
     data = load_labels_csv(
         spec.labels, spec.data, input_size, val_labels=spec.val_labels, progress=spec.progress, **common
     )
@@ -290,11 +301,21 @@ def _cache_name(part: str, key_layer: str, layer: str) -> str:
 
 def _cache_key(prepared: _Prepared, part: str, layer: str) -> CacheKey:
     """The key of one part's features: the weights, the cached point, the preprocessing and the data's
-    identity (each row's file — name, size, mtime — and label, or the tensors' bytes)."""
-    train = part == "train"
-    transform = prepared.train_transform if train else prepared.val_transform
-    dataset = prepared.train if train else prepared.val
-    return CacheKey(prepared.source.id, layer, prepared.input_size, transform, f"{part}:{data_identity(dataset)}")
+    identity (each row's file — name, size, mtime — and label, or the tensors' bytes); not how they are
+    computed (device, ``--extract-batch-size``, ``--workers``), which changes them by float rounding at most."""
+    transform = prepared.train_transform if part == "train" else prepared.val_transform
+    identity = data_identity(prepared.dataset(part))
+    return CacheKey(prepared.source.id, layer, prepared.input_size, transform, f"{part}:{identity}")
+
+
+def _cache_path(spec: JobSpec, key: CacheKey, layer: str) -> Path | None:
+    """The ``--cache`` directory of the cache of ``key`` (one part's features at ``layer``), ``None`` without
+    ``--cache``: one directory per key, so other data or settings never meet this cache."""
+    if spec.cache_dir is None:
+        return None
+    part = key.dataset.partition(":")[0]
+    views = spec.views if part == "train" else 1
+    return keyed_directory(spec.cache_dir, _cache_name(part, key.layer, layer), key, dtype=spec.dtype, views=views)
 
 
 def _extract(
@@ -307,19 +328,13 @@ def _extract(
 ) -> FeatureCache:
     """Extract (or load) one part's features; with a ``budget`` and a cache directory, a cache larger than
     the budget comes back memory-mapped (streamed by :func:`hookmix.fit`)."""
-    part, layer = key.dataset.partition(":")[0], key.layer
-    dataset, views = (prepared.train, spec.views) if part == "train" else (prepared.val, 1)
-    path = None
-    if spec.cache_dir is not None:  # one directory per key: other data or settings never meet this cache
-        name = _cache_name(part, layer, prepared.layer)
-        path = keyed_directory(spec.cache_dir, name, key, dtype=spec.dtype, views=views)
-    return FeatureCache.extract(
-        backbone,
-        dataset,
-        key,
-        path=path,
+    part = key.dataset.partition(":")[0]
+    views = spec.views if part == "train" else 1
+    path = _cache_path(spec, key, prepared.layer)
+    dataset = prepared.dataset(part)
+    options = dict(
         dtype=spec.dtype,
-        batch_size=spec.batch_size,
+        batch_size=spec.extract_batch_size,
         views=views,
         num_workers=spec.workers,
         device=device,
@@ -327,6 +342,18 @@ def _extract(
         mmap=None if budget is not None and spec.cache_dir is not None else False,
         memory_budget=budget,
     )
+    world = rank_and_world()[1]
+    if world == 1:
+        return FeatureCache.extract(backbone, dataset, key, path=path, **options)
+    assert path is not None  # run_finetune refuses torchrun without --cache
+    return extract_sharded(backbone, dataset, key, path=path, shard_size=_shard_size(len(dataset)), **options)
+
+
+def _shard_size(count: int) -> int:
+    """Rows per shard of an extraction shared by the ranks: at least 64 shards (so up to 64 ranks share the
+    work, and a rank that dies loses at most 1/64 of it), at most 1024 rows; the same for any number of ranks,
+    so a resumed extraction may run on another number."""
+    return min(1024, max(1, -(-count // 64)))
 
 
 @dataclass
@@ -338,30 +365,27 @@ class _Evaluation:
     thresholds: tuple[float, ...] | None
     curves: dict[str, Any]
 
+    @property
+    def temperature(self) -> float:
+        """The fitted T, 1 without ``--calibrate``."""
+        return self.calibration["temperature"] if self.calibration else 1.0
 
-def _scores(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return evaluate_multilabel(logits, labels) if task == "multilabel" else evaluate(logits, labels)
 
-
-def _evaluate(task: str, logits: torch.Tensor, labels: torch.Tensor, calibrate: bool, label: str) -> _Evaluation:
+def _evaluate(task: Task, logits: torch.Tensor, labels: torch.Tensor, calibrate: bool, label: str) -> _Evaluation:
     """Fit a temperature when asked (validation NLL / ECE before and after; in-sample: T is fitted on these
-    examples), tune per-label thresholds of a multi-label run on the calibrated probabilities, and the
-    reliability curves (pooled over labels for multi-label)."""
-    curve = reliability_multilabel if task == "multilabel" else reliability
-    curves = {label: curve(logits, labels)}
+    examples), tune the task's thresholds (per label, multi-label only) on the calibrated probabilities, and
+    the task's reliability curves."""
+    curves = {label: task.reliability(logits, labels)}
     calibration = None
     temperature = 1.0
     if calibrate:
         temperature = fit_temperature(logits, labels)
-        before, after = _scores(task, logits, labels), _scores(task, logits / temperature, labels)
+        before, after = task.evaluate(logits, labels), task.evaluate(logits / temperature, labels)
         calibration = {"temperature": temperature, "fitted_on": "validation"}
         for name in ("nll", "ece"):
             calibration |= {f"val_{name}_before": before[name], f"val_{name}_after": after[name]}
-        curves[f"{label} + T={temperature:.3g}"] = curve(logits / temperature, labels)
-    thresholds = None
-    if task == "multilabel":
-        thresholds = tuple(tune_thresholds(logits / temperature, labels).tolist())
-    return _Evaluation(calibration, thresholds, curves)
+        curves[f"{label} + T={temperature:.3g}"] = task.reliability(logits / temperature, labels)
+    return _Evaluation(calibration, task.thresholds(logits / temperature, labels), curves)
 
 
 def _say_cache(say: Callable[[str], None], point: _CachePoint, views: int, dtype: torch.dtype) -> None:
@@ -387,7 +411,7 @@ def _check_budget(spec: JobSpec, prepared: _Prepared, point: _CachePoint) -> int
     """The memory budget for the training features: over it they are memory-mapped and streamed from the
     ``--cache`` directory in blocks, which must then be given."""
     budget = spec.memory_budget if spec.memory_budget is not None else default_memory_budget()
-    need = len(prepared.train) * point.sizes(spec.views, spec.dtype)[0]  # type: ignore[arg-type]
+    need = len(prepared.train_set) * point.sizes(spec.views, spec.dtype)[0]  # type: ignore[arg-type]
     if need > budget and spec.cache_dir is None:
         raise UsageError(
             f"the training features need {_human(need)}, over the memory budget of {_human(budget)}; "
@@ -457,7 +481,7 @@ def _identity(spec: JobSpec, prepared: _Prepared, point: _CachePoint, config: Fi
                 "layer": prepared.layer,
                 "head": spec.head,
                 "cached": point.key_layer,
-                "task": prepared.task,
+                "task": prepared.task.name,
                 "classes": list(prepared.classes),
                 "preprocessing": prepared.preprocessing,
                 "views": spec.views,
@@ -531,15 +555,20 @@ def _extract_all(
     train = _extract(prepared, backbone, spec, device, keys[0], budget)
     val = _extract(prepared, backbone, spec, device, keys[1], None)
     extract_s = time.perf_counter() - start
-    _say_caches(say, (train, val))
-    limit = _human(budget)
+    _say_stored(spec, (train, val), budget, say)
+    return train, val, budget, extract_s
+
+
+def _say_stored(spec: JobSpec, caches: tuple[FeatureCache, FeatureCache], budget: int, say: Callable) -> None:
+    """Say which caches were reused, and whether the training features are streamed or kept in memory."""
+    _say_caches(say, caches)
+    train, limit = caches[0], _human(budget)
     if isinstance(train.features, ShardedFeatures):
         size = _human(train.features.stored_bytes)
         say(f"training features {size} > memory budget {limit}: memory-mapped, streamed from {train.path} in blocks")
     elif spec.cache_dir is not None or spec.memory_budget is not None:
         size = _human(len(train) * train.bytes_per_example)
         say(f"training features {size} <= memory budget {limit}: kept in memory")
-    return train, val, budget, extract_s
 
 
 def _start_training(spec: JobSpec, config: FitConfig, identity: dict, resume: bool, say: Callable) -> None:
@@ -565,13 +594,48 @@ def run_finetune(
     say: Callable[[str], None] = print,
     *,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run the job and write its report; returns the ``metrics.json`` payload. ``say`` gets the first lines
     (model, layer, device; what is cached, reused, resumed) before the long work starts. A run already in
     ``spec.out_dir`` is continued with ``resume`` (checked against this job's data, model, cut and settings),
-    replaced with ``overwrite``, and otherwise refused."""
+    replaced with ``overwrite``, and otherwise refused.
+
+    Under ``torchrun`` (more than one process) every rank runs this: the ranks share the extraction into
+    ``--cache`` (:func:`~hookmix.headonly.distributed.extract_sharded`), then the head trains with DDP or on rank
+    0 alone (:func:`~hookmix.headonly.distributed.head_training`). Rank 0 says what happens, writes the run and
+    returns the payload; the other ranks print only errors and return ``None``."""
     _check_out(spec.out_dir, resume, overwrite)
-    device = resolve_device(spec.device)
+    _check_shared_cache(spec.cache_dir, launched_world())
+    with process_group(resolve_device(spec.device)) as (ranks, device):
+        if not ranks.leader:
+            say, spec = _quiet, replace(spec, progress=False)
+        if ranks.world > 1:
+            say(f"rank {ranks.rank} of {ranks.world} ({ranks.backend}); the other ranks print only errors")
+        return _run(spec, config, resume, say, ranks, device)
+
+
+def _check_shared_cache(cache_dir: str | Path | None, world: int) -> None:
+    """Under torchrun (``world`` > 1) the ranks share the extraction through ``--cache``: refused before the
+    process group is joined when it is missing, or (for now) in object storage, which the ranks' shared
+    extraction does not write (:func:`~hookmix.headonly.distributed.extract_sharded`)."""
+    if world == 1:
+        return
+    if cache_dir is None or is_remote(cache_dir):
+        given = "no --cache" if cache_dir is None else f"--cache {cache_dir} is object storage"
+        raise UsageError(
+            f"torchrun with {world} processes needs --cache DIR on a shared file system every rank reaches, for "
+            f"now ({given}): the ranks write their shards of the features there; run one process for an s3:// cache."
+        )
+
+
+def _quiet(line: str) -> None:
+    """The ``say`` of a rank other than 0."""
+
+
+def _run(
+    spec: JobSpec, config: FitConfig, resume: bool, say: Callable[[str], None], ranks: Ranks, device: torch.device
+) -> dict[str, Any] | None:
+    """The phases of :func:`run_finetune` on one rank: prepare, extract (shared by the ranks), train, report."""
     prepared = _prepare(spec, config.seed if spec.data_seed is None else spec.data_seed)
     check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
     chosen = " (default: the last stage before the pooling and head)" if prepared.layer_is_default else ""
@@ -583,8 +647,18 @@ def run_finetune(
     identity = _identity(spec, prepared, point, config, [key.fingerprint() for key in keys])
     if resume and _checkpoint_epoch(spec.out_dir) is not None:  # before the extraction: it may be long
         _check_resume(spec.out_dir, identity)
+    plan = head_training(ranks, spec.ddp, config.batch_size)  # before the extraction: it may refuse
     train, val, budget, extract_s = _extract_all(spec, prepared, backbone, point, keys, device, say)
-    _start_training(spec, config, identity, resume, say)
+    if ranks.world > 1:
+        say(f"head training: {'DDP on all ranks' if plan.ddp else 'on rank 0 alone'} ({plan.reason})")
+    if not plan.ddp:  # every rank has finished the extraction (extract_sharded's last barrier)
+        leave_group()
+        if not ranks.leader:
+            return None
+    if ranks.leader:
+        _start_training(spec, config, identity, resume, say)
+    if plan.ddp:
+        torch.distributed.barrier()  # job.json is written, an overwritten run cleared, before any step
     result = fit(
         head,
         "input",
@@ -598,18 +672,22 @@ def run_finetune(
         resume=resume,
         device=device,
         progress=spec.progress,
+        ddp=plan.ddp,
     )
+    if not ranks.leader:
+        return None
     facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
+    facts["distributed"] = plan.record(ranks)
     return _report(spec, config, prepared, point, _Trained(train, val, head, result, facts, identity))
 
 
 @dataclass(frozen=True)
 class _Trained:
-    """What the training phase leaves for the report: the caches, the trained head and its fit, the job's
-    facts (device, memory budget, extraction time) and the run's identity."""
+    """What the training phase leaves for the report: the feature caches, the trained head and its fit, the
+    job's facts (device, memory budget, extraction time) and the run's identity."""
 
-    train: FeatureCache
-    val: FeatureCache
+    train_cache: FeatureCache
+    val_cache: FeatureCache
     head: nn.Module
     result: FitResult
     facts: dict[str, Any]
@@ -619,48 +697,13 @@ class _Trained:
 def _report(spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _CachePoint, done: _Trained) -> dict:
     """Calibrate and tune thresholds on the validation logits, draw the plots, and write ``metrics.json``,
     then the run files (``head.safetensors``, ``run.json`` last: the run is finished once it is there)."""
-    from hookmix.evaluation.plots import lambda_density_alpha, plot_history, plot_lambda_hist, plot_reliability
-
-    out, train, val, result, facts = spec.out_dir, done.train, done.val, done.result, done.facts
+    out, result = spec.out_dir, done.result
     label = "mixup" if config.mix else "no mixup"
-    evaluation = _evaluate(prepared.task, result.val_logits, val.labels, spec.calibrate, label)
-    plot_history({label: result.history}, out / "curves.png")
-    plot_reliability(evaluation.curves, out / "reliability.png")
-    if result.lams:
-        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=lambda_density_alpha(config.mixing))
-    calibration, thresholds = evaluation.calibration, evaluation.thresholds
-    temperature = calibration["temperature"] if calibration else 1.0
-    payload = {
-        "model": prepared.source.id,
-        "layer": prepared.layer,
-        "layer_is_default": prepared.layer_is_default,
-        "task": prepared.task,
-        "device": facts["device"],
-        "device_requested": spec.device,
-        "preprocessing": prepared.preprocessing,
-        "views": spec.views,
-        "workers": spec.workers,
-        "validation": _validation(spec, len(train), len(val)),
-        "classes": list(prepared.classes),
-        "train_examples": len(train),
-        "val_examples": len(val),
-        "head": spec.head,
-        "cached_point": point.record(spec.views, spec.dtype),
-        "feature_shape": list(train.feature_shape),
-        "cache_bytes_per_example": train.bytes_per_example,
-        "memory_budget": facts["memory_budget"],
-        "streamed": isinstance(train.features, ShardedFeatures),
-        "extract_seconds": facts["extract_seconds"],
-        "cache_reused": {"train": train.batches_run == 0, "val": val.batches_run == 0},
-        "config": asdict(config),
-        "schedule_restarts": result.restarts,
-        "final": result.final,
-        "calibration": calibration,
-        "thresholds": None if thresholds is None else dict(zip(prepared.classes, thresholds)),
-        "final_tuned": None if thresholds is None else _tuned(result.val_logits / temperature, val.labels, thresholds),
-        "history": result.history,
-    }
+    evaluation = _evaluate(prepared.task, result.val_logits, done.val_cache.labels, spec.calibrate, label)
+    _draw(out, config, result, evaluation, label)
+    payload = _payload(spec, config, prepared, point, done, evaluation)
     atomic_write(out / "metrics.json", json.dumps(payload, indent=1, allow_nan=False).encode())
+    thresholds, temperature = evaluation.thresholds, evaluation.temperature
     finetuned = FinetunedConfig(
         model=prepared.source.model,
         weights=prepared.source.id,
@@ -668,7 +711,7 @@ def _report(spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _Cache
         head=spec.head,
         pooled=bool(point.fixed_ops),
         classes=prepared.classes,
-        task=prepared.task,
+        task=prepared.task.name,
         input_size=prepared.input_size,
         preprocessing=prepared.preprocessing,
         temperature=temperature,
@@ -679,15 +722,62 @@ def _report(spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _Cache
     return payload
 
 
+def _draw(out: Path, config: FitConfig, result: FitResult, evaluation: _Evaluation, label: str) -> None:
+    """``curves.png`` (the history), ``reliability.png`` (before and after T) and, when steps mixed,
+    ``lambda_hist.png`` (the λ the run drew)."""
+    from hookmix.evaluation.plots import lambda_density_alpha, plot_history, plot_lambda_hist, plot_reliability
+
+    plot_history({label: result.history}, out / "curves.png")
+    plot_reliability(evaluation.curves, out / "reliability.png")
+    if result.lams:
+        plot_lambda_hist(torch.tensor(result.lams), out / "lambda_hist.png", alpha=lambda_density_alpha(config.mixing))
+
+
+def _payload(
+    spec: JobSpec, config: FitConfig, prepared: _Prepared, point: _CachePoint, done: _Trained, evaluation: _Evaluation
+) -> dict[str, Any]:
+    """The ``metrics.json`` payload: what ran (model, cut, data, settings, device) and what it measured."""
+    train, val, result = done.train_cache, done.val_cache, done.result
+    thresholds = evaluation.thresholds
+    tuned_logits = result.val_logits / evaluation.temperature
+    return {
+        "model": prepared.source.id,
+        "layer": prepared.layer,
+        "layer_is_default": prepared.layer_is_default,
+        "task": prepared.task.name,
+        "device": done.facts["device"],
+        "device_requested": spec.device,
+        "preprocessing": prepared.preprocessing,
+        "views": spec.views,
+        "workers": spec.workers,
+        "extract_batch_size": spec.extract_batch_size,
+        "validation": _validation(spec, len(train), len(val)),
+        "classes": list(prepared.classes),
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "head": spec.head,
+        "cached_point": point.record(spec.views, spec.dtype),
+        "feature_shape": list(train.feature_shape),
+        "cache_bytes_per_example": train.bytes_per_example,
+        "memory_budget": done.facts["memory_budget"],
+        "streamed": isinstance(train.features, ShardedFeatures),
+        "extract_seconds": done.facts["extract_seconds"],
+        "distributed": done.facts.get("distributed"),  # None: written by hookmix sweep, not run by finetune
+        "cache_reused": {"train": train.batches_run == 0, "val": val.batches_run == 0},
+        "config": asdict(config),
+        "schedule_restarts": result.restarts,
+        "final": result.final,
+        "calibration": evaluation.calibration,
+        "thresholds": None if thresholds is None else dict(zip(prepared.classes, thresholds)),
+        # in-sample: the thresholds were tuned on these examples
+        "final_tuned": None if thresholds is None else prepared.task.metrics(tuned_logits, val.labels, thresholds),
+        "history": result.history,
+    }
+
+
 def _validation(spec: JobSpec, n_train: int, n_val: int) -> str:
     if spec.data == DIGITS:
         return f"the digits task's own split ({n_train} train / {n_val} val)"
-    given = spec.val_labels if spec.labels is not None else spec.val
+    given = spec.val_labels if spec.labels is not None else spec.val_dir
     source = "--labels" if spec.labels is not None else "--data"
     return str(given) if given is not None else f"split {spec.val_fraction} of {source}"
-
-
-def _tuned(logits: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...]) -> dict[str, float]:
-    """Multi-label validation metrics at the tuned thresholds (in-sample: tuned on these examples)."""
-    found = evaluate_multilabel(logits, labels, torch.tensor(thresholds, dtype=torch.float64))
-    return {"val_map": found["map"], "val_f1": found["f1"], "val_nll": found["nll"], "val_ece": found["ece"]}

@@ -1,16 +1,12 @@
-"""Image folders for ``hookmix finetune``: one sub-folder per class, split into train / validation; and
-how every image file of hookmix is read (:func:`read_rgb`).
+"""Image folders for ``hookmix finetune``: one sub-folder per class, split into train / validation.
 
 Checks what ``torchvision.datasets.ImageFolder`` leaves to a confusing failure later: a missing or
 empty folder, a single class, a class with too few images to split, and unreadable images. Every image
-is checked up front from its header alone (:func:`image_problem`: a format PIL reads, a size under PIL's
-decompression-bomb limit, a pixel mode hookmix can turn into RGB), so a bad file is refused, named, before
-the model reads any image; a file whose header is fine but whose data is not (truncated) is named when the
-backbone reads it.
-
-Pixel modes: 16-bit images (``I;16``, and ``I``, as which PIL reads 16-bit data) are scaled to 8 bit
-(``round(v / 257)``: 65535 -> 255) rather than clipped — ``convert("RGB")`` alone turns them almost white;
-32-bit float images (``F``) have no known range and are refused; the rest go through ``convert("RGB")``.
+is checked up front from its header alone (:func:`hookmix.headonly.images.image_problem`: a format PIL reads, a
+size under PIL's decompression-bomb limit, a pixel mode hookmix can turn into RGB), so a bad file is refused,
+named, before the model reads any image; a file whose header is fine but whose data is not (truncated) is named
+when the backbone reads it. Images are read by the library's :func:`hookmix.headonly.images.read_rgb` (16-bit
+pixels scaled, not clipped), as ``hookmix predict`` and ``FinetunedModel.predict`` read them.
 """
 
 from __future__ import annotations
@@ -20,103 +16,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from tqdm.auto import tqdm
 
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 from hookmix.core.errors import UsageError
+from hookmix.headonly.images import UnreadableImage, image_problem, read_rgb
 
 __all__ = [
     "FolderSplit",
-    "UnreadableImage",
     "check_image_args",
-    "image_problem",
     "load_image_folder",
     "load_rgb",
-    "read_rgb",
     "stratified_split",
 ]
 
-_SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-"""Modes of 16-bit pixels (PIL reads 16-bit PNG and TIFF data as ``I;16*``, some paths as 32-bit ``I``)."""
-_RGB_READY = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
-"""Modes that ``convert("RGB")`` turns into 8-bit RGB as they are."""
-_PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-"""What PIL raises for a file it cannot open or decode (``DecompressionBombError`` is none of the others)."""
 _SHOWN = 3
 """How many unreadable files an error message lists."""
 
 
-class UnreadableImage(Exception):
-    """An image file that cannot be read as RGB; the message is the reason, one line, without the path."""
-
-
-def _mode_problem(mode: str) -> str | None:
-    if mode == "F":
-        return "32-bit float pixels (mode F) have no known range; save the image with 8- or 16-bit pixels"
-    if mode not in _RGB_READY + _SIXTEEN_BIT:
-        return f"pixel mode {mode} cannot be read as RGB"
-    return None
-
-
-def _reason(exc: BaseException, path: str | Path) -> str:
-    """A one-line reason for a PIL error, without PIL's repetition of the path."""
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image format PIL reads"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"{str(exc).rstrip('.')} (PIL.Image.MAX_IMAGE_PIXELS); shrink the image"
-    return (str(exc) or type(exc).__name__).replace(str(path), "the file").splitlines()[0]
-
-
-def _sixteen_to_rgb(image: Image.Image) -> Image.Image:
-    """A 16-bit grey image as 8-bit RGB, each value v as round(v / 257) (0 -> 0, 65535 -> 255)."""
-    pixels = np.asarray(image).astype(np.int64)
-    low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
-    if low < 0 or high > 65535:
-        raise UnreadableImage(
-            f"32-bit integer pixels from {low} to {high}, outside the 16-bit range 0..65535; save the image "
-            "with 8- or 16-bit pixels"
-        )
-    return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8), "L").convert("RGB")
-
-
-def read_rgb(path: str | Path) -> Image.Image:
-    """The image file ``path`` as an 8-bit RGB PIL image (16-bit pixels scaled, see the module); raises
-    :class:`UnreadableImage` with the reason for a file that cannot be read so."""
-    try:
-        with open(path, "rb") as file, Image.open(file) as image:
-            problem = _mode_problem(image.mode)
-            if problem is not None:
-                raise UnreadableImage(problem)
-            return _sixteen_to_rgb(image) if image.mode in _SIXTEEN_BIT else image.convert("RGB")
-    except _PIL_ERRORS as exc:
-        raise UnreadableImage(_reason(exc, path)) from None
-
-
 def load_rgb(path: str) -> Image.Image:
-    """:func:`read_rgb` for a dataset: an unreadable file is a one-line error naming it."""
+    """:func:`~hookmix.headonly.images.read_rgb` for a dataset: an unreadable file is a one-line error naming it."""
     try:
         return read_rgb(path)
     except UnreadableImage as exc:
         raise UsageError(f"unreadable image {path}: {exc}. Remove or replace the file and run again.") from None
-
-
-def image_problem(path: str | Path, *, verify: bool = False) -> str | None:
-    """Why ``path`` cannot be read as an image, from its header alone (format, size against PIL's
-    decompression-bomb limit, pixel mode), or ``None`` when it looks readable. ``verify`` also reads the
-    file through (``PIL.Image.verify``: PNG checksums, truncation), at about 1.4x the cost on small PNGs."""
-    try:
-        with Image.open(path) as image:
-            problem = _mode_problem(image.mode)
-            if problem is None and verify:
-                image.verify()
-    except _PIL_ERRORS as exc:
-        return _reason(exc, path)
-    return problem
 
 
 def check_image_args(input_size: tuple[int, int, int], val_fraction: float) -> None:

@@ -34,9 +34,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hookmix.app.imagefolder import check_image_args, image_problem, load_rgb
+from hookmix.app.imagefolder import check_image_args, load_rgb
 from hookmix.app.preprocessing import Preprocessing, default_preprocessing
 from hookmix.core.errors import UsageError
+from hookmix.headonly.images import image_problem
 
 __all__ = ["LabelRow", "LabeledImages", "LabelsSplit", "load_labels_csv", "read_labels_csv", "LABEL_SEPARATOR"]
 

@@ -1,226 +1,61 @@
-"""The run directory ``hookmix finetune --out DIR`` leaves for ``hookmix predict`` and ``hookmix export``.
+"""The fine-tuned model behind ``--run``, for ``hookmix predict`` and ``hookmix export``.
 
-Besides the report (``metrics.json``, plots) and the training checkpoint, a finished run holds:
-
-* ``run.json`` — the :class:`hookmix.FinetunedConfig` (model, layer, head, pooled cut, classes,
-  task, preprocessing, temperature, thresholds) and the :class:`BackboneSource`: how to rebuild the backbone's
-  weights (a pretrained download, a weights file checked by its sha256, a seeded random init, or the
-  embedded digits CNN);
-* ``head.safetensors`` — the trained head's weights, bound to its ``run.json``: the head's metadata holds the
-  run's fingerprint (a hash of everything ``run.json`` says), so a head copied from another run, or a
-  ``run.json`` edited after the run, is refused naming both files instead of predicting with the wrong model.
-
-:func:`load_run` rebuilds exactly the run's model from these, so predictions use the run's weights, layer,
-head, preprocessing and temperature; a directory that is missing, unfinished or from another format version
-is refused with a one-line message.
+The run directory's format (``run.json`` + ``head.safetensors`` bound by the run's fingerprint) is the
+library's (:mod:`hookmix.headonly.run_directory`), and so is its one loader
+(:func:`hookmix.headonly.trained_model.load_finetuned_with_source`), which also reads an exported file. This
+module only names the flag: a file that cannot be used is one line starting ``--run``. The run-directory names
+``hookmix finetune`` writes with are the library's, listed here for the app's jobs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import nn
 
-from hookmix.app.digits import pretrain_source
-from hookmix.app.preprocessing import EvalTransform
 from hookmix.core.errors import UsageError
-from hookmix.core.files import atomic_write
-from hookmix.graph.models import create_model, set_num_classes
-from hookmix.headonly.trained_model import FinetunedConfig, FinetunedModel, rebuild
+from hookmix.headonly.run_directory import (
+    DIGITS_NAME,
+    HEAD_FILE,
+    RUN_FILE,
+    RUN_VERSION,
+    BackboneSource,
+    finished_run,
+    save_run,
+    sha256_of,
+)
+from hookmix.headonly.trained_model import FinetunedModel, load_finetuned_with_source
 
 __all__ = [
     "BackboneSource",
+    "DIGITS_NAME",
     "HEAD_FILE",
     "LoadedRun",
     "RUN_FILE",
     "RUN_VERSION",
     "finished_run",
     "load_run",
-    "run_fingerprint",
     "save_run",
     "sha256_of",
 ]
 
-RUN_FILE = "run.json"
-HEAD_FILE = "head.safetensors"
-RUN_VERSION = 2
-FINGERPRINT_KEY = "hookmix_run_fingerprint"
-DIGITS_NAME = "hookmix:digits-cnn"
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@dataclass(frozen=True)
-class BackboneSource:
-    """Where a run's model weights come from; :meth:`build` makes the same model again.
-
-    Attributes:
-        model: the resolved architecture name, e.g. ``"torchvision:resnet50"``.
-        pretrained: the library's default weights (downloaded when not cached).
-        weights: a weights file, with its ``weights_sha256`` checked when the run is loaded.
-        seed: the random init (and the classifier resize) of a model without weights.
-        digits_seed: the seed of the embedded digits CNN's pretraining (``model == "hookmix:digits-cnn"``).
-    """
-
-    model: str
-    pretrained: bool = False
-    weights: str | None = None
-    weights_sha256: str | None = None
-    seed: int = 0
-    digits_seed: int | None = None
-
-    @property
-    def id(self) -> str:
-        """The weights reference recorded in reports and cache keys."""
-        if self.digits_seed is not None:
-            return f"{DIGITS_NAME}(seed{self.digits_seed})"
-        if self.pretrained:
-            return f"{self.model}:pretrained"
-        if self.weights is not None:
-            return f"{self.model}:weights-sha256:{(self.weights_sha256 or '')[:16]}"
-        return f"{self.model}:random-init-seed{self.seed}"
-
-    def build(self) -> nn.Module:
-        """The model with these weights and its own classifier (see :meth:`resize`)."""
-        if self.digits_seed is not None:
-            return pretrain_source(seed=self.digits_seed)
-        if self.weights is not None and self.weights_sha256 is not None:
-            path = Path(self.weights)
-            if not path.is_file() or sha256_of(path) != self.weights_sha256:
-                raise UsageError(
-                    f"the run's weights file {path} is missing or changed since the run (sha256 differs); "
-                    "restore it, or fine-tune again."
-                )
-        return create_model(self.model, pretrained=self.pretrained, weights=self.weights, seed=self.seed)
-
-    def resize(self, model: nn.Module, num_classes: int) -> None:
-        """Give ``model`` a classifier of ``num_classes`` outputs, initialised from :attr:`seed`."""
-        if self.digits_seed is not None and getattr(model, "num_classes", None) == num_classes:
-            return
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            set_num_classes(model, num_classes)
-
 
 @dataclass
 class LoadedRun:
-    """A run rebuilt: the model (``head(backbone(x))``), the full model it was cut from, and the transform
-    that turns one PIL image into the model's input."""
+    """A run rebuilt: the model (``head(backbone(x))``, with its ``transform``) and the full model it was cut
+    from (what ``hookmix export`` saves)."""
 
     model: FinetunedModel
     source_model: nn.Module
-    transform: Callable[[Any], torch.Tensor]
-    source: BackboneSource
-
-
-def run_fingerprint(payload: dict[str, Any]) -> str:
-    """A stable 16-hex-digit hash of a ``run.json`` payload (all of it but its ``fingerprint`` entry)."""
-    body = {k: v for k, v in payload.items() if k != "fingerprint"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def save_run(
-    out: Path, config: FinetunedConfig, source: BackboneSource, head: nn.Module, identity: dict[str, Any]
-) -> None:
-    """Write ``head.safetensors`` and then ``run.json`` (the run is finished once ``run.json`` is there) into
-    ``out``; ``identity`` is what the run was trained on (data, settings), which ``--resume`` checks."""
-    payload: dict[str, Any] = {
-        "run_version": RUN_VERSION,
-        "finetuned": config.to_json(),
-        "backbone": asdict(source),
-        "identity": identity,
-    }
-    payload = json.loads(json.dumps(payload))  # the fingerprint of what the file will read back
-    payload["fingerprint"] = run_fingerprint(payload)
-    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    atomic_write(out / HEAD_FILE, save(state, metadata={FINGERPRINT_KEY: payload["fingerprint"]}))
-    atomic_write(out / RUN_FILE, json.dumps(payload, indent=1).encode())
-
-
-def finished_run(directory: Path) -> dict[str, Any] | None:
-    """The ``run.json`` payload of a finished run in ``directory``; ``None`` when there is none. A file that
-    cannot be read as one still counts as a run (a dict without entries): it is never taken for free space."""
-    path = directory / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_payload(run: Path) -> dict[str, Any]:
-    if not run.is_dir():
-        raise UsageError(f"--run {run} is not a directory; give the --out directory of hookmix finetune.")
-    path = run / RUN_FILE
-    if not path.is_file():
-        raise UsageError(
-            f"--run {run} has no {RUN_FILE}: not a finished hookmix finetune run (or one from before hookmix "
-            "wrote it); run hookmix finetune --out DIR to the end."
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not valid JSON ({exc}); run hookmix finetune again.") from None
-    if not isinstance(data, dict) or data.get("run_version") != RUN_VERSION:
-        found = data.get("run_version") if isinstance(data, dict) else None
-        raise UsageError(
-            f"{path} is run format {found!r}; this hookmix reads {RUN_VERSION}: fine-tune again with this version."
-        )
-    return data
-
-
-def _read_head(run: Path, fingerprint: str) -> dict[str, torch.Tensor]:
-    """The head's weights, refused unless its metadata carries ``fingerprint`` (the run's own)."""
-    head_path = run / HEAD_FILE
-    if not head_path.is_file():
-        raise UsageError(f"--run {run} has no {HEAD_FILE}: the run did not finish; run hookmix finetune again.")
-    try:
-        with safe_open(head_path, framework="pt") as handle:
-            bound = (handle.metadata() or {}).get(FINGERPRINT_KEY)
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UsageError(f"{head_path} is not a readable safetensors file ({exc}); fine-tune again.") from None
-    if bound != fingerprint:
-        raise UsageError(
-            f"{head_path} (run {bound}) does not belong to {run / RUN_FILE} (run {fingerprint}): the files "
-            "come from different runs or one was edited; use the two files one run wrote."
-        )
-    return state
-
-
-def _read_run(run: Path) -> tuple[FinetunedConfig, BackboneSource, dict[str, torch.Tensor]]:
-    data = _read_payload(run)
-    path = run / RUN_FILE
-    config = FinetunedConfig.from_json(data.get("finetuned"), str(path))
-    names = {f.name for f in fields(BackboneSource)}
-    backbone = data.get("backbone")
-    if not isinstance(backbone, dict) or "model" not in backbone:
-        raise UsageError(f"{path} does not say where the backbone's weights come from; fine-tune again.")
-    source = BackboneSource(**{k: v for k, v in backbone.items() if k in names})
-    return config, source, _read_head(run, run_fingerprint(data))
-
-
-def _transform(config: FinetunedConfig, where: str) -> Callable[[Any], torch.Tensor]:
-    """The run's evaluation transform, rebuilt from the steps it recorded as applied (not recomputed from
-    the model's configuration, whose arithmetic the library may change)."""
-    return EvalTransform.from_record((config.preprocessing or {}).get("eval"), where).build()
 
 
 def load_run(run: str | Path) -> LoadedRun:
-    """Rebuild the fine-tuned model of the run directory ``run`` (eval mode), checking every file first."""
-    config, source, head_state = _read_run(Path(run))
-    model = source.build()
-    source.resize(model, len(config.classes))
-    finetuned = rebuild(model, config, head_state, f"--run {run}")
-    return LoadedRun(finetuned, model, _transform(config, str(Path(run) / RUN_FILE)), source)
+    """The fine-tuned model of ``--run`` (a run directory or an exported file), in eval mode, every file
+    checked first; the library's one-line refusals are prefixed with the flag."""
+    try:
+        model, source_model = load_finetuned_with_source(run)
+    except UsageError as exc:
+        said = str(exc)
+        raise UsageError(f"--run {said}" if said.startswith(str(run)) else f"--run {run}: {said}") from None
+    return LoadedRun(model, source_model)

@@ -1,13 +1,15 @@
-"""The ``hookmix sweep`` job: per layer, one feature cache and a grid of heads (α × lr × seed) trained together.
+"""The ``hookmix sweep`` job: per layer, one feature cache and a grid of heads (α × cutmix α × lr × seed) trained
+together.
 
 It reuses the ``finetune`` job's phases — preparing the model and data, cutting and assembling the head,
-the cache keys and the extraction (so the caches in ``--cache`` are shared with ``finetune``) — and trains each
-layer's cells with :func:`hookmix.headonly.sweep.fit_grid`. The data are prepared once, with seed 0 (the split of a
-folder without ``--val``, the digits task, a random-init backbone); ``--seeds K`` varies each head's seed
-(its init, data order, mix plans, dropout). So a cell of seed s is exactly ``finetune --seed s --data-seed 0``
-with its α, lr, layer and head.
+the cache keys and cache directories (so the caches in ``--cache`` are shared with ``finetune``) — extracts every
+layer's cache in one backbone pass per part (:meth:`~hookmix.FeatureCache.extract_many` with hooks on all the
+layers), and trains each layer's cells with :func:`hookmix.sweep`, on multi-class (class folders, digits) or
+multi-label (``--labels``) data. The data are prepared once, with seed 0 (the split of a folder without
+``--val``, the digits task, a random-init backbone); ``--seeds K`` varies each head's seed (its init, data order,
+mix plans, dropout). So a cell of seed s is exactly ``finetune --seed s --data-seed 0`` with its α, lr, layer and head.
 
-Writes ``sweep.json`` (settings, one record per cell, the paired differences against α = 0, the verdicts and
+Writes ``sweep.json`` (settings, one record per cell, the paired differences against no mixing, the verdicts and
 warnings), ``sweep.csv`` (the records), ``sweep.png`` (each metric against α per layer, mean ± 95% CI over
 seeds) and the best cell on validation NLL as a normal run directory ``best/`` (``predict`` and ``export``
 read it).
@@ -20,7 +22,8 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,11 +33,14 @@ from hookmix.app.finetune_job import (
     JobSpec,
     _assemble,
     _cache_key,
-    _extract_all,
+    _cache_path,
+    _CachePoint,
+    _check_budget,
     _identity,
     _prepare,
     _Prepared,
     _report,
+    _say_stored,
     _Trained,
 )
 from hookmix.core.devices import resolve_device
@@ -42,15 +48,9 @@ from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write
 from hookmix.evaluation.metrics import mean_ci
 from hookmix.graph.cutpoints import stage_names
-from hookmix.headonly.sweep import (
-    HIGHER_IS_BETTER,
-    cell_alpha,
-    cell_record,
-    fit_grid,
-    grid_configs,
-    grid_unstacked,
-    summary,
-)
+from hookmix.headonly.cache import CacheKey, FeatureCache
+from hookmix.headonly.sweep import HIGHER_IS_BETTER, cell_alpha, cell_cutmix_alpha, grid_configs, sweep
+from hookmix.headonly.taps import LayerTaps
 from hookmix.headonly.training import FitConfig
 
 __all__ = ["SweepSpec", "format_table", "run_sweep"]
@@ -62,7 +62,7 @@ DATA_SEED = 0
 @dataclass(frozen=True)
 class SweepSpec:
     """What ``hookmix sweep`` was asked to do: the finetune inputs (``job``; its ``layer`` is unused), the
-    layers (``None``: the model's last two stages), the α and lr lists, the number of seeds and the base
+    layers (``None``: the model's last two stages), the α, cutmix α and lr lists, the number of seeds and the base
     training settings (epochs, batch size) every cell shares."""
 
     job: JobSpec
@@ -72,6 +72,7 @@ class SweepSpec:
     seeds: int
     base: FitConfig
     overwrite: bool = False
+    cutmix_alphas: tuple[float, ...] = (0.0,)
 
 
 def _layers(spec: SweepSpec, prepared: _Prepared) -> tuple[str, ...]:
@@ -86,48 +87,85 @@ def _layers(spec: SweepSpec, prepared: _Prepared) -> tuple[str, ...]:
 
 @dataclass
 class _Layer:
-    """One layer's trained grid: what its best cell needs to be written as a run, and the records."""
+    """One layer's cut and what its best cell needs to be written as a run: the job prepared at the layer, the
+    cached point (and the fixed ops that take the layer's map to it, ``None``: the map is cached), its cache keys,
+    each seed's fresh head; its caches once extracted, its cells once trained."""
 
     prepared: _Prepared
-    point: Any
-    keys: tuple[Any, Any]
-    trained: list[tuple[FitConfig, torch.nn.Module, Any]]
-    caches: tuple[Any, Any]
-    facts: dict[str, Any]
+    point: _CachePoint
+    fixed_ops: torch.nn.Module | None
+    keys: tuple[CacheKey, CacheKey]
+    heads: dict[int, torch.nn.Module]
+    caches: tuple[Any, Any] = ()
+    facts: dict[str, Any] = field(default_factory=dict)
+    trained: list[tuple[FitConfig, torch.nn.Module, Any]] = field(default_factory=list)
 
 
-def _sweep_layer(
-    spec: SweepSpec, prepared: _Prepared, layer: str, device: torch.device, say: Callable[[str], None]
-) -> _Layer:
-    """Extract (or reuse) ``layer``'s caches and train its grid of cells together."""
+def _configs(spec: SweepSpec) -> list[FitConfig]:
+    return grid_configs(spec.base, spec.alphas, spec.lrs, range(spec.seeds), spec.cutmix_alphas)
+
+
+def _prepare_layer(spec: SweepSpec, prepared: _Prepared, layer: str) -> _Layer:
+    """Cut the model at ``layer`` as ``finetune --layer`` would — caching the maps when a cell cuts (CutMix
+    pastes boxes of the map) — with each seed's fresh head."""
     prepared = replace(prepared, layer=layer, layer_is_default=False)
-    configs = grid_configs(spec.base, spec.alphas, spec.lrs, range(spec.seeds))
-    by_seed = {c.seed: _assemble(prepared, spec.job, c) for c in configs}
+    configs = _configs(spec)
+    widest = next((c for c in configs if c.mix and c.mixing.uses_cutmix), configs[0])  # decides what is cached
+    by_seed = {c.seed: _assemble(prepared, spec.job, replace(widest, seed=c.seed)) for c in configs}
     backbone, _, point = by_seed[0]
-    heads = [copy.deepcopy(by_seed[c.seed][1]) for c in configs]
     keys = (_cache_key(prepared, "train", point.key_layer), _cache_key(prepared, "val", point.key_layer))
-    train, val, budget, extract_s = _extract_all(spec.job, prepared, backbone, point, keys, device, say)
-    alone = grid_unstacked(heads, configs, train.features, train.labels)
-    how = f"one by one with fit ({alone})" if alone else "together"
-    say(f"{layer}: training {len(configs)} {spec.job.head} heads {how} ({_grid_text(spec)})")
-    results = fit_grid(
-        heads,
-        configs,
-        train.features,
-        train.labels,
-        val.features[0],
-        val.labels,
-        num_classes=len(prepared.classes),
-        device=device,
-        progress=spec.job.progress,
-    )
-    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
-    return _Layer(prepared, point, keys, list(zip(configs, heads, results)), (train, val), facts)
+    heads = {seed: head for seed, (_, head, _) in by_seed.items()}
+    return _Layer(prepared, point, backbone[1] if point.fixed_ops else None, keys, heads)
+
+
+def _extract_layers(
+    spec: SweepSpec, layers: Sequence[_Layer], device: torch.device, say: Callable[[str], None]
+) -> None:
+    """All layers' caches from ONE backbone pass over the training data and one over the validation data:
+    hooks on every layer (:class:`~hookmix.headonly.taps.LayerTaps`), the forward stopped after the deepest.
+    Each cache is the one ``finetune --layer`` makes (same point, key, ``--cache`` directory and bytes), so
+    either reuses the other's; layers already cached are loaded, and when all are no backbone runs."""
+    job, first = spec.job, layers[0].prepared
+    budget = max(_check_budget(job, layer.prepared, layer.point) for layer in layers)
+    taps = {layer.point.key_layer: (layer.point.layer, layer.fixed_ops) for layer in layers}
+
+    def backbone_for(names: tuple[str, ...]) -> LayerTaps:
+        return LayerTaps(first.model, {name: taps[name] for name in names})
+
+    start, parts = time.perf_counter(), []
+    for index, part in enumerate(("train", "val")):
+        targets = {
+            layer.point.key_layer: (layer.keys[index], _cache_path(job, layer.keys[index], layer.prepared.layer))
+            for layer in layers
+        }
+        parts.append(
+            FeatureCache.extract_many(
+                backbone_for,
+                first.dataset(part),
+                targets,
+                dtype=job.dtype,
+                batch_size=job.extract_batch_size,
+                views=job.views if index == 0 else 1,
+                num_workers=job.workers,
+                device=device,
+                progress=job.progress,
+                mmap=None if index == 0 and job.cache_dir is not None else False,
+                memory_budget=budget if index == 0 else None,
+                desc=f"extracting {part} features",
+            )
+        )
+    facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(time.perf_counter() - start, 3)}
+    for layer in layers:
+        name = layer.prepared.layer
+        layer.caches, layer.facts = (parts[0][layer.point.key_layer], parts[1][layer.point.key_layer]), dict(facts)
+        _say_stored(job, layer.caches, budget, lambda line, name=name: say(f"{name}: {line}"))
 
 
 def _grid_text(spec: SweepSpec) -> str:
     alphas = " ".join(f"{a:g}" for a in sorted({0.0, *spec.alphas}))
-    return f"α {alphas} × lr {' '.join(f'{v:g}' for v in spec.lrs)} × {spec.seeds} seeds"
+    cutmix = " ".join(f"{a:g}" for a in sorted({0.0, *spec.cutmix_alphas}))
+    cutmix = f" × cutmix α {cutmix}" if cutmix != "0" else ""
+    return f"α {alphas}{cutmix} × lr {' '.join(f'{v:g}' for v in spec.lrs)} × {spec.seeds} seeds"
 
 
 def _write_best(spec: SweepSpec, layers: Sequence[_Layer]) -> dict[str, Any]:
@@ -142,7 +180,13 @@ def _write_best(spec: SweepSpec, layers: Sequence[_Layer]) -> dict[str, Any]:
     identity = _identity(job, done.prepared, done.point, config, [key.fingerprint() for key in done.keys])
     train, val = done.caches
     _report(job, config, done.prepared, done.point, _Trained(train, val, head, result, done.facts, identity))
-    return {"layer": done.prepared.layer, "alpha": cell_alpha(config), "lr": config.lr, "seed": config.seed}
+    return {
+        "layer": done.prepared.layer,
+        "alpha": cell_alpha(config),
+        "cutmix_alpha": cell_cutmix_alpha(config),
+        "lr": config.lr,
+        "seed": config.seed,
+    }
 
 
 def _check_out(spec: SweepSpec) -> None:
@@ -152,34 +196,50 @@ def _check_out(spec: SweepSpec) -> None:
 
 
 def run_sweep(spec: SweepSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the sweep and write its report; returns the ``sweep.json`` payload."""
+    """Run the sweep (:func:`hookmix.sweep` on each layer's caches) and write its report; returns the
+    ``sweep.json`` payload."""
     _check_out(spec)
     device = resolve_device(spec.job.device)
     prepared = _prepare(spec.job, DATA_SEED)
-    if prepared.task != "multiclass":
-        raise UsageError("sweep compares multi-class runs (accuracy, NLL, ECE); multi-label sweeps are not built yet.")
     layers = _layers(spec, prepared)
     say(f"{prepared.source.id} @ {', '.join(layers)} on {device}: {_grid_text(spec)}")
-    done = [_sweep_layer(spec, prepared, layer, device, say) for layer in layers]
-    records = [
-        cell_record(layer.prepared.layer, spec.job.head, config, result, layer.caches[1].labels)
-        for layer in done
-        for config, _, result in layer.trained
-    ]
+    done = {layer: _prepare_layer(spec, prepared, layer) for layer in layers}
+    _extract_layers(spec, list(done.values()), device, say)
+    train, val = next(iter(done.values())).caches  # the labels: one set of images for every layer
+    result = sweep(
+        {layer: d.caches[0].features for layer, d in done.items()},
+        train.labels,
+        {layer: d.caches[1].features[0] for layer, d in done.items()},
+        val.labels,
+        num_classes=len(prepared.classes),
+        head=lambda layer, seed: copy.deepcopy(done[layer].heads[seed]),
+        head_name=spec.job.head,
+        alphas=spec.alphas,
+        cutmix_alphas=spec.cutmix_alphas,
+        lrs=spec.lrs,
+        seeds=spec.seeds,
+        base=spec.base,
+        device=device,
+        progress=spec.job.progress,
+        say=say,
+    )
+    for layer, cells in result.cells.items():
+        done[layer].trained = cells
     payload = {
         "model": prepared.source.id,
         "head": spec.job.head,
+        "task": prepared.task.name,
         "layers": list(layers),
         "data_seed": DATA_SEED,
         "settings": {"epochs": spec.base.epochs, "batch_size": spec.base.batch_size, "seeds": spec.seeds},
-        "records": records,
-        **summary(records),
-        "best": _write_best(spec, done),
+        "records": result.records,
+        **result.summary,
+        "best": _write_best(spec, list(done.values())),
     }
     out = spec.job.out_dir
     atomic_write(out / "sweep.json", json.dumps(payload, indent=1).encode())
-    atomic_write(out / "sweep.csv", _csv(records))
-    plot_sweep(records, out / "sweep.png")
+    atomic_write(out / "sweep.csv", _csv(result.records))
+    plot_sweep(result.records, out / "sweep.png")
     return payload
 
 
@@ -192,10 +252,10 @@ def _csv(records: Sequence[dict[str, Any]]) -> bytes:
 
 
 def _arms(records: Sequence[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
-    """The records by (layer, head, lr, α), in the order they come."""
+    """The records by (layer, head, lr, cutmix α, α), in the order they come."""
     arms: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        arms.setdefault((r["layer"], r["head"], r["lr"], r["alpha"]), []).append(r)
+        arms.setdefault((r["layer"], r["head"], r["lr"], r["cutmix_alpha"], r["alpha"]), []).append(r)
     return arms
 
 
@@ -204,36 +264,37 @@ def _metrics(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """One line per layer, head, lr and α: each metric's mean ± 95% CI half-width over seeds."""
+    """One line per layer, head, lr, cutmix α and α: each metric's mean ± 95% CI half-width over seeds."""
     metrics = _metrics(records)
-    lines = [f"{'layer':<12} {'head':<7} {'lr':>8} {'alpha':>6} {'seeds':>5} " + " ".join(f"{m:>19}" for m in metrics)]
-    for (layer, head, lr, alpha), members in _arms(records).items():
+    columns = f"{'layer':<12} {'head':<7} {'lr':>8} {'cutmix':>6} {'alpha':>6} {'seeds':>5} "
+    lines = [columns + " ".join(f"{m:>19}" for m in metrics)]
+    for (layer, head, lr, cutmix, alpha), members in _arms(records).items():
         cells = []
         for metric in metrics:
             mean, half = mean_ci([m[metric] for m in members])
             cells.append(f"{mean:>10.4f} ± {half:<6.4f}" if not math.isnan(half) else f"{mean:>10.4f}         ")
-        lines.append(f"{layer:<12} {head:<7} {lr:>8g} {alpha:>6g} {len(members):>5} " + " ".join(cells))
+        lines.append(f"{layer:<12} {head:<7} {lr:>8g} {cutmix:>6g} {alpha:>6g} {len(members):>5} " + " ".join(cells))
     return "\n".join(lines)
 
 
 def plot_sweep(records: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Each metric against α, one line per layer (and lr), mean ± 95% CI over seeds; a PNG at ``path``."""
-    from hookmix.evaluation.plots import _new_figure, _save
+    """Each metric against α, one line per layer (and lr, cutmix α), mean ± 95% CI over seeds; a PNG at ``path``."""
+    from hookmix.evaluation.plots import new_figure, save_figure
 
     metrics = _metrics(records)
-    figure = _new_figure(4.0 * len(metrics), 3.2)
+    figure = new_figure(4.0 * len(metrics), 3.2)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     lines: dict[tuple[Any, ...], dict[float, list[dict[str, Any]]]] = {}
-    for (layer, head, lr, alpha), members in _arms(records).items():
-        lines.setdefault((layer, head, lr), {})[alpha] = members
+    for (layer, head, lr, cutmix, alpha), members in _arms(records).items():
+        lines.setdefault((layer, head, lr, cutmix), {})[alpha] = members
     for ax, metric in zip(axes, metrics):
-        for (layer, head, lr), by_alpha in lines.items():
+        for (layer, head, lr, cutmix), by_alpha in lines.items():
             alphas = sorted(by_alpha)
             stats = [mean_ci([m[metric] for m in by_alpha[a]]) for a in alphas]
             errors = [0.0 if math.isnan(half) else half for _, half in stats]
-            label = f"{layer} ({head}, lr {lr:g})"
+            label = f"{layer} ({head}, lr {lr:g}{f', cutmix α {cutmix:g}' if cutmix else ''})"
             ax.errorbar(alphas, [mean for mean, _ in stats], yerr=errors, marker="o", capsize=3, label=label)
         ax.set_xlabel("α (0: no mixup)")
         ax.set_title(f"validation {metric.removeprefix('val_')}")
     axes[0].legend(fontsize=7)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -368,7 +368,7 @@ def evaluate_multilabel(
 def reliability_multilabel(
     logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15, label: int | None = None
 ) -> ReliabilityCurve:
-    """Reliability of multi-label probabilities ``sigmoid(logits)`` ``(N, L)``, for a reliability diagram.
+    """ReliabilityCurve of multi-label probabilities ``sigmoid(logits)`` ``(N, L)``, for a reliability diagram.
 
     Each (example, label) entry is one binary prediction: its ``confidence`` is the predicted probability
     and its "accuracy" is whether the label is present (``targets`` ``(N, L)`` multi-hot), so a bin's

@@ -26,7 +26,14 @@ from hookmix.mixing.settings import MixSettings
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["lambda_density_alpha", "plot_history", "plot_reliability", "plot_lambda_hist"]
+__all__ = [
+    "lambda_density_alpha",
+    "plot_history",
+    "plot_reliability",
+    "plot_lambda_hist",
+    "new_figure",
+    "save_figure",
+]
 
 History = Sequence[Mapping[str, float]]
 HISTORY_PANELS = (
@@ -39,7 +46,9 @@ MULTILABEL_PANEL = ("val_map", "validation mAP (macro)")
 """The third panel of a multi-label history (records with ``val_map`` instead of ``val_accuracy``)."""
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure of ``width`` x ``height`` inches on the Agg canvas (no display, no global pyplot
+    state), laid out "constrained"; write it with :func:`save_figure`."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -59,7 +68,7 @@ def _png_path(path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``figure`` as a PNG to ``path`` atomically (temporary file in the same folder + rename)."""
     target = _png_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +115,7 @@ def plot_history(history: History | Mapping[str, History], path: str | os.PathLi
     several runs. Writes a PNG to ``path`` and returns it.
     """
     runs = _runs(history)
-    figure = _new_figure(9.0, 6.5)
+    figure = new_figure(9.0, 6.5)
     axes = figure.subplots(2, 2, sharex=True).ravel()
     for ax, (key, title) in zip(axes, _panels(next(iter(runs.values()))[0])):
         for label, records in runs.items():
@@ -118,11 +127,11 @@ def plot_history(history: History | Mapping[str, History], path: str | os.PathLi
         ax.set_xlabel("epoch")
     if any(runs):
         axes[0].legend(fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_reliability(curves: Mapping[str, ReliabilityCurve], path: str | os.PathLike[str]) -> Path:
-    """Reliability diagram: per-bin accuracy against mean confidence for each model, plus the diagonal.
+    """ReliabilityCurve diagram: per-bin accuracy against mean confidence for each model, plus the diagonal.
 
     ``curves`` maps a model label to its :func:`hookmix.reliability`; empty bins are skipped
     and each legend entry shows the model's ECE. Writes a PNG to ``path`` and returns it.
@@ -138,7 +147,7 @@ def plot_reliability(curves: Mapping[str, ReliabilityCurve], path: str | os.Path
                 f"curves[{label!r}] must be a ReliabilityCurve, got {type(curve).__name__}; "
                 "build it with hookmix.reliability(logits, y)."
             )
-    figure = _new_figure(5.5, 5.0)
+    figure = new_figure(5.5, 5.0)
     ax = figure.subplots()
     ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="grey", label="perfect calibration")
     for label, curve in curves.items():
@@ -153,7 +162,7 @@ def plot_reliability(curves: Mapping[str, ReliabilityCurve], path: str | os.Path
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _beta_density(x: np.ndarray, alpha: float) -> np.ndarray:
@@ -189,7 +198,7 @@ def plot_lambda_hist(lams: torch.Tensor | np.ndarray, path: str | os.PathLike[st
     bad_alpha = not is_number(alpha) or not 0 < alpha < math.inf
     if alpha is not None and bad_alpha:
         raise UsageError(f"alpha must be a positive finite number (of Beta(α, α)) or None, got {alpha!r}.")
-    figure = _new_figure(6.0, 4.0)
+    figure = new_figure(6.0, 4.0)
     ax = figure.subplots()
     bins = np.linspace(0.0, 1.0, 31)
     heights, _, _ = ax.hist(values, bins=bins, density=True, alpha=0.6, label=f"{values.size} draws")
@@ -200,4 +209,4 @@ def plot_lambda_hist(lams: torch.Tensor | np.ndarray, path: str | os.PathLike[st
         ax.set_ylim(0.0, 1.2 * max(float(np.max(heights)), float(_beta_density(np.array([0.5]), alpha)[0])))
     ax.set(xlim=(0.0, 1.0), xlabel="λ", ylabel="density", title="mixing coefficients")
     ax.legend(fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -94,6 +94,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def bytes_per_example(views: int, feature_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The bytes one example takes in a cache: ``views`` stored features of ``feature_shape`` in ``dtype``."""
     return views * math.prod(feature_shape) * dtype.itemsize
 
 

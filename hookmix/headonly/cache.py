@@ -3,6 +3,9 @@
 With a frozen backbone, the features of layer L do not change between epochs, so
 :meth:`FeatureCache.extract` runs the backbone ONCE over a dataset (eval mode, ``torch.no_grad()``,
 a tqdm bar) and keeps its outputs; training a head for E epochs then costs about one backbone pass.
+:meth:`FeatureCache.extract_many` fills several caches from one pass (e.g. two layers' features, with
+:class:`hookmix.headonly.taps.LayerTaps`), each exactly the cache :meth:`~FeatureCache.extract` would make.
+The pass itself is :mod:`hookmix.headonly._backbone_pass`.
 
 Shapes: the backbone maps a batch ``(B, C, H, W)`` to features ``(B, *F)`` with one fixed ``F`` per
 row, e.g. ``(B, 2048, 7, 7)`` or tokens ``(B, N, D)``. The cache holds ``features`` ``(V, N, *F)``
@@ -28,23 +31,25 @@ a second writer of the same key waits and then reads the first one's cache (:att
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import sys
-from collections.abc import Sized
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hookmix.core.checks import check_int, is_int, modes_restored
-from hookmix.core.devices import autocast_dtype, place_module
+from hookmix.core.checks import check_int, is_int
+from hookmix.core.devices import place_module
 from hookmix.core.errors import UsageError
+from hookmix.headonly._backbone_pass import Regroup, pass_ranges, run_backbone
 from hookmix.headonly._cache_format import (
     FEATURE_DTYPES,
     MANIFEST_NAME,
@@ -61,8 +66,9 @@ from hookmix.headonly.store import Store, join, open_store
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
 
 __all__ = [
+    "bytes_per_example",
     "CacheKey",
-    "extract_rows",
+    "check_extract_args",
     "FeatureCache",
     "keyed_directory",
     "transform_fingerprint",
@@ -141,112 +147,6 @@ def keyed_directory(root: str | Path, name: str, key: CacheKey, *, dtype: torch.
     """
     text = json.dumps([key.fingerprint(), dtype_name(dtype), views])
     return join(root, f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}")
-
-
-def _run_backbone(
-    backbone: nn.Module,
-    dataset: Dataset,
-    ranges: list[tuple[int, int]],
-    sink: Sink,
-    *,
-    views: int,
-    dtype: torch.dtype,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    progress: bool,
-) -> int:
-    """Run ``backbone`` over ``views`` passes of each row range in turn, hand each range to ``sink``.
-
-    Batches never straddle two ranges, so one DataLoader (its workers started once) serves every
-    range. Returns the number of batches the backbone ran.
-    """
-    plan = [
-        (range_index, view, list(range(b, min(b + batch_size, stop))))
-        for range_index, (start, stop) in enumerate(ranges)
-        for view in range(views)
-        for b in range(start, stop, batch_size)
-    ]
-    loader = DataLoader(
-        dataset,
-        batch_sampler=[indices for _, _, indices in plan],
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    total = views * sum(stop - start for start, stop in ranges)
-    half = autocast_dtype(device) if dtype != torch.float32 else None
-    features: list[list[torch.Tensor]] = [[] for _ in range(views)]
-    labels: list[list[torch.Tensor]] = [[] for _ in range(views)]
-    batches = 0
-    with (
-        modes_restored(backbone, False),
-        torch.no_grad(),
-        torch.autocast(device.type, dtype=half, enabled=half is not None),
-        tqdm(total=total, desc="extracting features", unit="ex", disable=not progress) as bar,
-    ):
-        for (range_index, view, indices), batch in zip(plan, loader):
-            x, y = _split_batch(batch)
-            out = backbone(x.to(device, non_blocking=True))
-            batches += 1
-            features[view].append(_store(out, len(indices), dtype, indices[0]))
-            labels[view].append(y)
-            bar.update(len(indices))
-            start, stop = ranges[range_index]
-            if view == views - 1 and indices[-1] == stop - 1:
-                sink(start, stop, *_assemble(features, labels, start))
-                features, labels = [[] for _ in range(views)], [[] for _ in range(views)]
-    return batches
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
-        raise TypeError(f"dataset must yield (x, y) pairs; a collated batch was {type(batch).__name__}.")
-    x, y = batch
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(
-            f"dataset must yield (x, y) with tensor-like x and y; got a batch of x: {type(x).__name__}, "
-            f"y: {type(y).__name__} (ints and floats are fine, strings are not)."
-        )
-    return x, y
-
-
-def _store(out: Any, rows: int, dtype: torch.dtype, first_index: int) -> torch.Tensor:
-    """The backbone's output ``(B, *F)`` as a CPU tensor of ``dtype``, checked for shape and range."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"backbone must return one tensor (B, *F), got {type(out).__name__}; wrap it in a module "
-            "that returns the feature tensor you want cached."
-        )
-    if out.ndim < 1 or out.shape[0] != rows:
-        raise UsageError(f"backbone returned shape {tuple(out.shape)} for a batch of {rows} examples.")
-    stored = out.detach().to(dtype=dtype).cpu()
-    if not torch.isfinite(stored).all() and torch.isfinite(out).all():
-        raise UsageError(
-            f"features of examples {first_index}..{first_index + rows - 1} exceed the range of {dtype} "
-            f"(max |x| = {out.abs().max().item():.4g}); pass dtype=torch.float32 or torch.bfloat16."
-        )
-    return stored
-
-
-def _assemble(
-    features: list[list[torch.Tensor]], labels: list[list[torch.Tensor]], start: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-view batch lists -> features ``(V, n, *F)`` and labels ``(n, ...)``; views must agree on labels."""
-    try:
-        stacked = torch.stack([torch.cat(view) for view in features])
-    except RuntimeError as exc:
-        raise UsageError(
-            f"backbone feature shapes differ between batches near example {start} ({exc}); "
-            "every row must have one fixed feature shape."
-        ) from exc
-    view_labels = [torch.cat(view) for view in labels]
-    for view, other in enumerate(view_labels[1:], start=1):
-        if not torch.equal(other, view_labels[0]):
-            raise UsageError(
-                f"view {view} of examples from {start} got different labels than view 0; views are "
-                "passes over the same examples and may differ only in their (augmented) inputs."
-            )
-    return stacked.contiguous(), view_labels[0].contiguous()
 
 
 @dataclass(eq=False, repr=False)
@@ -369,27 +269,79 @@ class FeatureCache:
             progress: show a tqdm bar.
             mmap, memory_budget: how the stored cache is returned (``path`` only), as in :meth:`load`.
         """
+        _check_backbone(backbone)
+        run = _Pass(dtype, batch_size, shard_size, views, num_workers, device, progress, "extracting features", False)
+        return cls._extract_targets(
+            lambda names: backbone, dataset, {"features": (key, path)}, run, mmap, memory_budget
+        )["features"]
+
+    @classmethod
+    def extract_many(
+        cls,
+        backbone_for: Callable[[tuple[str, ...]], nn.Module],
+        dataset: Dataset,
+        targets: Mapping[str, tuple[CacheKey, str | Path | None]],
+        *,
+        dtype: torch.dtype = torch.float16,
+        batch_size: int = 64,
+        shard_size: int = 1024,
+        views: int = 1,
+        num_workers: int = 0,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        mmap: bool | None = False,
+        memory_budget: int | None = None,
+        desc: str = "extracting features",
+    ) -> dict[str, FeatureCache]:
+        """Several caches of one dataset from ONE backbone pass, e.g. the features of two layers of a model.
+
+        Each target ``name: (key, path)`` is one cache, exactly as :meth:`extract` would make it with that key
+        and path (the same shards, manifest, lock, resumption and reuse; ``path=None``: in memory). Targets whose
+        cache is already complete at ``path`` are loaded; when all are, no backbone is built or run. Otherwise
+        ``backbone_for(names)`` is called once with the names still to extract and returns the module that maps
+        ``(B, C, H, W)`` to a mapping ``{name: (B, *F_name)}`` with at least those names (with one name, a
+        single tensor is accepted); it runs once over the rows none of them has stored yet, and each target
+        keeps the rows it lacks. The directories' writer locks are all held for the pass, taken in path order.
+
+        Features are bitwise those of :meth:`extract` with a backbone returning one of the outputs alone.
+        The other arguments are those of :meth:`extract` and apply to every target; the progress bar reads
+        ``"{desc}: {names}"`` (the names extracted). Returns the caches by name, in the order of ``targets``; each
+        one's :attr:`batches_run` is the pass's when it took rows from it, else 0.
+        """
+        run = _Pass(dtype, batch_size, shard_size, views, num_workers, device, progress, desc, True)
+        return cls._extract_targets(backbone_for, dataset, targets, run, mmap, memory_budget)
+
+    @classmethod
+    def _extract_targets(
+        cls,
+        backbone_for: Callable[[tuple[str, ...]], nn.Module],
+        dataset: Dataset,
+        targets: Mapping[str, tuple[CacheKey, str | Path | None]],
+        run: _Pass,
+        mmap: bool | None,
+        memory_budget: int | None,
+    ) -> dict[str, FeatureCache]:
+        """:meth:`extract_many` (and :meth:`extract`, one target) with the pass's settings in ``run``."""
         _check_mmap(mmap, memory_budget)
-        if path is None and mmap:
+        wanted = _targets(targets)
+        if mmap and any(target.directory is None for target in wanted):
             raise UsageError("mmap=True needs path=DIR: only a cache stored on disk can be memory-mapped.")
-        _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
-        run = dict(dtype=dtype, batch_size=batch_size, views=views, num_workers=num_workers, device=device)
-        if path is None:
-            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-            def keep(start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
-                parts.append((features, labels))
-
-            count = len(dataset)  # type: ignore[arg-type]
-            run["device"] = place_module(backbone, device)
-            batches = _run_backbone(backbone, dataset, [(0, count)], keep, progress=progress, **run)
-            [(features, labels)] = parts
-            return cls(features, labels, key, batches_run=batches)
-        directory = open_store(path)
-        reused, batches = _complete(backbone, dataset, key, directory, shard_size=shard_size, progress=progress, **run)
-        cache = cls.load(directory, key, dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
-        cache.batches_run, cache.rows_reused = batches, reused
-        return cache
+        _check_pass_args(dataset, run.dtype, run.batch_size, run.shard_size, run.views, run.num_workers)
+        count = len(dataset)  # type: ignore[arg-type]
+        todo = [target for target in wanted if not _stored(target, count, run)]
+        batches, kept = _extract_missing(backbone_for, dataset, todo, run) if todo else (0, {})
+        caches = {}
+        for target in wanted:
+            ran = batches if target.done < count else 0
+            if target.directory is None:
+                features, labels = kept[target.name]
+                caches[target.name] = cls(features, labels, target.key, batches_run=ran)
+                continue
+            stored = dict(dtype=run.dtype, views=run.views, mmap=mmap, memory_budget=memory_budget)
+            cache = cls.load(target.directory, target.key, **stored)
+            cache.batches_run, cache.rows_reused = ran, target.done
+            caches[target.name] = cache
+        return caches
 
     @classmethod
     def load(
@@ -465,74 +417,136 @@ class FeatureCache:
         return FeatureCache(self.features, self.labels, self.key, path=directory.path)
 
 
-def extract_rows(
-    backbone: nn.Module,
-    dataset: Dataset,
-    key: CacheKey,
-    directory: Path | Store,
-    rows: tuple[int, int],
-    first_shard: int,
-    manifest_name: str,
-    *,
-    dtype: torch.dtype = torch.float16,
-    batch_size: int = 64,
-    shard_size: int = 1024,
-    views: int = 1,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> tuple[int, int]:
-    """Extract rows ``[rows[0], rows[1])`` of ``dataset`` into shards ``first_shard, ...`` of ``directory``,
-    one shard in memory at a time, recording them in ``directory/manifest_name``; returns how many of the rows
-    were already stored and how many batches the backbone ran.
+def _resume(directory: Store, key: CacheKey, **request: Any) -> tuple[Manifest | None, int]:
+    """The manifest an interrupted extraction left in ``directory`` (``None``: none) and the row to go on from;
+    its shards are verified first, unless it holds all the rows (``request``: the dtype, views and count
+    :func:`check_request` compares)."""
+    if not directory.exists(MANIFEST_NAME):
+        return None, 0
+    previous = Manifest.read(directory, CacheKey)
+    check_request(previous, directory, key, **request)
+    for shard in previous.shards if not previous.complete else ():
+        read_shard(directory, shard, previous)
+    return previous, previous.rows_done
 
-    The whole cache is ``rows=(0, N)``, ``first_shard=0`` and the manifest; one rank of a sharded extraction
-    (:func:`hookmix.headonly.distributed.extract_sharded`) writes its own rows under their final shard names and
-    keeps its own manifest. When that manifest exists, its shards are verified and only the rows after
-    them are computed (resume after a crash). The other arguments are those of :meth:`FeatureCache.extract`.
-    The caller holds the lock on writing ``directory/manifest_name`` (:meth:`FeatureCache.extract` holds the
-    directory's writer lock; the ranks of a sharded extraction each write their own manifest).
-    """
-    _check_extract_args(backbone, dataset, key, dtype, batch_size, shard_size, views, num_workers)
-    first, last = rows
+
+@dataclass
+class _Target:
+    """One cache a pass fills: its name, key and store (a local directory or a prefix in object storage;
+    ``None``: in memory), and the rows found stored (set when its store is checked)."""
+
+    name: str
+    key: CacheKey
+    directory: Store | None
+    previous: Manifest | None = None
+    done: int = 0
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """How one pass runs: the arguments of :meth:`FeatureCache.extract_many` shared by its targets, and whether
+    its progress bar names the outputs it extracts."""
+
+    dtype: torch.dtype
+    batch_size: int
+    shard_size: int
+    views: int
+    num_workers: int
+    device: str | torch.device | None
+    progress: bool
+    desc: str
+    name_outputs: bool
+
+
+def _targets(targets: object) -> list[_Target]:
+    """The targets of :meth:`FeatureCache.extract_many`, checked: names, keys and distinct directories."""
+    if not isinstance(targets, Mapping) or not targets:
+        raise UsageError(f"targets must be a non-empty mapping name -> (key, path), got {targets!r}.")
+    found = []
+    for name, target in targets.items():
+        if not isinstance(name, str) or not (isinstance(target, tuple) and len(target) == 2):
+            raise TypeError(f"targets must map a name (str) to (CacheKey, path or None), got {name!r}: {target!r}.")
+        key, path = target
+        _check_key(key)
+        found.append(_Target(name, key, None if path is None else open_store(path)))
+    directories = [_identity(t.directory) for t in found if t.directory is not None]
+    if len(set(directories)) != len(directories):
+        raise UsageError(f"two targets share a cache directory ({sorted(directories)}); give each its own.")
+    return found
+
+
+def _identity(store: Store) -> str:
+    """Where ``store`` lives, one spelling per place: a resolved local path, or the URL."""
+    return str(store.path.resolve()) if isinstance(store.path, Path) else store.path
+
+
+def _stored(target: _Target, count: int, run: _Pass) -> bool:
+    """Whether ``target``'s directory holds its complete cache (checked without the lock: a complete cache
+    never changes, and a read-only copy works)."""
+    published = None if target.directory is None else _published(target.directory)
+    if published is None:
+        return False
+    check_request(published, target.directory, target.key, dtype=run.dtype, views=run.views, count=count)
+    target.done = count
+    return True
+
+
+def _extract_missing(
+    backbone_for: Callable[[tuple[str, ...]], nn.Module], dataset: Dataset, todo: list[_Target], run: _Pass
+) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Extract the rows ``todo``'s caches lack in one pass, under all their directories' writer locks (taken
+    in path order, so that two such passes over shared directories cannot deadlock); the batches run and the in-memory
+    targets' ``(features, labels)``. A target completed by another writer meanwhile takes nothing."""
     count = len(dataset)  # type: ignore[arg-type]
-    directory = open_store(directory)
-    directory.prepare()
-    previous = None
-    if directory.exists(manifest_name):
-        previous = Manifest.read(directory, CacheKey, manifest_name, first_shard, first)
-        check_request(previous, directory, key, dtype=dtype, views=views, count=count)
-        for shard in previous.shards if previous.rows_done != last else ():
-            read_shard(directory, shard, previous)
-    done = previous.rows_done if previous and previous.shards else first
-    ranges = [(start, min(start + shard_size, last)) for start in range(done, last, shard_size)]
-    if not ranges:
-        return done - first, 0
-    target = place_module(backbone, device)
-    writer = ShardWriter(
-        directory, key, dtype, views, count, previous, first_shard=first_shard, manifest_name=manifest_name
-    )
-    run = dict(views=views, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=target)
-    return done - first, _run_backbone(backbone, dataset, ranges, writer, progress=progress, **run)
+    on_disk = sorted((t for t in todo if t.directory is not None), key=lambda t: str(t.directory))
+    with contextlib.ExitStack() as locks:
+        for target in on_disk:
+            target.directory.prepare()
+            locks.enter_context(target.directory.lock(_say_on_stderr if run.progress else None))
+            request = dict(dtype=run.dtype, views=run.views, count=count)
+            target.previous, target.done = _resume(target.directory, target.key, **request)
+        active = [t for t in todo if t.done < count]
+        if not active:
+            return 0, {}
+        backbone = backbone_for(tuple(t.name for t in active))
+        _check_backbone(backbone)
+        sinks, kept = _sinks(active, count, run)
+        ranges = pass_ranges([(t.done, run.shard_size if t.directory else count) for t in active], count)
+        desc = f"{run.desc}: {', '.join(t.name for t in active)}" if run.name_outputs else run.desc
+        options = dict(views=run.views, dtype=run.dtype, batch_size=run.batch_size, num_workers=run.num_workers)
+        device = place_module(backbone, run.device)
+        batches = run_backbone(
+            backbone, dataset, ranges, sinks, device=device, progress=run.progress, desc=desc, **options
+        )
+    return batches, {name: keep.result() for name, keep in kept.items()}
 
 
-def _complete(
-    backbone: nn.Module, dataset: Dataset, key: CacheKey, directory: Store, **options: Any
-) -> tuple[int, int]:
-    """Make ``directory`` hold the complete cache of ``key``; the rows found stored and the batches run.
+def _sinks(active: list[_Target], count: int, run: _Pass) -> tuple[dict[str, Sink], dict[str, _Keep]]:
+    """Each target's sink: its shards written from its own first missing row, or kept in memory."""
+    sinks: dict[str, Sink] = {}
+    kept: dict[str, _Keep] = {}
+    for t in active:
+        if t.directory is None:
+            sinks[t.name] = kept[t.name] = _Keep()
+            continue
+        writer = ShardWriter(t.directory, t.key, run.dtype, run.views, count, t.previous)
+        sinks[t.name] = Regroup(writer, t.done, count, run.shard_size)
+    return sinks, kept
 
-    A complete cache never changes, so one found complete is checked without the lock (a read-only copy works);
-    otherwise the missing rows are extracted under the directory's writer lock, after another writer's.
-    ``options``: the keyword arguments of :func:`extract_rows`.
-    """
-    count = len(dataset)  # type: ignore[arg-type]
-    published = _published(directory)
-    if published is not None:
-        check_request(published, directory, key, dtype=options["dtype"], views=options["views"], count=count)
-        return count, 0
-    directory.prepare()
-    with directory.lock(_say_on_stderr if options["progress"] else None):
-        return extract_rows(backbone, dataset, key, directory, (0, count), 0, MANIFEST_NAME, **options)
+
+class _Keep:
+    """A sink that keeps the ranges in memory; :meth:`result` joins them into ``(V, N, *F)`` and ``(N, ...)``."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.parts.append((features, labels))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return torch.cat([f for f, _ in self.parts], dim=1), torch.cat([y for _, y in self.parts])
 
 
 def _published(directory: Store) -> Manifest | None:
@@ -577,7 +591,17 @@ def _describe(value: object) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _check_extract_args(
+def _check_backbone(backbone: object) -> None:
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}.")
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, CacheKey):
+        raise TypeError(f"key must be a CacheKey, got {type(key).__name__} {key!r}.")
+
+
+def check_extract_args(
     backbone: object,
     dataset: object,
     key: object,
@@ -587,14 +611,26 @@ def _check_extract_args(
     views: object,
     num_workers: object,
 ) -> None:
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}.")
+    """The arguments of one cache's extraction by a backbone with one output, as the ranks of a sharded extraction
+    (:func:`hookmix.headonly.distributed.extract_sharded`) take them: ``UsageError`` / ``TypeError`` naming the
+    argument."""
+    _check_backbone(backbone)
+    _check_key(key)
+    _check_pass_args(dataset, dtype, batch_size, shard_size, views, num_workers)
+
+
+def _check_pass_args(
+    dataset: object,
+    dtype: object,
+    batch_size: object,
+    shard_size: object,
+    views: object,
+    num_workers: object,
+) -> None:
     if not isinstance(dataset, Sized):
         raise TypeError(f"dataset must be a map-style Dataset with len(), got {type(dataset).__name__}.")
     if len(dataset) == 0:
         raise UsageError("dataset is empty (len(dataset) == 0); there is nothing to extract.")
-    if not isinstance(key, CacheKey):
-        raise TypeError(f"key must be a CacheKey, got {type(key).__name__} {key!r}.")
     if dtype not in FEATURE_DTYPES:
         names = ", ".join(f"torch.{dtype_name(d)}" for d in FEATURE_DTYPES)
         raise UsageError(f"dtype={dtype!r} is not a feature storage dtype; use one of {names}.")

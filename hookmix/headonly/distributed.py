@@ -1,4 +1,5 @@
-"""hookmix under ``torch.distributed``: one plan stream per rank, and feature extraction shared by the ranks.
+"""hookmix under ``torch.distributed``: the ranks of a ``torchrun`` job, one plan stream per rank, feature
+extraction shared by the ranks, and the rule that decides whether a head is worth training with DDP.
 
 Under ``DistributedDataParallel`` each of the W ranks runs its own :class:`~hookmix.HookMixer` on its own
 B rows of the global batch. ``HookMixer(ddp_model, ...)`` hooks the module *inside* the wrapper (see
@@ -14,8 +15,11 @@ ranks would need the layer's activation all-gathered in the hook and its gradien
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +29,55 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hookmix.core.checks import check_int, is_int
+from hookmix.core.devices import place_module
 from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write
 from hookmix.core.wrappers import unwrap
-from hookmix.headonly._cache_format import Manifest, check_consistent
-from hookmix.headonly.cache import MANIFEST_NAME, CacheKey, FeatureCache, extract_rows
+from hookmix.headonly._backbone_pass import run_backbone
+from hookmix.headonly._cache_format import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardWriter,
+    check_consistent,
+    check_request,
+    map_shard,
+)
+from hookmix.headonly.cache import CacheKey, FeatureCache, check_extract_args
+from hookmix.headonly.store import is_remote, writer_lock
 
-__all__ = ["extract_sharded", "rank_and_world", "rank_manifest_name", "rank_seed", "unwrap"]
+__all__ = [
+    "GROUP_TIMEOUT",
+    "HeadTraining",
+    "Ranks",
+    "extract_sharded",
+    "head_training",
+    "launched_world",
+    "process_group",
+    "rank_and_world",
+    "rank_seed",
+    "shard_entry_name",
+    "unwrap",
+]
+
+GROUP_TIMEOUT = timedelta(minutes=30)
+"""How long a collective waits for the other ranks before it fails (the slowest rank's share of an extraction
+must fit in it); a rank that hangs is then reported instead of holding the job forever."""
 
 
-def rank_manifest_name(rank: int, world: int) -> str:
-    """The manifest one rank of an :func:`extract_sharded` run keeps of its own shards until rank 0 writes
-    the cache's manifest (hidden: ``.rank-00001-of-00004.json``)."""
-    return f".rank-{rank:05d}-of-{world:05d}.json"
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in its job: ``rank`` of ``world`` processes (``local_rank`` on its node), and
+    the backend of the process group (``None``: one process, no group)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the rank that prints, writes the run and the cache manifest."""
+        return self.rank == 0
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -45,6 +85,55 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched_world() -> int:
+    """How many processes this one runs among: the size of the initialised default group, else torchrun's
+    ``WORLD_SIZE`` (1 without torchrun). Known before the group is joined, so a job can refuse what its ranks
+    could not share before it waits for them."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_int("WORLD_SIZE", 1)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    if not text.isdigit():
+        raise UsageError(f"the environment variable {name}={text!r} is not a non-negative int (set by torchrun).")
+    return int(text)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
+    """Join the process group ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) for the ``with`` block, and leave it at the end, also on an error.
+
+    Yields this process's :class:`Ranks` and its device: on CUDA the GPU ``LOCAL_RANK`` with the ``nccl``
+    backend, else ``device`` with ``gloo``. Without torchrun (no ``WORLD_SIZE``, or 1) it yields one process and
+    ``device`` unchanged; a group the caller already initialised is used and left to the caller.
+    """
+    if dist.is_initialized():
+        yield Ranks(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), dist.get_backend()), device
+        return
+    if launched_world() == 1:
+        yield Ranks(), device
+        return
+    local = _env_int("LOCAL_RANK", 0)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), local, backend), device
+    finally:
+        leave_group()
+
+
+def leave_group() -> None:
+    """Destroy the default process group if one is initialised (a rank that has no more collectives to run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_seed(seed: int, *, rank: int | None = None, shared: bool = False) -> int:
@@ -64,9 +153,78 @@ def rank_seed(seed: int, *, rank: int | None = None, shared: bool = False) -> in
     return seed if shared else seed + rank
 
 
-def _row_blocks(count: int, world: int) -> list[tuple[int, int]]:
-    """``world`` contiguous ``(start, stop)`` blocks covering ``count`` rows, sizes differing by at most 1."""
-    return [(rank * count // world, (rank + 1) * count // world) for rank in range(world)]
+DDP_MODES = ("auto", "on", "off")
+
+MIN_ROWS_PER_GPU = 1024
+"""``--ddp auto`` trains the head with DDP on GPUs only from this many rows per rank and step: below it a head
+step is launch-bound (about 0.1-0.2 ms whatever the rows), so splitting the batch saves nothing while the
+gradient all-reduce adds 0.1 ms (NVLink) to 0.75 ms (PCIe) per step for a 2048 x 1000 head (on paper: the
+README's "Past one machine")."""
+
+
+@dataclass(frozen=True)
+class HeadTraining:
+    """How the head trains in a job of several ranks: with DDP on every rank, or on rank 0 alone; and why."""
+
+    ddp: bool
+    reason: str
+
+    def record(self, ranks: Ranks) -> dict[str, Any]:
+        """The ``distributed`` entry of ``metrics.json``."""
+        how = "ddp" if self.ddp else ("rank 0" if ranks.world > 1 else "one process")
+        return {"world": ranks.world, "backend": ranks.backend, "head_training": how, "reason": self.reason}
+
+
+def head_training(ranks: Ranks, mode: str, batch_size: int) -> HeadTraining:
+    """Decide, before training, whether the head trains with DDP (``mode="on"``), on rank 0 alone (``"off"``)
+    or by the rule (``"auto"``): never on gloo (CPU) ranks — measured, DDP of a head on 2 gloo ranks is at best
+    as fast as one process and up to 4x slower per step (``benchmarks/ddp_head.py``) — and on GPUs only with at
+    least :data:`MIN_ROWS_PER_GPU` rows per rank (on paper: README, "Past one machine").
+
+    Args:
+        ranks: the job's ranks (:func:`process_group`).
+        mode: ``"auto"``, ``"on"`` or ``"off"`` (``hookmix finetune --ddp``).
+        batch_size: the global batch; under DDP each rank trains ``batch_size / world`` rows of every step.
+    """
+    if mode not in DDP_MODES:
+        raise UsageError(f"--ddp {mode!r} is not one of {', '.join(DDP_MODES)}.")
+    if ranks.world == 1:
+        return HeadTraining(False, "one process (not launched by torchrun with more than one process)")
+    per_rank, rest = divmod(batch_size, ranks.world)
+    if mode == "on":
+        if rest or per_rank < 2:
+            raise UsageError(
+                f"--ddp on: --batch-size {batch_size} (the global batch) must be a multiple of the {ranks.world} "
+                f"ranks with at least 2 rows per rank; give e.g. --batch-size {ranks.world * max(2, per_rank)}."
+            )
+        return HeadTraining(True, f"--ddp on: {per_rank} rows per rank and step")
+    if mode == "off":
+        return HeadTraining(False, "--ddp off")
+    if ranks.backend != "nccl":
+        return HeadTraining(
+            False,
+            f"--ddp auto: {ranks.backend} ranks on CPUs; measured, DDP of a head on 2 gloo ranks is at best as fast "
+            "as one process and up to 4x slower per step (benchmarks/ddp_head.py)",
+        )
+    if rest or per_rank < MIN_ROWS_PER_GPU:
+        return HeadTraining(
+            False,
+            f"--ddp auto: {batch_size / ranks.world:g} rows per GPU < {MIN_ROWS_PER_GPU}: such a head step is "
+            "launch-bound, so DDP would add the gradient all-reduce and save nothing (on paper; --ddp on overrides)",
+        )
+    return HeadTraining(True, f"--ddp auto: {per_rank} rows per GPU >= {MIN_ROWS_PER_GPU}")
+
+
+def shard_entry_name(index: int) -> str:
+    """The hidden one-shard manifest a rank writes beside shard ``index`` of a sharded extraction, until rank 0
+    writes the cache's manifest (``.shard-00007.json``)."""
+    return f".shard-{index:05d}.json"
+
+
+def shard_rows(count: int, shard_size: int) -> list[tuple[int, int]]:
+    """The rows ``(start, stop)`` of each shard: shard i holds ``[i·S, min((i+1)·S, N))``, whatever the world
+    size, so a resumed extraction may run on another number of ranks and one process writes the same layout."""
+    return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
 
 
 def extract_sharded(
@@ -83,78 +241,160 @@ def extract_sharded(
     memory_budget: int | None = None,
     **options: Any,
 ) -> FeatureCache:
-    """:meth:`FeatureCache.extract` with the dataset's rows split across the ranks of the default group.
+    """:meth:`FeatureCache.extract` with the shards split across the ranks of the default process group.
 
-    Call it on every rank. Rank r runs ``backbone`` over its contiguous block of about N / W rows and writes
-    them, one shard at a time, straight into ``path`` under their final names (its first shard number
-    follows the shards of the ranks before it), keeping a manifest of its own shards
-    (:func:`rank_manifest_name`); no features travel between ranks. After a barrier rank 0 writes the
-    cache's manifest from those shard lists (names, rows, sizes, checksums: no shard is read) and removes
-    them; every rank then returns the whole cache (N rows), loaded or memory-mapped per ``mmap``. The
-    result is the format :meth:`FeatureCache.load` and ``hookmix finetune --cache`` read. ``path`` must be
-    reachable by every rank (a shared file system across nodes). An interrupted run resumes each rank from
-    its last complete shard when run again with the same world size; when ``path`` already holds a
-    complete cache, every rank loads it. Without a process group this is ``FeatureCache.extract``.
+    Call it on every rank. Shard i holds rows ``[i·S, min((i+1)·S, N))`` (:func:`shard_rows`), the layout one
+    process writes. The ranks first check what an earlier, interrupted run left (each listed shard's sha256,
+    the checks split across the ranks); then rank r runs ``backbone`` over every W-th missing shard, writing
+    each shard under its final name and then its one-shard manifest (:func:`shard_entry_name`). No features
+    travel between ranks. After a barrier rank 0 writes the cache's manifest (no shard is read) and removes
+    the entries; every rank then returns the whole cache (N rows), loaded or memory-mapped per ``mmap``. A
+    rank that dies leaves no manifest — never a cache that looks complete — and the next run, on any number of
+    ranks (or an interrupted one-process cache of the same shard size), redoes only the missing shards. Rank 0
+    holds the directory's writer lock throughout, so a one-process extraction of the same directory waits.
+    ``path`` must be reachable by every rank (a shared file system across nodes; object storage, a URL, is refused
+    for now). Without a process group this is ``FeatureCache.extract``, which also takes a URL.
 
     Args:
         backbone: frozen module mapping ``(B, C, H, W)`` to ``(B, *F)``, on this rank's device.
         dataset: the whole map-style dataset (the same on every rank).
         key, dtype, views, shard_size, mmap, memory_budget: as in :meth:`FeatureCache.extract`.
-        path: the cache directory.
+        path: the cache directory (a local path).
         progress: show a tqdm bar (on rank 0 only).
         **options: other :meth:`FeatureCache.extract` arguments (``batch_size``, ``num_workers``, ``device``).
     """
-    directory = Path(path)
     rank, world = rank_and_world()
-    common = dict(dtype=dtype, views=views, shard_size=shard_size, **options)
     stored = dict(dtype=dtype, views=views, mmap=mmap, memory_budget=memory_budget)
     if world == 1:
         return FeatureCache.extract(
-            backbone, dataset, key, path=directory, progress=progress, **common, mmap=mmap, memory_budget=memory_budget
+            backbone, dataset, key, path=path, progress=progress, shard_size=shard_size, **stored, **options
         )
-    if not (directory / MANIFEST_NAME).exists():
-        _extract_own_rows(backbone, dataset, key, directory, rank, world, progress and rank == 0, common)
-        dist.barrier()
-        if rank == 0:
-            _write_manifest(directory, world, len(dataset))  # type: ignore[arg-type]
-    dist.barrier()
-    return FeatureCache.load(directory, key, **stored)
+    if is_remote(path):
+        raise UsageError(
+            f"path={str(path)!r}: a sharded extraction over {world} ranks needs a directory on a file system every "
+            "rank reaches (object storage is not supported across ranks yet); give such a directory."
+        )
+    directory = Path(path)
+    run = dict(batch_size=64, num_workers=0, device=None) | options | dict(dtype=dtype, views=views)
+    check_extract_args(backbone, dataset, key, dtype, run["batch_size"], shard_size, views, run["num_workers"])
+    directory.mkdir(parents=True, exist_ok=True)
+    with writer_lock(directory) if rank == 0 else contextlib.nullcontext():
+        dist.barrier()  # every rank starts once rank 0 holds the lock
+        batches = torch.zeros(1, dtype=torch.int64)
+        if not _complete(directory):
+            request = dict(dtype=dtype, views=views, count=len(dataset))  # type: ignore[arg-type]
+            layout = shard_rows(len(dataset), check_int("shard_size", shard_size, 1))  # type: ignore[arg-type]
+            done = _verified(directory, key, layout, request)
+            mine = [i for i in range(len(layout)) if i not in done][rank::world]
+            batches += _extract_shards(backbone, dataset, key, directory, layout, mine, progress and rank == 0, run)
+            dist.barrier()
+            if rank == 0:
+                _publish(directory, layout)
+        dist.all_reduce(batches)
+        dist.barrier()  # the manifest is written before any rank loads it
+    cache = FeatureCache.load(directory, key, **stored)
+    cache.batches_run = int(batches)
+    cache.rows_reused = len(cache) if cache.batches_run == 0 else 0
+    return cache
 
 
-def _extract_own_rows(
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete manifest (a damaged one is left to ``FeatureCache.load`` to report)."""
+    try:
+        return Manifest.read(directory, CacheKey).complete
+    except UsageError:
+        return False
+
+
+def _entries(directory: Path, layout: list[tuple[int, int]]) -> dict[int, Manifest]:
+    """The one-shard manifests of shards written so far: the ranks' entries, and the shards of an interrupted
+    one-process manifest with the same layout; an entry that cannot be read, or of another layout, is left out."""
+    found: dict[int, Manifest] = {}
+    if (directory / MANIFEST_NAME).is_file():
+        try:
+            partial = Manifest.read(directory, CacheKey)
+        except UsageError:
+            partial = None
+        for index, shard in enumerate(partial.shards if partial is not None else ()):
+            if index < len(layout) and (shard.start, shard.stop) == layout[index]:
+                found[index] = replace(partial, shards=(shard,))  # type: ignore[arg-type]
+    for index, (start, stop) in enumerate(layout):
+        if (directory / shard_entry_name(index)).is_file():
+            try:
+                entry = Manifest.read(directory, CacheKey, shard_entry_name(index), index, start)
+            except UsageError:
+                continue
+            if entry.rows_done == stop and len(entry.shards) == 1:
+                found[index] = entry
+    return found
+
+
+def _verified(directory: Path, key: CacheKey, layout: list[tuple[int, int]], request: dict[str, Any]) -> set[int]:
+    """The shards written by an earlier run whose bytes match their sha256: each rank checks every W-th entry,
+    and the ranks share their findings. An entry of another key, dtype or views is refused (another cache)."""
+    rank, world = rank_and_world()
+    entries = _entries(directory, layout)
+    good = []
+    for index in sorted(entries)[rank::world]:
+        check_request(entries[index], directory, key, **request)
+        try:
+            map_shard(directory, entries[index].shards[0], entries[index])
+        except UsageError:  # missing, truncated or altered: extracted again
+            continue
+        good.append(index)
+    found: list[list[int]] = [[] for _ in range(world)]
+    dist.all_gather_object(found, good)
+    return {index for part in found for index in part}
+
+
+def _extract_shards(
     backbone: nn.Module,
     dataset: Dataset,
     key: CacheKey,
     directory: Path,
-    rank: int,
-    world: int,
+    layout: list[tuple[int, int]],
+    mine: list[int],
     progress: bool,
-    common: dict[str, Any],
-) -> None:
-    """Rank ``rank`` extracts its block of rows into its shards of ``directory``."""
-    count = len(dataset)  # type: ignore[arg-type]
-    if count < world:
-        raise UsageError(f"dataset has {count} examples for {world} ranks; extract it without a process group.")
-    shard_size = check_int("shard_size", common["shard_size"], 1)
-    blocks = _row_blocks(count, world)
-    first_shard = sum(math.ceil((stop - start) / shard_size) for start, stop in blocks[:rank])
-    name = rank_manifest_name(rank, world)
-    extract_rows(backbone, dataset, key, directory, blocks[rank], first_shard, name, progress=progress, **common)
+    run: dict[str, Any],
+) -> int:
+    """Extract shards ``mine`` (one DataLoader for all of them), each written with its one-shard manifest;
+    the number of batches the backbone ran. ``run``: the options of
+    :func:`~hookmix.headonly._backbone_pass.run_backbone`."""
+    if not mine:
+        return 0
+    count, index_of = len(dataset), {layout[i][0]: i for i in mine}  # type: ignore[arg-type]
+
+    def write(start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
+        index = index_of[start]
+        writer = ShardWriter(
+            directory,
+            key,
+            run["dtype"],
+            run["views"],
+            count,
+            None,
+            first_shard=index,
+            manifest_name=shard_entry_name(index),
+        )
+        writer(start, stop, features, labels)
+
+    device = place_module(backbone, run["device"])
+    options = run | {"device": device}
+    ranges = [layout[i] for i in mine]
+    return run_backbone(backbone, dataset, ranges, {"features": write}, progress=progress, **options)
 
 
-def _write_manifest(directory: Path, world: int, count: int) -> None:
-    """Rank 0: the cache's manifest from the ranks' shard lists (no shard is read), then remove those lists."""
-    blocks = _row_blocks(count, world)
-    parts, first_shard = [], 0
-    for rank, (start, stop) in enumerate(blocks):
-        part = Manifest.read(directory, CacheKey, rank_manifest_name(rank, world), first_shard, start)
-        if part.rows_done != stop:
-            raise UsageError(f"rank {rank} wrote rows {start}..{part.rows_done} of {start}..{stop} into {directory}.")
-        if parts:
-            check_consistent(parts[0], part, directory)
-        parts.append(part)
-        first_shard += len(part.shards)
-    merged = replace(parts[0], shards=tuple(shard for part in parts for shard in part.shards))
+def _publish(directory: Path, layout: list[tuple[int, int]]) -> None:
+    """Rank 0, after every rank finished: the cache's manifest from the shards' entries (no shard is read),
+    written last; then the entries are removed."""
+    entries = _entries(directory, layout)
+    missing = [index for index in range(len(layout)) if index not in entries]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of {directory} were not written although every rank finished.")
+    first = entries[0]
+    for index in range(1, len(layout)):
+        check_consistent(first, entries[index], directory)
+    merged = replace(first, shards=tuple(entries[index].shards[0] for index in range(len(layout))))
     atomic_write(directory / MANIFEST_NAME, merged.to_json())
-    for rank in range(world):
-        (directory / rank_manifest_name(rank, world)).unlink()
+    for index in range(len(layout)):
+        (directory / shard_entry_name(index)).unlink(missing_ok=True)

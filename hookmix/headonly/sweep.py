@@ -1,48 +1,41 @@
-"""A sweep: a grid of heads (α × lr × seed) trained together on one cache, and what it says about mixup.
+"""A sweep: a grid of heads (α × cutmix α × lr × seed) trained together on one cache, and what it says.
 
-Every cell is the run :func:`hookmix.fit` would make alone with its :class:`~hookmix.FitConfig`:
-the data order and views from a ``torch.Generator`` seeded like fit's, the mix plans from a
-:class:`hookmix.mixing.plan.PlanSampler` seeded like the :class:`~hookmix.HookMixer` fit builds (drawn in the same
-order), the head's own init, AdamW with a per-step cosine schedule. What differs is the loop: the heads'
-parameters are stacked (``torch.func.stack_module_state``) and run in one ``vmap`` forward over a batched
-gather ``(G, B, ...)`` of each head's own batch, and one AdamW steps them all — AdamW is elementwise, so with
-one parameter group per (lr, weight decay) it is per-head exact. A head that is one ``nn.Linear`` skips the
-per-head gather: mixing commutes with an affine map (``W(λa + (1−λ)b) + c = λ(Wa + c) + (1−λ)(Wb + c)``), so
-each seed's batch goes through one GEMM for all the heads of that seed and each head mixes its own logits
-with its own λ and partners. The results equal ``fit``'s up to float rounding (``tests/headonly/test_sweep.py``
-measures it).
+Every cell is the run :func:`hookmix.fit` would make alone with its :class:`~hookmix.FitConfig`: the data
+order and views, the mix plans, the head's init and dropout masks, AdamW with a per-step cosine schedule.
+What differs is the loop: :class:`~hookmix.headonly.stacked.StackedGrid` trains the heads of one structure
+together (stacked parameters and BatchNorm statistics, ``vmap``, one AdamW), for multi-class and multi-label
+targets, mixup and CutMix. The results equal ``fit``'s up to float rounding (``tests/headonly/test_sweep.py``
+measures it). A grid that does not stack (a streamed cache, label smoothing or excluded classes, a head whose
+dropout is not an ``nn.Dropout`` at the top level of an ``nn.Sequential``) is trained cell by cell with ``fit``
+itself: the same results, without the speed-up (:func:`stackable` says which and why).
 
-Stacked: heads without buffers or dropout (a linear head; a ResNet's own ``fc`` on pooled features), a
-multi-class task, mixup (not CutMix) without label smoothing or excluded classes, in-memory features. Any other
-grid (an MLP head with BatchNorm and dropout, multi-label, CutMix, a streamed cache) is trained cell by cell
-with ``fit`` itself: the same results, without the speed-up (:func:`stackable` says which and why).
-
-:func:`paired_differences` turns the cells into the answer: per layer, head and lr, each α against α = 0 on
-the same seed, with a 95% CI over seeds (:func:`hookmix.mean_ci`) and a one-line verdict per metric.
+:func:`paired_differences` turns the cells into the answer: per layer, head and lr, each (α, cutmix α) against
+the baseline (α = 0, cutmix α = 0) on the same seed, with a 95% CI over seeds (:func:`hookmix.mean_ci`) and a
+one-line verdict per metric.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
-from hookmix.core.devices import module_device, resolve_device
+from hookmix.core.checks import check_int
 from hookmix.core.errors import UsageError
 from hookmix.evaluation.metrics import mean_ci
+from hookmix.headonly.heads import build_head
+from hookmix.headonly.stacked import StackedGrid, dropout_segments
 from hookmix.headonly.streaming import ShardedFeatures
-from hookmix.headonly.tasks import MULTICLASS, task_of
-from hookmix.headonly.training import FitConfig, FitResult, _batch_starts, _check_data, fit
-from hookmix.mixing.plan import PlanSampler
+from hookmix.headonly.tasks import task_of
+from hookmix.headonly.training import FitConfig, FitResult, fit
 
 __all__ = [
+    "cell_alpha",
+    "cell_cutmix_alpha",
     "cell_record",
     "fit_grid",
     "grid_configs",
@@ -50,6 +43,8 @@ __all__ = [
     "paired_differences",
     "stackable",
     "summary",
+    "sweep",
+    "SweepResult",
     "verdicts",
     "warnings_of",
 ]
@@ -61,22 +56,28 @@ _SHARED = ("epochs", "batch_size", "eval_batch_size")
 
 
 def grid_configs(
-    base: FitConfig, alphas: Sequence[float], lrs: Sequence[float], seeds: Sequence[int]
+    base: FitConfig,
+    alphas: Sequence[float],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    cutmix_alphas: Sequence[float] = (0.0,),
 ) -> list[FitConfig]:
-    """One :class:`FitConfig` per cell α × lr × seed of ``base``: α = 0 is the no-mixup baseline
-    (``mix=False``, as ``finetune --no-mix``), always included and first; every other α mixes with
-    ``base.mixing`` at that α."""
-    if not alphas or not lrs or not seeds:
+    """One :class:`FitConfig` per cell (α, cutmix α) × lr × seed of ``base``, α and cutmix α each over their
+    list and 0. The baseline (α = 0, cutmix α =
+    0: ``mix=False``, as ``finetune --no-mix``) is always included and first; every other pair mixes with
+    ``base.mixing`` at those α (both > 0: each step draws mixup or CutMix with ``switch_prob``)."""
+    if not alphas or not lrs or not seeds or not cutmix_alphas:
         raise UsageError(
-            f"alphas={list(alphas)}, lrs={list(lrs)} and seeds={list(seeds)} must each list one value or more."
+            f"alphas={list(alphas)}, cutmix_alphas={list(cutmix_alphas)}, lrs={list(lrs)} and seeds={list(seeds)} "
+            "must each list one value or more."
         )
-    ordered = [0.0, *sorted({float(a) for a in alphas} - {0.0})]
+    pairs = [(a, c) for a in sorted({0.0, *map(float, alphas)}) for c in sorted({0.0, *map(float, cutmix_alphas)})]
     configs = []
-    for alpha in ordered:
+    for alpha, cutmix in pairs:
+        mix = (alpha, cutmix) != (0.0, 0.0)
+        mixing = replace(base.mixing, alpha=alpha, cutmix_alpha=cutmix) if mix else base.mixing
         for lr in dict.fromkeys(float(v) for v in lrs):
-            for seed in dict.fromkeys(seeds):
-                mixing = base.mixing if alpha == 0 else replace(base.mixing, alpha=alpha)
-                configs.append(replace(base, mixing=mixing, mix=alpha > 0, lr=lr, seed=seed))
+            configs.extend(replace(base, mixing=mixing, mix=mix, lr=lr, seed=seed) for seed in dict.fromkeys(seeds))
     return configs
 
 
@@ -85,19 +86,21 @@ def cell_alpha(config: FitConfig) -> float:
     return config.mixing.alpha if config.mix else 0.0
 
 
+def cell_cutmix_alpha(config: FitConfig) -> float:
+    """The cutmix α of a cell: 0 for the baseline and mixup alone."""
+    return config.mixing.cutmix_alpha if config.mix else 0.0
+
+
 def stackable(head: nn.Module, config: FitConfig, train_inputs: Any, train_labels: torch.Tensor) -> str:
     """Why the cells of ``head`` and ``config`` cannot be trained stacked (``""``: they can)."""
-    if any(True for _ in head.buffers()):
-        return "the head has buffers (BatchNorm running statistics)"
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in head.modules()):
-        return "the head has dropout"
+    if dropout_segments(head) is None:
+        return "the head has dropout other than nn.Dropout at the top level of an nn.Sequential"
     if isinstance(train_inputs, ShardedFeatures):
         return "the training features are streamed from disk"
-    if task_of(train_labels, "train_labels") is not MULTICLASS:
-        return "multi-label targets"
+    task_of(train_labels, "train_labels")
     mixing = config.mixing
-    if config.mix and (mixing.uses_cutmix or mixing.label_smoothing or mixing.exclude_classes):
-        return "CutMix, label smoothing or excluded classes"
+    if config.mix and (mixing.label_smoothing or mixing.exclude_classes):
+        return "label smoothing or excluded classes"
     return ""
 
 
@@ -157,230 +160,9 @@ def fit_grid(
             )
             for h, c in tqdm(list(zip(heads, configs)), desc="cells", disable=not progress, leave=False)
         ]
-    return _StackedGrid(heads, configs, num_classes, device).train(
+    return StackedGrid(heads, configs, num_classes, device).train(
         train_inputs, train_labels, val_inputs, val_labels, progress
     )
-
-
-class _StackedGrid:
-    """G heads of one structure as stacked parameters, one parameter group per (lr, weight decay)."""
-
-    def __init__(self, heads: Sequence[nn.Module], configs: Sequence[FitConfig], num_classes: int, device: Any) -> None:
-        self.configs, self.heads, self.num_classes = list(configs), list(heads), num_classes
-        self.device = resolve_device(device) if device is not None else module_device(heads[0])
-        keys = [(c.lr, c.weight_decay) for c in configs]
-        groups = list(dict.fromkeys(keys))
-        # row r holds cell order[r]: grouped by (lr, weight decay), and by seed within a group, so that a seed's
-        # linear heads are one slice of their group's stacked weights
-        self.order = sorted(range(len(configs)), key=lambda i: (groups.index(keys[i]), configs[i].seed))
-        self.base = heads[0]
-        self.names = [n for n, p in heads[0].named_parameters()]
-        self.groups: list[dict[str, torch.Tensor]] = []
-        for group in groups:
-            members = [heads[i] for i in self.order if keys[i] == group]
-            stacked, _ = stack_module_state(members)
-            self.groups.append({n: stacked[n].detach().to(self.device).requires_grad_(True) for n in self.names})
-        self.optimizer = torch.optim.AdamW(
-            [{"params": list(g.values()), "lr": lr, "weight_decay": wd} for g, (lr, wd) in zip(self.groups, groups)]
-        )
-        self.linear = _linear_names(heads[0])
-
-    def params(self) -> dict[str, torch.Tensor]:
-        """The stacked parameters of every head, (G, ...) each, rows in :attr:`order`."""
-        return {n: torch.cat([g[n] for g in self.groups]) for n in self.names}
-
-    def forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        """Logits (G, B, C) of each head on its own batch x (G, B, ...), or on one batch (B, ...) for all."""
-
-        def one(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.base, params, (inputs,))
-
-        return torch.vmap(one, in_dims=(0, None if shared_input else 0))(self.params(), x)
-
-    def train(
-        self,
-        inputs: torch.Tensor,
-        labels: torch.Tensor,
-        val_inputs: torch.Tensor,
-        val_labels: torch.Tensor,
-        progress: bool,
-    ) -> list[FitResult]:
-        views, _ = _check_data(inputs, labels, "train", self.num_classes)
-        _check_data(val_inputs, val_labels, "val", self.num_classes)
-        config = self.configs[0]
-        views, labels = views.to(self.device), labels.to(self.device)
-        run = _Draws([self.configs[i] for i in self.order], labels.shape[0], views.shape[0])
-        steps = config.epochs * len(run.starts)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
-        results = [FitResult(history=[]) for _ in self.order]
-        for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False):
-            losses = self._epoch(run, epoch, views, labels, scheduler, results)
-            logits = self._validate(val_inputs, config.eval_batch_size)
-            lrs = [group["lr"] for group in self.optimizer.param_groups for _ in range(len(group["params"][0]))]
-            for r, result in enumerate(results):
-                row = {"epoch": epoch + 1, "train_loss": losses[r], **MULTICLASS.metrics(logits[r], val_labels.cpu())}
-                result.history.append({**row, "lr": lrs[r]})
-                result.val_logits = logits[r]
-        self._write_back()
-        by_cell = [FitResult(history=[])] * len(self.order)
-        for r, i in enumerate(self.order):
-            by_cell[i] = results[r]
-        return by_cell
-
-    def _epoch(
-        self,
-        run: "_Draws",
-        epoch: int,
-        views: torch.Tensor,
-        labels: torch.Tensor,
-        scheduler: Any,
-        results: list[FitResult],
-    ) -> list[float]:
-        """One epoch of every head; the mean training loss of each (rows in :attr:`order`)."""
-        order, view = run.epoch(epoch, labels.device)
-        total = torch.zeros(len(self.order), device=labels.device)
-        lams: list[torch.Tensor] = []
-        batch = self.configs[0].batch_size
-        for start in run.starts:
-            idx = order[:, start : start + batch]  # (S, B): each seed's own rows
-            lam, perm, mixed = run.plans(idx.shape[1], labels.device)
-            rows = idx[run.seed_of]  # (G, B)
-            if self.linear is not None:  # each seed's batch once (S, B, D), as fit's views[view[idx], idx]
-                logits = self._mixed_linear(views[view.gather(1, idx), idx].float(), run.seed_of, lam, perm)
-            else:  # each head's own batch (G, B, ...)
-                logits = self._mixed_stacked(views[view[run.seed_of].gather(1, rows), rows].float(), lam, perm)
-            loss = self._step(logits, labels[rows], lam, perm, scheduler)
-            total += loss.detach() * idx.shape[1]
-            lams.append(torch.where(mixed, lam[:, 0], torch.nan))
-        n = labels.shape[0]
-        if lams:
-            drawn = torch.stack(lams, 1).cpu()
-            for r, result in enumerate(results):
-                result.lams.extend(v for v in drawn[r].tolist() if not math.isnan(v))
-        return (total / min(n, run.starts[-1] + batch)).tolist()
-
-    def _mixed_stacked(self, x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """Logits (G, B, C) of each head on its own mixed batch x (G, B, ...)."""
-        g = torch.arange(x.shape[0], device=x.device)[:, None]
-        weight = lam.to(x.dtype).view(*lam.shape, *[1] * (x.dim() - 2))
-        return self.forward(x[g, perm].lerp_(x, weight))  # as hookmix.mixing.blend.mix_tensor, per head
-
-    def _mixed_linear(
-        self, xs: torch.Tensor, seed_of: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits (G, B, C) of linear heads on their mixed batches, from each seed's batch xs (S, B, D): one
-        GEMM per seed for all its heads, then each head mixes its own logits (mixing commutes with W·x + c)."""
-        weight_name, bias_name = self.linear
-        seeds, blocks, row = seed_of.tolist(), [], 0
-        for group in self.groups:
-            weight, start = group[weight_name], 0  # (G_g, C, D), a seed's heads consecutive
-            for seed, members in itertools.groupby(seeds[row : row + len(weight)]):
-                heads = weight[start : start + len(list(members))]  # a slice: its backward is a cheap copy
-                out = xs[seed] @ heads.flatten(0, 1).T  # (B, G_s·C)
-                blocks.append(out.view(xs.shape[1], len(heads), -1).transpose(0, 1))
-                start += len(heads)
-            row += len(weight)
-        z = torch.cat(blocks)
-        g = torch.arange(z.shape[0], device=z.device)[:, None]
-        mixed = z[g, perm].lerp(z, lam.to(z.dtype)[..., None])
-        if bias_name is None:
-            return mixed
-        return mixed + torch.cat([group[bias_name] for group in self.groups])[:, None, :]
-
-    def _step(
-        self, logits: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, scheduler: Any
-    ) -> torch.Tensor:
-        """One AdamW step of every head from its logits (G, B, C) on its mixed batch; the per-head losses (G,)."""
-        g = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        flat = logits.flatten(0, 1)
-        own = F.cross_entropy(flat, y.flatten(), reduction="none").view(y.shape)
-        partner = F.cross_entropy(flat, y[g, perm].flatten(), reduction="none").view(y.shape)
-        loss = torch.lerp(partner, own, lam).mean(1)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()  # the heads are independent: each gets the gradient of its own loss
-        self.optimizer.step()
-        scheduler.step()
-        return loss
-
-    @torch.no_grad()
-    def _validate(self, val_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Logits (G, M, C) on the CPU of every head on the validation features, batch by batch."""
-        parts = [
-            self.forward(val_inputs[i : i + batch_size].to(self.device).float(), shared_input=True).cpu()
-            for i in range(0, len(val_inputs), batch_size)
-        ]
-        return torch.cat(parts, 1)
-
-    def _write_back(self) -> None:
-        """Each head gets its trained parameters (its row of the stacked ones)."""
-        stacked = self.params()
-        for r, i in enumerate(self.order):
-            head = self.heads[i]
-            with torch.no_grad():
-                for name, param in head.named_parameters():
-                    param.copy_(stacked[name][r].to(param.device))
-
-
-def _linear_names(head: nn.Module) -> tuple[str, str | None] | None:
-    """The names of the weight and bias of ``head`` when it is exactly one ``nn.Linear`` on (B, D) features
-    (no other parameter, buffer or op: checked on a probe, bit for bit); ``None`` otherwise."""
-    linears = [(name, m) for name, m in head.named_modules() if type(m) is nn.Linear]
-    if len(linears) != 1 or next(head.buffers(), None) is not None:
-        return None
-    name, linear = linears[0]
-    prefix = f"{name}." if name else ""
-    if {n for n, _ in head.named_parameters()} != {prefix + n for n, _ in linear.named_parameters()}:
-        return None
-    probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight)
-    with torch.no_grad():
-        try:
-            same = torch.equal(head(probe), F.linear(probe, linear.weight, linear.bias))
-        except (RuntimeError, TypeError, ValueError):  # e.g. a head that reshapes a map
-            return None
-    return (prefix + "weight", None if linear.bias is None else prefix + "bias") if same else None
-
-
-@dataclass
-class _Draws:
-    """The random draws of G cells, as each cell's ``fit`` makes them: one data generator per distinct seed
-    (cells of one seed share the order and views) and one plan sampler per cell that mixes."""
-
-    configs: list[FitConfig]
-    n: int
-    views: int
-
-    def __post_init__(self) -> None:
-        seeds = list(dict.fromkeys(c.seed for c in self.configs))
-        self.seed_of = torch.tensor([seeds.index(c.seed) for c in self.configs])
-        self.data = [torch.Generator().manual_seed(s) for s in seeds]
-        self.samplers = [
-            PlanSampler(("input",), c.mixing, seed=c.seed) if c.mix else None for c in self.configs
-        ]  # an unmixed fit's plans (prob 0) are all identity: nothing to draw
-        self.starts = _batch_starts(self.n, self.configs[0].batch_size)
-
-    def epoch(self, epoch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each seed's order and views (S, N) of this epoch, drawn as ``fit``'s ``_train_epoch`` draws them."""
-        for sampler in self.samplers:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-        orders, views = [], []
-        for gen in self.data:
-            orders.append(torch.randperm(self.n, generator=gen))
-            views.append(torch.randint(self.views, (self.n,), generator=gen))
-        self.seed_of = self.seed_of.to(device)
-        return torch.stack(orders).to(device), torch.stack(views).to(device)
-
-    def plans(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's λ (G, B), partners (G, B) and whether each cell mixed (G,)."""
-        lam = torch.ones(len(self.configs), batch)
-        perm = torch.arange(batch).repeat(len(self.configs), 1)
-        mixed = torch.zeros(len(self.configs), dtype=torch.bool)
-        for g, sampler in enumerate(self.samplers):
-            if sampler is not None:
-                plan = sampler.draw(batch)
-                if plan.mixed:
-                    lam[g], perm[g], mixed[g] = plan.lam, plan.perm, True
-        return lam.to(device), perm.to(device), mixed.to(device)
 
 
 def cell_record(layer: str, head: str, config: FitConfig, result: FitResult, labels: torch.Tensor) -> dict[str, Any]:
@@ -395,7 +177,7 @@ def cell_record(layer: str, head: str, config: FitConfig, result: FitResult, lab
         "layer": layer,
         "head": head,
         "alpha": cell_alpha(config),
-        "cutmix_alpha": config.mixing.cutmix_alpha if config.mix else 0.0,
+        "cutmix_alpha": cell_cutmix_alpha(config),
         "lr": config.lr,
         "seed": config.seed,
         "epochs": config.epochs,
@@ -405,8 +187,19 @@ def cell_record(layer: str, head: str, config: FitConfig, result: FitResult, lab
 
 
 def _arm(record: dict[str, Any]) -> tuple[Any, ...]:
-    """What a cell is compared within: its layer, head, lr and cutmix α (α and the seed vary)."""
-    return record["layer"], record["head"], record["lr"], record["cutmix_alpha"]
+    """What a cell is compared within: its layer, head and lr (the mixing and the seed vary)."""
+    return record["layer"], record["head"], record["lr"]
+
+
+def _mixing(record: dict[str, Any]) -> tuple[float, float]:
+    """A cell's (α, cutmix α); (0, 0) is the baseline."""
+    return record["alpha"], record["cutmix_alpha"]
+
+
+def _where(alpha: float, cutmix: float, layer: str, head: str, lr: float) -> str:
+    """``α=0.4 at layer4 (linear, lr 0.003)``, with ``cutmix α=1`` when the cell cuts."""
+    mixing = " ".join(([f"α={alpha:g}"] if alpha or not cutmix else []) + ([f"cutmix α={cutmix:g}"] if cutmix else []))
+    return f"{mixing} at {layer} ({head}, lr {lr:g})"
 
 
 def _metrics(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -414,25 +207,23 @@ def _metrics(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def paired_differences(records: Sequence[dict[str, Any]], level: float = 0.95) -> list[dict[str, Any]]:
-    """Per layer, head, lr and α > 0: the mean over seeds of (metric at α − metric at α = 0, same seed) and
-    its ``level`` CI (:func:`hookmix.mean_ci`; NaN half-width with one seed), for each metric."""
-    baseline = {(*_arm(r), r["seed"]): r for r in records if r["alpha"] == 0}
+    """Per layer, head, lr and mixing (α, cutmix α) other than the baseline (0, 0): the mean over seeds of
+    (metric of the cell − metric of the baseline, same seed) and its ``level`` CI (:func:`hookmix.mean_ci`;
+    NaN half-width with one seed), for each metric."""
+    baseline = {(*_arm(r), r["seed"]): r for r in records if _mixing(r) == (0.0, 0.0)}
     arms: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        if r["alpha"] != 0 and (*_arm(r), r["seed"]) in baseline:
-            arms.setdefault((*_arm(r), r["alpha"]), []).append(r)
+        if _mixing(r) != (0.0, 0.0) and (*_arm(r), r["seed"]) in baseline:
+            arms.setdefault((*_arm(r), *_mixing(r)), []).append(r)
     rows = []
-    for (layer, head, lr, cutmix, alpha), members in arms.items():
+    for (layer, head, lr, alpha, cutmix), members in arms.items():
         for metric in _metrics(records):
             diffs = [m[metric] - baseline[(*_arm(m), m["seed"])][metric] for m in members]
             mean, half = mean_ci(diffs, level)
+            cell = {"layer": layer, "head": head, "lr": lr, "cutmix_alpha": cutmix, "alpha": alpha}
             rows.append(
                 {
-                    "layer": layer,
-                    "head": head,
-                    "lr": lr,
-                    "cutmix_alpha": cutmix,
-                    "alpha": alpha,
+                    **cell,
                     "metric": metric,
                     "seeds": len(diffs),
                     "mean": mean,
@@ -450,10 +241,11 @@ def _name(metric: str) -> str:
 
 def verdicts(differences: Sequence[dict[str, Any]]) -> list[str]:
     """One line per row of :func:`paired_differences`, e.g. ``α=0.4 at layer4 (linear, lr 0.003): NLL
-    −0.0500 [−0.0800, −0.0200] better than α=0`` or ``... accuracy +0.0100 [−0.0200, +0.0400] within noise``."""
+    −0.0500 [−0.0800, −0.0200] better than α=0`` or ``... accuracy +0.0100 [−0.0200, +0.0400] within noise``
+    (``cutmix α=1 at ...`` for a CutMix cell; "α=0" is the baseline without mixing)."""
     lines = []
     for row in differences:
-        where = f"α={row['alpha']:g} at {row['layer']} ({row['head']}, lr {row['lr']:g})"
+        where = _where(row["alpha"], row["cutmix_alpha"], row["layer"], row["head"], row["lr"])
         shown = f"{_name(row['metric'])} {row['mean']:+.4f}"
         if math.isnan(row["half_width"]):
             lines.append(f"{where}: {shown} (one seed: no interval; give --seeds 3 or more)")
@@ -469,18 +261,18 @@ def verdicts(differences: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def warnings_of(records: Sequence[dict[str, Any]]) -> list[str]:
-    """The warning signs of a sweep, per layer, head, lr and α (means over seeds): a mixed cell whose final
+    """The warning signs of a sweep, per layer, head, lr and mixing (means over seeds): a mixed cell whose final
     training loss is above its validation loss (the mixed targets are harder than the data: lower α), and
     under-confidence (accuracy above the mean confidence: the calibration gap's sign; ``--calibrate``)."""
     arms: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        arms.setdefault((*_arm(r), r["alpha"]), []).append(r)
+        arms.setdefault((*_arm(r), *_mixing(r)), []).append(r)
     lines = []
-    for (layer, head, lr, _, alpha), members in arms.items():
-        where = f"α={alpha:g} at {layer} ({head}, lr {lr:g})"
+    for (layer, head, lr, alpha, cutmix), members in arms.items():
+        where = _where(alpha, cutmix, layer, head, lr)
         train = math.fsum(m["train_loss"] for m in members) / len(members)
         val = math.fsum(m["val_nll"] for m in members) / len(members)
-        if alpha > 0 and train > val:
+        if (alpha, cutmix) != (0.0, 0.0) and train > val:
             lines.append(
                 f"{where}: training loss {train:.4f} above validation loss {val:.4f} at the end: the mixed targets "
                 "are harder than the data; try a lower α"
@@ -498,3 +290,125 @@ def summary(records: Sequence[dict[str, Any]], level: float = 0.95) -> dict[str,
     """The answer of a sweep: the paired differences against α = 0, their verdicts and the warnings."""
     differences = paired_differences(records, level)
     return {"differences": differences, "verdicts": verdicts(differences), "warnings": warnings_of(records)}
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` returns.
+
+    Attributes:
+        records: one row per cell (:func:`cell_record`): layer, head, α, cutmix α, lr, seed, epochs, the final
+            training loss and validation metrics (accuracy, NLL, ECE; multi-label: mAP, F1, NLL, ECE).
+        summary: :func:`summary` of the records: ``differences`` (paired against the baseline, 95% CIs),
+            ``verdicts`` (one line per metric) and ``warnings``.
+        cells: per layer, each cell's config, trained head and :class:`FitResult` (in the records' order).
+    """
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    cells: dict[str, list[tuple[FitConfig, nn.Module, FitResult]]] = field(default_factory=dict)
+
+    def best(self, metric: str = "val_nll") -> tuple[str, FitConfig, nn.Module, FitResult]:
+        """The layer, config, head and result of the best cell on ``metric`` (lowest NLL by default)."""
+        sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
+        layer, (config, head, result) = min(
+            ((layer, cell) for layer, cells in self.cells.items() for cell in cells),
+            key=lambda found: sign * found[1][2].final[metric],
+        )
+        return layer, config, head, result
+
+
+HeadFactory = Callable[[str, int], nn.Module]
+"""``(layer, seed) -> head``: a fresh head for a cell of that layer and seed (its init from the seed)."""
+
+
+def _check_layers(train: Mapping[str, Any], val: Mapping[str, Any]) -> list[str]:
+    if not isinstance(train, Mapping) or not isinstance(val, Mapping) or not train:
+        raise UsageError(
+            "train_features and val_features must be dicts {layer: features} (one cached feature tensor per "
+            f"layer), got {type(train).__name__} and {type(val).__name__}; e.g. {{'layer4': cache.features}}."
+        )
+    if list(train) != list(val):
+        raise UsageError(f"train_features has layers {list(train)} but val_features {list(val)}; give the same layers.")
+    return list(train)
+
+
+def _head_factory(head: str | HeadFactory, val: Mapping[str, torch.Tensor], num_classes: int) -> HeadFactory:
+    """``head`` itself, or for ``"linear"`` / ``"mlp"`` the :func:`hookmix.build_head` of that kind on each
+    layer's feature shape."""
+    if callable(head):
+        return head
+    if head not in ("linear", "mlp"):
+        raise UsageError(
+            f"head={head!r} is neither 'linear', 'mlp' nor a function (layer, seed) -> nn.Module; give one of them "
+            "(e.g. lambda layer, seed: build_head('model', ...) for the model's own head)."
+        )
+    return lambda layer, seed: build_head(head, feature_shape=val[layer].shape[1:], num_classes=num_classes, seed=seed)
+
+
+def sweep(
+    train_features: Mapping[str, torch.Tensor | ShardedFeatures],
+    train_labels: torch.Tensor,
+    val_features: Mapping[str, torch.Tensor],
+    val_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    head: str | HeadFactory = "linear",
+    alphas: Sequence[float] = (0.0, 0.2, 0.4, 1.0),
+    cutmix_alphas: Sequence[float] = (0.0,),
+    lrs: Sequence[float] = (3e-3,),
+    seeds: int | Sequence[int] = 5,
+    base: FitConfig = FitConfig(),
+    head_name: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Does mixup help on these features? Train a grid of heads per layer and compare each mixing against
+    none on the same seeds.
+
+    Args:
+        train_features / val_features: ``{layer: features}``: each layer's cached training features (N, ...)
+            or (V, N, ...) (a :class:`hookmix.ShardedFeatures` streams them) and validation features (M, ...).
+        train_labels / val_labels: (N,) / (M,) class indices, or (N, C) / (M, C) multi-hot rows (multi-label).
+        num_classes: the number of classes.
+        head: ``"linear"`` or ``"mlp"`` (:func:`hookmix.build_head` on each layer's feature shape), or a function
+            ``(layer, seed) -> nn.Module`` giving a fresh head.
+        alphas / cutmix_alphas: the mixup and CutMix α of the grid; 0 is always in both, and (0, 0) — no
+            mixing — is the baseline every cell is compared with. CutMix needs features with positions
+            (maps or tokens); on vectors a CutMix step interpolates, as :func:`hookmix.fit` does.
+        lrs: AdamW learning rates. seeds: K (seeds 0..K-1) or the seeds themselves.
+        base: the settings every cell shares (epochs, batch size, weight decay, the other mixing settings).
+        head_name: the head's name in the records (default: ``head`` when it is a string, else ``"head"``).
+        device / progress: as for :func:`hookmix.fit`. say: called with one line per layer (how it trains).
+
+    Every cell is the run ``fit(head(layer, seed), "input", ...)`` would make with its config; the cells of
+    one layer are trained together (:func:`fit_grid`).
+    """
+    layers = _check_layers(train_features, val_features)
+    make = _head_factory(head, val_features, num_classes)
+    name = head_name or (head if isinstance(head, str) else "head")
+    seed_list = range(check_int("seeds", seeds, 1)) if isinstance(seeds, int) else seeds
+    configs = grid_configs(base, alphas, lrs, list(seed_list), cutmix_alphas)
+    result = SweepResult(records=[], summary={})
+    for layer in layers:
+        heads = [make(layer, c.seed) for c in configs]
+        if say is not None:
+            alone = grid_unstacked(heads, configs, train_features[layer], train_labels)
+            how = f"one by one with fit ({alone})" if alone else "together"
+            say(f"{layer}: training {len(configs)} {name} heads {how}")
+        found = fit_grid(
+            heads,
+            configs,
+            train_features[layer],
+            train_labels,
+            val_features[layer],
+            val_labels,
+            num_classes=num_classes,
+            device=device,
+            progress=progress,
+        )
+        result.cells[layer] = list(zip(configs, heads, found))
+        result.records += [cell_record(layer, name, c, r, val_labels) for c, r in zip(configs, found)]
+    result.summary = summary(result.records)
+    return result

@@ -1,120 +1,62 @@
-"""A fine-tuned model in use: the backbone and the trained head assembled, saved as one file, loaded back.
+"""A fine-tuned model in use: the backbone and the trained head assembled, saved, loaded back by one loader.
 
 :func:`assemble` builds what head-only fine-tuning trains from a model: the backbone up to a layer, the head
 of a kind (:mod:`hookmix.headonly.heads`), and — when allowed and only fixed linear ops start the head — the cut moved
 past them (:mod:`hookmix.graph.equivalence`), so that the features to cache are the pooled ones.
 
-The file :func:`save_finetuned` writes is one safetensors state dict — ``model.*`` (the whole model the
-backbone was cut from, its own head included) and ``head.*`` (the trained head) — with a JSON
-:class:`FinetunedConfig` in its metadata: model name, weights reference, layer, head kind, whether the cut
-was moved past the fixed ops, classes, task, preprocessing, temperature and thresholds. :func:`load_finetuned`
-rebuilds the architecture by name (random init: nothing is downloaded), loads both state dicts, and returns a
-:class:`FinetunedModel` whose output is the run's ``head(backbone(x))``. Only safetensors and JSON are read,
-never pickle.
+A fine-tuned model has one format — its :class:`FinetunedConfig` as JSON (:mod:`hookmix.headonly.finetuned_config`),
+the trained head's weights, and the backbone's weights or how to rebuild them — in two containers:
+
+* the run directory ``hookmix finetune --out`` writes (:mod:`hookmix.headonly.run_directory`): ``run.json`` with
+  the config and the backbone's recipe, and ``head.safetensors`` bound to it by the run's fingerprint;
+* one safetensors file (:func:`save_finetuned`, ``hookmix export``): ``model.*`` (the whole model the backbone
+  was cut from, its own head included) and ``head.*`` (the trained head), the config JSON in its metadata.
+
+:func:`load_finetuned` reads either (only safetensors and JSON, never pickle) and returns a
+:class:`FinetunedModel` whose output is the run's ``head(backbone(x))``, with the run's evaluation transform
+(:attr:`FinetunedModel.transform`) and :meth:`FinetunedModel.predict`, which gives what ``hookmix predict``
+writes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from hookmix.core.checks import modes_restored
+from hookmix.core.checks import check_int, modes_restored
+from hookmix.core.devices import module_device
 from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write, load_state
 from hookmix.graph.equivalence import mix_equivalence
 from hookmix.graph.models import create_model
 from hookmix.graph.splitting import split
+from hookmix.headonly.finetuned_config import TASKS, FinetunedConfig
 from hookmix.headonly.heads import build_head
+from hookmix.headonly.images import UnreadableImage, read_rgb, to_rgb
+from hookmix.headonly.run_directory import RUN_FILE, read_run
 
 __all__ = [
     "FinetunedConfig",
     "FinetunedModel",
+    "Predictions",
     "TASKS",
     "assemble",
     "example_shape",
     "load_finetuned",
+    "load_finetuned_with_source",
     "rebuild",
     "save_finetuned",
 ]
 
-FORMAT = "hookmix-finetuned"
-FORMAT_VERSION = 1
-TASKS = ("multiclass", "multilabel")
 _METADATA_KEY = "hookmix_finetuned"
-
-
-@dataclass(frozen=True)
-class FinetunedConfig:
-    """What a fine-tuned model is, besides its weights.
-
-    Attributes:
-        model: the architecture's name, e.g. ``"torchvision:resnet50"`` (:func:`hookmix.graph.models.create_model`).
-        weights: where the backbone's weights came from, e.g. ``"torchvision:resnet50:pretrained"``.
-        layer: the layer the model was cut at.
-        head: the head kind, one of :data:`hookmix.headonly.heads.HEAD_KINDS`.
-        pooled: the cut was moved past the fixed linear ops at the head's input.
-        classes: the class names, in logit order.
-        task: ``"multiclass"`` (softmax) or ``"multilabel"`` (a sigmoid per class).
-        input_size: ``(C, H, W)`` of one input.
-        preprocessing: the resolved preprocessing record (``hookmix finetune``'s), or ``None``.
-        temperature: divides the logits before softmax / sigmoid (1.0: not calibrated).
-        thresholds: per-class decision thresholds of a multi-label model (``None``: 0.5).
-        seed: the seed the head was initialised from (its structure does not depend on it).
-    """
-
-    model: str
-    weights: str
-    layer: str
-    head: str
-    pooled: bool
-    classes: tuple[str, ...]
-    task: str
-    input_size: tuple[int, ...]
-    preprocessing: dict[str, Any] | None = None
-    temperature: float = 1.0
-    thresholds: tuple[float, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise UsageError(f"task={self.task!r} is not one of {TASKS}.")
-        if len(self.classes) < 2:
-            raise UsageError(f"classes={self.classes!r}: a classifier needs at least two classes.")
-        if not self.temperature > 0:
-            raise UsageError(f"temperature={self.temperature!r} must be > 0.")
-        if self.thresholds is not None and len(self.thresholds) != len(self.classes):
-            raise UsageError(f"{len(self.thresholds)} thresholds for {len(self.classes)} classes; give one per class.")
-        object.__setattr__(self, "classes", tuple(self.classes))
-        object.__setattr__(self, "input_size", tuple(self.input_size))
-        if self.thresholds is not None:
-            object.__setattr__(self, "thresholds", tuple(self.thresholds))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: Any, source: str) -> FinetunedConfig:
-        """Parse what :meth:`to_json` wrote; a ``UsageError`` naming ``source`` when it is not that."""
-        fix = "save the trained model again with this version of hookmix (save_finetuned)"
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise UsageError(f"{source} is not a hookmix fine-tuned model; {fix}.")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise UsageError(
-                f"{source} is format version {data.get('format_version')!r}; this hookmix reads "
-                f"{FORMAT_VERSION}; {fix}."
-            )
-        names = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:
-            raise UsageError(f"{source} has an incomplete configuration ({exc}); {fix}.") from None
 
 
 def example_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -160,11 +102,30 @@ def assemble(
     return nn.Sequential(backbone, prefix), rest, fixed
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """What :meth:`FinetunedModel.predict` gives for ``N`` images: what ``hookmix predict`` writes.
+
+    Attributes:
+        probabilities: ``(N, C)`` float32 on the CPU, columns in :attr:`classes` order, after dividing the
+            logits by the temperature: softmax rows (multi-class) or a sigmoid per class (multi-label).
+        predicted: per image, the decided class names: ``(top class,)`` for a multi-class model; for a
+            multi-label one every class whose probability reaches its threshold (``p >= t``), in class order,
+            possibly none (``hookmix predict``'s ``predicted`` column).
+        classes: the class names.
+    """
+
+    probabilities: torch.Tensor
+    predicted: tuple[tuple[str, ...], ...]
+    classes: tuple[str, ...]
+
+
 class FinetunedModel(nn.Module):
     """``head(backbone(x))``: logits ``(B, C)`` of images ``(B, *input_size)``, with the run's config.
 
     :meth:`probabilities` applies the temperature and softmax (multi-class) or a sigmoid per class
-    (multi-label); :meth:`decide` turns them into the predicted class or label set.
+    (multi-label); :meth:`decide` turns them into the predicted class or label set; :attr:`transform` turns
+    one PIL image into an input as the run did, and :meth:`predict` does all three for images or files.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, config: FinetunedConfig) -> None:
@@ -172,9 +133,22 @@ class FinetunedModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.config = config
+        steps = config.evaluation()
+        self._transform = None if steps is None else steps.build()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The run's evaluation transform: an RGB PIL image -> a ``(C, H, W)`` float tensor (``C, H, W`` =
+        ``config.input_size``), rebuilt from the recorded steps (:meth:`FinetunedConfig.evaluation`)."""
+        if self._transform is None:
+            raise UsageError(
+                "this model's config records no preprocessing (preprocessing=None), so it has no transform; "
+                "transform images yourself and call probabilities(x), or save it with a preprocessing record."
+            )
+        return self._transform
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +162,38 @@ class FinetunedModel(nn.Module):
         if self.config.task == "multiclass":
             return probabilities.argmax(dim=1)
         thresholds = self.config.thresholds or (0.5,) * len(self.config.classes)
-        return probabilities >= torch.tensor(thresholds, dtype=probabilities.dtype)
+        return probabilities >= torch.tensor(thresholds, dtype=probabilities.dtype, device=probabilities.device)
+
+    def predict(self, images: Sequence[str | Path | Image.Image], *, batch_size: int = 64) -> Predictions:
+        """Classify ``images`` (files, read as ``hookmix predict`` reads them, or PIL images, converted to RGB
+        the same way) with :attr:`transform`, :meth:`probabilities` and :meth:`decide`, in batches of
+        ``batch_size`` on the model's device. An unreadable file is a ``UsageError`` naming it."""
+        if isinstance(images, (str, Path, Image.Image)) or not isinstance(images, Sequence):
+            raise UsageError(
+                f"images={type(images).__name__}: give a list of image paths or PIL images (one image: [image])."
+            )
+        check_int("batch_size", batch_size, 1)
+        device, classes = module_device(self), self.config.classes
+        rows = [
+            self.probabilities(torch.stack([self.transform(_rgb(item)) for item in chunk]).to(device)).cpu()
+            for chunk in (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+        ]
+        probabilities = torch.cat(rows) if rows else torch.zeros(0, len(classes))
+        decided = self.decide(probabilities)
+        if self.config.task == "multiclass":
+            predicted = tuple((classes[i],) for i in decided.tolist())
+        else:
+            predicted = tuple(tuple(c for c, on in zip(classes, row) if on) for row in decided.tolist())
+        return Predictions(probabilities, predicted, classes)
+
+
+def _rgb(item: str | Path | Image.Image) -> Image.Image:
+    """One input of :meth:`FinetunedModel.predict` as an 8-bit RGB image; an unreadable one is a ``UsageError``."""
+    try:
+        return to_rgb(item) if isinstance(item, Image.Image) else read_rgb(item)
+    except UnreadableImage as exc:
+        name = f"image {item}" if not isinstance(item, Image.Image) else f"a {item.mode} PIL image"
+        raise UsageError(f"{name} is not readable as RGB: {exc}.") from None
 
 
 def save_finetuned(path: str | Path, model: nn.Module, head: nn.Module, config: FinetunedConfig) -> Path:
@@ -202,9 +207,9 @@ def save_finetuned(path: str | Path, model: nn.Module, head: nn.Module, config: 
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], FinetunedConfig]:
-    if not path.is_file():
-        raise FileNotFoundError(f"fine-tuned model file {path} does not exist; write it with hookmix export.")
+def _read_file(path: Path) -> tuple[nn.Module, FinetunedConfig, dict[str, torch.Tensor]]:
+    """The model (its architecture by name, its ``model.*`` weights), config and head weights of a file
+    :func:`save_finetuned` wrote."""
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -213,7 +218,19 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], FinetunedConfig]:
         raise UsageError(f"{path} is not a readable safetensors file ({exc}); export the run again.") from None
     if _METADATA_KEY not in metadata:
         raise UsageError(f"{path} holds no hookmix configuration; it is not a file hookmix export wrote.")
-    return tensors, FinetunedConfig.from_json(json.loads(metadata[_METADATA_KEY]), str(path))
+    config = FinetunedConfig.from_json(json.loads(metadata[_METADATA_KEY]), str(path))
+    model = create_model(config.model, num_classes=len(config.classes))
+    load_state(model, _part(tensors, "model."), f"{path} (model)", "export the run again")
+    return model, config, _part(tensors, "head.")
+
+
+def _read_run(path: Path) -> tuple[nn.Module, FinetunedConfig, dict[str, torch.Tensor]]:
+    """The model (rebuilt from its recorded source, its classifier resized), config and head weights of a run
+    directory."""
+    record = read_run(path)
+    model = record.source.build()
+    record.source.resize(model, len(record.config.classes))
+    return model, record.config, record.head_state
 
 
 def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -221,16 +238,32 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 
 
 def load_finetuned(path: str | Path) -> FinetunedModel:
-    """Rebuild the fine-tuned model :func:`save_finetuned` (``hookmix export``) wrote, in eval mode.
+    """Rebuild a fine-tuned model, in eval mode, from a run directory (``hookmix finetune --out``; its
+    ``run.json`` also works) or from the file :func:`save_finetuned` / ``hookmix export`` wrote.
 
-    The architecture is built by name without downloading anything, then both state dicts are loaded
-    (strictly: a missing or unexpected tensor is a ``ValueError`` naming it).
+    A file's architecture is built by name without downloading anything and both state dicts are loaded
+    strictly (a missing or unexpected tensor is a ``UsageError`` naming it); a run's backbone is rebuilt from
+    its recorded source (pretrained weights, a checked weights file, a seeded init or the digits CNN) and its
+    head is refused unless it carries the run's fingerprint.
     """
+    return load_finetuned_with_source(path)[0]
+
+
+def load_finetuned_with_source(path: str | Path) -> tuple[FinetunedModel, nn.Module]:
+    """:func:`load_finetuned`, and the whole model the backbone was cut from (what :func:`save_finetuned`
+    stores as ``model.*``)."""
     path = Path(path)
-    tensors, config = _read(path)
-    model = create_model(config.model, num_classes=len(config.classes))
-    load_state(model, _part(tensors, "model."), f"{path} (model)", "export the run again")
-    return rebuild(model, config, _part(tensors, "head."), str(path))
+    if path.name == RUN_FILE and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        model, config, head_state = _read_run(path)
+    elif path.is_file():
+        model, config, head_state = _read_file(path)
+    else:
+        raise UsageError(
+            f"{path} does not exist; give a run directory hookmix finetune wrote or a file hookmix export wrote."
+        )
+    return rebuild(model, config, head_state, str(path)), model
 
 
 def rebuild(

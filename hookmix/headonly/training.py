@@ -29,15 +29,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from hookmix.core.checks import check_int, is_number, modes_restored
 from hookmix.core.devices import place_module
 from hookmix.core.errors import UsageError
 from hookmix.core.files import atomic_write, load_state
+from hookmix.headonly.distributed import rank_seed
 from hookmix.headonly.streaming import BlockLayout, ShardedFeatures
 from hookmix.headonly.tasks import MULTICLASS, Task, task_of
 from hookmix.mixing.mixer import HookMixer
@@ -217,6 +220,7 @@ def fit(
     preload: bool | None = None,
     blocks: BlockLayout | None = None,
     progress: bool = True,
+    ddp: bool = False,
 ) -> FitResult:
     """Train the parameters of ``model`` that require grad, mixing at ``layer``; validate each epoch.
 
@@ -246,6 +250,19 @@ def fit(
             shards are visited in shuffled blocks, the rows of a block in a shuffled order
             (:meth:`hookmix.headonly.streaming.BlockLayout.order`) — for tensors too, so that in-memory training given
             ``blocks=cache.features.layout(k)`` of the streamed cache takes exactly the streamed steps.
+        progress: show a tqdm bar of the epochs (rank 0 only under DDP).
+        ddp: train with ``DistributedDataParallel`` across the ranks of the default process group (call
+            ``fit`` on every rank, with the same arguments). ``config.batch_size`` is then the global batch G,
+            a multiple of the W ranks: every rank draws the same order from the shared seed and trains its
+            own G/W rows of each step — for tensors rank r takes the r-th slice of every global batch, so with
+            ``mix=False`` the result equals a one-process fit of batch G (a last global batch of fewer than
+            2W rows is left out; a smaller last one is split unevenly and each rank's loss weighted by its
+            rows); a streamed cache deals its shards to the ranks (:meth:`hookmix.BlockLayout.order`), each
+            reading only its own, for :meth:`hookmix.BlockLayout.fewest_rows` rows per rank and epoch. Rank
+            r mixes with its own plans (``HookMixer`` seeded :func:`~hookmix.headonly.distributed.rank_seed`,
+            ``seed + r``; dropout too), DDP averages the gradients, rank 0 validates and sends its history
+            row to the others, and rank 0 writes the checkpoint, which holds every rank's generators: a
+            resume needs the same number of ranks. ``FitResult.lams`` and ``val_logits`` are rank 0's.
     Returns:
         :class:`FitResult` with one history row per epoch: ``epoch``, ``train_loss``, ``val_nll``,
         ``val_accuracy`` (multi-label: ``val_map`` and ``val_f1`` at 0.5, torchmetrics), ``val_ece``, ``lr``.
@@ -261,56 +278,126 @@ def fit(
     if _check_data(val_inputs, val_labels, "val", num_classes)[1] != task:
         raise UsageError(f"train_labels are {task.name} targets but val_labels are not; give both of one kind.")
     blocks = _check_blocks(blocks, views, train_labels.shape[0])
+    rank, world = _ddp_ranks(ddp, config.batch_size)
     target = place_module(model, device)
     views, train_labels = _placed(views, target, preload), train_labels.to(target)
-    n = train_labels.shape[0]
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * len(_batch_starts(n, config.batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    shares = _step_shares(train_labels.shape[0], config.batch_size, rank, world, views, blocks)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(shares))
     result = FitResult(history=[])
     settings = config.mixing if config.mix else replace(config.mixing, prob=0.0)
     devices = [target] if target.type == "cuda" else []
+    seed = rank_seed(config.seed, rank=rank)
     with (
         torch.random.fork_rng(devices=devices),  # dropout in the head draws from the global RNG: seed it here
+        # validate=False: the labels were checked once above (_check_data), so no step waits on the host
         HookMixer(
-            model, layer, settings=settings, num_classes=num_classes, seed=config.seed, targets=task.targets
+            model,
+            layer,
+            settings=settings,
+            num_classes=num_classes,
+            seed=seed,
+            targets=task.targets,
+            validate=False,
         ) as mixer,
     ):
-        torch.manual_seed(config.seed)
-        state = _TrainState(
-            config,
-            model,
-            optimizer,
-            scheduler,
-            mixer,
-            torch.Generator().manual_seed(config.seed),
-            result,
-            task,
-            len(_batch_starts(n, config.batch_size)),
-        )
+        torch.manual_seed(seed)
+        net = DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None) if ddp else model
+        generator = torch.Generator().manual_seed(config.seed)  # the data order: shared by the ranks
+        state = _TrainState(config, model, optimizer, scheduler, mixer, generator, result, task, len(shares))
+        state.net, state.rank, state.world, state.shares = net, rank, world, shares
         if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
             state.load(Path(checkpoint_dir))
-        bar = tqdm(range(len(result.history), config.epochs), desc="epochs", disable=not progress, leave=False)
+        bar = tqdm(
+            range(len(result.history), config.epochs), desc="epochs", disable=not progress or rank > 0, leave=False
+        )
         for epoch in bar:
             train_loss = _train_epoch(state, epoch, views, train_labels, num_classes, blocks)
-            logits = predict(model, val_inputs, config.eval_batch_size)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, **task.metrics(logits, val_labels.cpu())}
-            row["lr"] = optimizer.param_groups[0]["lr"]
+            row = _validate(state, epoch, train_loss, val_inputs, val_labels)
             result.history.append(row)
-            result.val_logits = logits
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", headline=f"{row[task.headline]:.3f}")
             if checkpoint_dir is not None:
                 state.save(Path(checkpoint_dir))
-    if result.val_logits is None:
+    if result.val_logits is None and rank == 0:
         result.val_logits = predict(model, val_inputs, config.eval_batch_size)
     return result
 
 
-def _batch_starts(n: int, batch_size: int) -> list[int]:
-    """Where the batches of an epoch of ``n`` rows start. A last batch of one row is left out: one row cannot
-    be mixed, and a BatchNorm in the head cannot train on it (fastai drops the last batch for this too)."""
+def _ddp_ranks(ddp: bool, batch_size: int) -> tuple[int, int]:
+    """``(rank, world)`` of a DDP fit (``(0, 1)`` without ``ddp``); refuses a missing process group or a global
+    batch the ranks cannot share."""
+    if not isinstance(ddp, bool):
+        raise TypeError(f"ddp must be True or False, got {type(ddp).__name__} {ddp!r}.")
+    if not ddp:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UsageError("ddp=True needs the default process group: launch with torchrun and init_process_group.")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if batch_size % world or batch_size // world < 2:
+        raise UsageError(
+            f"batch_size={batch_size} (the global batch under ddp=True) must be a multiple of the {world} ranks "
+            f"with at least 2 rows per rank, e.g. {world * max(2, batch_size // world)}."
+        )
+    return rank, world
+
+
+def _validate(
+    state: "_TrainState", epoch: int, train_loss: float, val_inputs: torch.Tensor, val_labels: torch.Tensor
+) -> dict[str, float]:
+    """The epoch's history row: rank 0 predicts the validation rows (the head is the same on every rank) and
+    sends the row to the other ranks."""
+    row: dict[str, float] | None = None
+    if state.rank == 0:
+        logits = predict(state.model, val_inputs, state.config.eval_batch_size)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **state.task.metrics(logits, val_labels.cpu())}
+        row["lr"] = state.optimizer.param_groups[0]["lr"]
+        state.result.val_logits = logits
+    if state.world > 1:
+        box = [row]
+        dist.broadcast_object_list(box, src=0)
+        row = box[0]
+    assert row is not None
+    return row
+
+
+def _batch_starts(n: int, batch_size: int, world: int = 1) -> list[int]:
+    """Where the batches of an epoch of ``n`` rows start. A last batch of fewer than 2 rows per rank is left
+    out: one row cannot be mixed, and a BatchNorm in the head cannot train on it (fastai drops the last batch
+    for this too)."""
     starts = list(range(0, n, batch_size))
-    return starts[:-1] if len(starts) > 1 and n - starts[-1] == 1 else starts
+    return starts[:-1] if len(starts) > 1 and n - starts[-1] < 2 * world else starts
+
+
+def _step_shares(
+    n: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    views: torch.Tensor | ShardedFeatures,
+    blocks: BlockLayout | None,
+) -> list[tuple[int, int, float]]:
+    """Each step's rows of this rank as positions ``[begin, end)`` in its epoch order, and the weight of its
+    loss (``W · rows / global rows``, 1 for full batches), so that DDP's mean of the ranks' gradients is the
+    gradient of the global batch's mean loss. One process: the batches of :func:`_batch_starts`. Tensors
+    under DDP: the rank's slice of each global batch of the shared order. A streamed cache under DDP: the
+    rank's own order (its dealt shards) in batches of G/W, as many as the rank dealt the fewest rows has."""
+    if world == 1:
+        return [(start, min(start + batch_size, n), 1.0) for start in _batch_starts(n, batch_size)]
+    if isinstance(views, ShardedFeatures):
+        per_rank = batch_size // world
+        steps = (blocks or views.layout()).fewest_rows(world) // per_rank
+        if steps == 0:
+            raise UsageError(
+                f"a rank is dealt as few as {(blocks or views.layout()).fewest_rows(world)} rows of the streamed "
+                f"cache, under one batch of {per_rank}; give a smaller batch_size or fewer ranks."
+            )
+        return [(i * per_rank, (i + 1) * per_rank, 1.0) for i in range(steps)]
+    shares = []
+    for start in _batch_starts(n, batch_size, world):
+        rows = min(batch_size, n - start)
+        begin, end = start + rows * rank // world, start + rows * (rank + 1) // world
+        shares.append((begin, end, world * (end - begin) / rows))
+    return shares
 
 
 def _check_blocks(blocks: BlockLayout | None, views: torch.Tensor | ShardedFeatures, n: int) -> BlockLayout | None:
@@ -347,36 +434,38 @@ def _train_epoch(
     mixer.set_epoch(epoch)
     _freeze_mode(model)
     n = labels.shape[0]
-    epoch_order = blocks.order(state.data_gen) if blocks is not None else None
+    streaming = isinstance(views, ShardedFeatures)
+    dealt = (state.rank, state.world) if streaming else (0, 1)  # tensors: every rank takes the shared order
+    epoch_order = blocks.order(state.data_gen, *dealt) if blocks is not None else None
     order = epoch_order.order if epoch_order is not None else torch.randperm(n, generator=state.data_gen)
     view = torch.randint(views.shape[0], (n,), generator=state.data_gen)
-    streamed = (
-        views.batches(epoch_order, view, state.config.batch_size)
-        if epoch_order and isinstance(views, ShardedFeatures)
-        else None
-    )
+    per_batch = state.shares[0][1] - state.shares[0][0]
+    gather_on = labels.device if labels.device.type == "cuda" else None  # whole blocks to the GPU, rows gathered there
+    streamed = views.batches(epoch_order, view, per_batch, gather_on) if epoch_order and streaming else None
     order, view = order.to(labels.device), view.to(labels.device)
     criterion = state.task.criterion()
-    total = torch.zeros((), device=labels.device)
+    total = torch.zeros(2, device=labels.device)  # the loss summed over rows, and the rows
     lams: list[torch.Tensor] = []  # read back once per epoch: no host sync per step
-    starts = _batch_starts(n, state.config.batch_size)
-    for start in starts:
-        idx = order[start : start + state.config.batch_size]
+    for begin, end, weight in state.shares:
+        idx = order[begin:end]
         step = mixer.plan(labels[idx])
         x = next(streamed) if streamed is not None else views[view[idx].to(views.device), idx.to(views.device)]
         x = x.to(labels.device, non_blocking=True)
-        loss = step.loss(criterion, _check_logits(model(x.float()), num_classes))
+        loss = step.loss(criterion, _check_logits(state.net(x.float()), num_classes))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight == 1 else loss * weight).backward()
         optimizer.step()
         state.scheduler.step()
-        total += loss.detach() * len(idx)
+        total[0] += loss.detach() * len(idx)
+        total[1] += len(idx)
         if step.mixed:
             lams.append(step.lam[0])
     if streamed is not None:
         streamed.close()  # unmaps the last block now
     state.result.lams.extend(torch.stack(lams).tolist() if lams else [])
-    return float(total) / min(n, starts[-1] + state.config.batch_size)
+    if state.world > 1:
+        dist.all_reduce(total)
+    return float(total[0]) / float(total[1])
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -400,6 +489,10 @@ class _TrainState:
     result: FitResult
     task: Task = MULTICLASS
     steps_per_epoch: int = 1
+    net: nn.Module | None = None  # what the steps call: the model, or its DistributedDataParallel wrapper
+    rank: int = 0
+    world: int = 1
+    shares: list[tuple[int, int, float]] = field(default_factory=list)  # :func:`_step_shares`
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The tensors and the JSON-serialisable state of this point of training."""
@@ -412,6 +505,11 @@ class _TrainState:
         tensors["rng.data"] = self.data_gen.get_state()
         tensors["rng.mixer"] = mixer_state.pop("generator")
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.world > 1:  # every rank's own generators, so that each continues its own plans
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, (tensors["rng.mixer"], tensors["rng.torch"]))
+            for rank, (mixer_rng, torch_rng) in enumerate(gathered):
+                tensors[f"rng.mixer.{rank}"], tensors[f"rng.torch.{rank}"] = mixer_rng, torch_rng
         tensors["result.lams"] = torch.tensor(self.result.lams, dtype=torch.float32)
         state = {
             "format": 1,
@@ -422,12 +520,19 @@ class _TrainState:
             "optimizer_groups": optim_state["param_groups"],
             "mixer": mixer_state,
             "restarts": self.result.restarts,
+            "world": self.world,
         }
         return tensors, state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], source: str) -> None:
         """Restore :meth:`state_dict`; ``source`` names where it came from in the errors."""
         extend = self._check_settings(state, source)
+        if state.get("world", 1) != self.world:
+            raise UsageError(
+                f"{source} was trained by {state.get('world', 1)} ranks, this fit runs on {self.world}: each rank "
+                "continues its own plans, so resume it with as many ranks (torchrun --nproc_per_node, --nnodes)."
+            )
+        own = f".{self.rank}" if self.world > 1 else ""
         weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         load_state(
             self.model,
@@ -443,9 +548,9 @@ class _TrainState:
         self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_gen.set_state(tensors["rng.data"])
-        if "rng.torch" in tensors:  # the head's dropout masks continue where they stopped
-            torch.set_rng_state(tensors["rng.torch"])
-        self.mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer"]})
+        if "rng.torch" + own in tensors:  # the head's dropout masks continue where they stopped
+            torch.set_rng_state(tensors["rng.torch" + own])
+        self.mixer.load_state_dict({**state["mixer"], "generator": tensors["rng.mixer" + own]})
         self.result.history.extend(state["history"])
         self.result.lams.extend(tensors["result.lams"].tolist())
         self.result.restarts.extend(state.get("restarts", []))
@@ -484,8 +589,10 @@ class _TrainState:
 
     def save(self, directory: Path) -> None:
         """Write the checkpoint of this point of training into ``directory``."""
+        tensors, state = self.state_dict()  # on every rank: it gathers the ranks' generators
+        if self.rank > 0:
+            return
         directory.mkdir(parents=True, exist_ok=True)
-        tensors, state = self.state_dict()
         text = json.dumps(state, indent=1)
         atomic_write(directory / CHECKPOINT_WEIGHTS, save(tensors, metadata={"state": text}))
         atomic_write(directory / CHECKPOINT_STATE, text.encode())

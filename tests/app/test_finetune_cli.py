@@ -20,6 +20,11 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - ``--views`` caching one view, or the same view twice: ``test_views_cache_that_many_augmented_views``;
 - ``--fp32`` / ``--cache`` / ``--layer`` not reaching the cache: ``test_layer_fp32_and_cache_set_what_is_stored``;
 - ``--workers`` changing the features: ``test_workers_extract_the_same_features``;
+- ``--extract-batch-size`` ignored (extraction fixed at 64), or put in the cache key (a run with another
+  extraction batch size extracts again), or not reaching ``sweep``:
+  ``test_extract_batch_size_sets_the_backbone_batches_not_the_cache``,
+  ``test_sweep_extracts_in_batches_of_extract_batch_size``; left unvalidated (the library's message then
+  names ``--batch-size``): ``test_a_bad_flag_is_one_line_with_exit_code_2``;
 - ``--pretrained`` / ``--weights`` not loading the weights: ``test_pretrained_and_weights_set_the_backbone``;
 - ``--quiet`` not silencing the bars: ``test_quiet_silences_the_progress_bars``.
 """
@@ -29,6 +34,7 @@ import importlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -192,6 +198,8 @@ BAD_FLAGS = {
     "stop epoch": (["--stop-epoch", "-1"], "argument --stop-epoch: -1 must be >= 0"),
     "views": (["--views", "0"], "argument --views: 0 must be >= 1"),
     "workers": (["--workers", "-2"], "argument --workers: -2 must be >= 0"),
+    "extract batch size": (["--extract-batch-size", "0"], "argument --extract-batch-size: 0 must be >= 1"),
+    "extract batch size text": (["--extract-batch-size", "many"], "argument --extract-batch-size: 'many' is not an"),
     "val missing": (["--val", "nowhere"], "--val nowhere is not a directory"),
     "both methods off": (["--alpha", "0"], "--alpha 0 and --cutmix-alpha 0 turn both methods off"),
 }
@@ -468,6 +476,54 @@ def test_layer_fp32_and_cache_set_what_is_stored(tmp_path: Path) -> None:
     assert default["feature_shape"] == [64] and default["cache_bytes_per_example"] == 64 * 2
 
 
+def backbone_batches(run: Callable[[], object]) -> list[int]:
+    """The batch size of every forward of the digits CNN's first conv (the only module that takes the
+    one-channel digit images) while ``run`` runs, seen by a global forward pre-hook of this test's own;
+    forwards of one image (the job's shape probes) are left out."""
+    pretrain_source(seed=0)  # pretrained (and cached) before the hook: its training batches are not the job's
+    seen: list[int] = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        if isinstance(module, nn.Conv2d) and module.in_channels == 1 and args[0].shape[0] > 1:
+            seen.append(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_extract_batch_size_sets_the_backbone_batches_not_the_cache(tmp_path: Path) -> None:
+    """The digits task's 100 training and 796 validation images go through the backbone in batches of
+    ``--extract-batch-size`` (40: 40, 40, 20 then 19 x 40 and 36; the default 64: 64, 36 then 12 x 64 and
+    28), whatever the head's ``--batch-size``. The cache key leaves it out: a run with another extraction
+    batch size reuses the cache (no backbone forward), and the features of both batch sizes agree to float
+    rounding (bitwise on the x86 CPU this was written on; 1e-5 is the margin for other kernels)."""
+    one = ("--fp32", "--epochs", "1", "--cache")
+    by40 = backbone_batches(
+        lambda: digits_run(tmp_path / "b40", *one, str(tmp_path / "c40"), "--extract-batch-size", "40")
+    )
+    assert by40 == [40, 40, 20] + [40] * 19 + [36]
+    again = backbone_batches(lambda: digits_run(tmp_path / "again", *one, str(tmp_path / "c40")))
+    assert again == []
+    by64 = backbone_batches(lambda: digits_run(tmp_path / "b64", *one, str(tmp_path / "c64")))
+    assert by64 == [64, 36] + [64] * 12 + [28]
+    for part in ("train", "val"):
+        torch.testing.assert_close(
+            cached(tmp_path / "c40", part)[1], cached(tmp_path / "c64", part)[1], rtol=0, atol=1e-5
+        )
+
+
+def test_sweep_extracts_in_batches_of_extract_batch_size(tmp_path: Path) -> None:
+    """``hookmix sweep --extract-batch-size 40`` runs the backbone over one layer's train and validation
+    images in batches of 40, as ``finetune`` does."""
+    args = ["sweep", "--data", "digits", "--layers", "stage2", "--alpha", "0", "--seeds", "2", "--epochs", "1"]
+    run = [*args, "--extract-batch-size", "40", "--out", str(tmp_path / "sweep"), "--quiet"]
+    assert backbone_batches(lambda: main(run)) == [40, 40, 20] + [40] * 19 + [36]
+
+
 def test_workers_extract_the_same_features(tmp_path: Path, images: Path) -> None:
     """``--workers 2`` loads the images in two processes: the cached features are those of ``--workers 0``."""
     finetune(tmp_path / "w0", images, "--cache", str(tmp_path / "c0"), "--epochs", "1", "--workers", "0")
@@ -548,10 +604,12 @@ FLAG_EFFECTS = {
     "--val-labels": "test_predict_export.py::test_multilabel_runs_end_to_end_with_thresholds",
     "--views": "test_views_cache_that_many_augmented_views",
     "--workers": "test_workers_extract_the_same_features",
+    "--extract-batch-size": "test_extract_batch_size_sets_the_backbone_batches_not_the_cache",
     "--out": "test_a_cutmix_only_run_finishes_with_its_head_and_predicts",
     "--resume": "test_a_cutmix_only_run_finishes_with_its_head_and_predicts",
     "--quiet": "test_quiet_silences_the_progress_bars",
     "--overwrite": "test_run_trust.py::test_a_finished_run_is_refused_unless_overwrite_is_given",
+    "--ddp": "test_torchrun.py::test_ddp_without_mixing_equals_one_process_and_resumes_after_a_rank_dies",
 }
 
 

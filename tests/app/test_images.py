@@ -29,8 +29,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from hookmix.app.cli import main
-from hookmix.app.imagefolder import UnreadableImage, image_problem, load_image_folder, read_rgb
+from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.labels_csv import load_labels_csv
+from hookmix.headonly.images import UnreadableImage, image_problem, read_rgb
 from tests.conftest import write_folder
 
 GRADIENT = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)

@@ -1,37 +1,56 @@
-"""From a fine-tuned run to a model in use: ``hookmix predict``, ``hookmix export``, ``load_finetuned`` and
-ONNX, checked against a model rebuilt by hand from the run's files (the backbone from its seed or the
+"""From a fine-tuned run to a model in use: ``hookmix predict``, ``hookmix export``, ``load_finetuned(...).predict``
+and ONNX, checked against a model rebuilt by hand from the run's files (the backbone from its seed or the
 embedded digits CNN, head.safetensors put into a freshly built classifier) and inputs prepared by hand or
 by the model library's own preset: never against the code under test.
 
 Bugs a maintainer could plausibly make here, and the test that catches each:
 - predict or export forgets the temperature, or applies it twice: ``test_predict_writes_the_run_s_calibrated_
-  probabilities``, ``test_an_image_folder_run_predicts_with_its_own_preprocessing``;
+  probabilities``, ``test_an_image_folder_run_predicts_with_its_own_preprocessing``,
+  ``test_a_timm_run_predicts_and_runs_in_onnxruntime_as_hookmix_predict``;
 - the run records or rebuilds another transform than the model's (mean/std, resize, crop, interpolation), or
-  reads images in another order: ``test_an_image_folder_run_predicts_with_its_own_preprocessing``;
+  reads images in another order: ``test_an_image_folder_run_predicts_with_its_own_preprocessing`` (torchvision),
+  ``test_a_timm_run_predicts_and_runs_in_onnxruntime_as_hookmix_predict`` (timm);
+- ``FinetunedModel.predict`` and ``hookmix predict`` drifting apart (another reader, batch, T or decision):
+  ``same_as_cli`` in the torchvision, timm and multi-label tests (every row and class, the label sets);
 - the recorded NLL / ECE "after" are computed without T, or T is not the NLL's minimum:
   ``test_the_recorded_calibration_is_that_of_the_run_s_logits``;
 - multi-label thresholds tuned on uncalibrated logits, the wrong argmax (largest threshold among ties,
-  ``>`` for ``>=``), or predict applying other thresholds than the F1-best ones:
-  ``test_multilabel_runs_end_to_end_with_thresholds``;
-- export / ONNX differ from the run: ``test_export_reloads_and_onnx_matches``.
+  ``>`` for ``>=``), predict applying other thresholds than the F1-best ones, or the ONNX metadata listing them
+  in another class order: ``test_multilabel_runs_end_to_end_with_thresholds``;
+- export / ONNX differ from the run: ``test_export_reloads_and_onnx_matches``;
+- the ONNX file written with torch's default ``.onnx.data`` sidecar (a second, unmentioned file), or the sidecar
+  of a model over 2 GB left unnamed: ``test_export_reloads_and_onnx_matches``,
+  ``test_an_onnx_model_over_the_one_file_limit_names_its_weights_file``;
+- ONNX metadata without T, with another run's values (a config cached across exports), or preprocessing that
+  does not reproduce the model library's tensors (mean/std order, resize vs crop):
+  ``test_export_reloads_and_onnx_matches`` (digits) then ``test_a_timm_run_predicts_and_runs_in_onnxruntime_as_
+  hookmix_predict`` in the same process.
 """
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
+import timm.data
 import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from hookmix import load_finetuned
 from hookmix.app.cli import main
 from hookmix.app.digits import digits_transfer, pretrain_source
+from hookmix.headonly.trained_model import Predictions
+
+ONNX_TOLERANCE = 1e-5  # onnxruntime and torch on CPU: probabilities agree to 2.0e-6 (measured, timm resnet18)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +106,21 @@ def test_predict_writes_the_run_s_calibrated_probabilities(digits_run: Path, dig
         assert [float(row[f"prob_{i}"]) for i in (1, 2, 3)] == pytest.approx(values.tolist(), abs=2e-6)
 
 
+def onnx_metadata(path: Path) -> dict[str, object]:
+    """The ``hookmix.*`` entries of an ONNX file's metadata_props, JSON-decoded, read with onnx itself."""
+    import onnx
+
+    return {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props if p.key.startswith("hookmix.")}
+
+
 def test_export_reloads_and_onnx_matches(digits_run: Path, digit_images: Path, tmp_path, capsys):
+    """The export holds the run's model (logits by hand), writes exactly three files (no .onnx.data sidecar),
+    and the ONNX metadata is this run's configuration: classes, T, no thresholds, the grey 8x8 steps."""
     onnxruntime = pytest.importorskip("onnxruntime")
     target = tmp_path / "model.safetensors"
     assert main(["export", "--run", str(digits_run), "--out", str(target), "--onnx"]) == 0
     assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.safetensors", "model.safetensors.json"]
     model = load_finetuned(target)
     config = json.loads(target.with_name("model.safetensors.json").read_text())
     assert config["layer"] == "stage2" and config["pooled"] and config["temperature"] == model.config.temperature
@@ -103,6 +132,36 @@ def test_export_reloads_and_onnx_matches(digits_run: Path, digit_images: Path, t
     session = onnxruntime.InferenceSession(str(target.with_suffix(".onnx")))
     (from_onnx,) = session.run(None, {"images": x.numpy()})
     assert np.abs(from_onnx - logits.numpy()).max() <= 1e-4
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    meta = onnx_metadata(target.with_suffix(".onnx"))
+    assert meta["hookmix.classes"] == metrics["classes"] and meta["hookmix.task"] == "multiclass"
+    assert meta["hookmix.temperature"] == metrics["calibration"]["temperature"] and meta["hookmix.thresholds"] is None
+    assert meta["hookmix.preprocessing"] == {
+        **{"channels": 1, "resize": 8, "resize_mode": "shorter", "interpolation": "bilinear", "crop": [8, 8]},
+        **{"mean": [0.0], "std": [1.0]},
+    }
+    assert meta["hookmix.config"] == config
+
+
+def test_an_onnx_model_over_the_one_file_limit_names_its_weights_file(
+    digits_run: Path, digit_images: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Over protobuf's 2 GB (here: a limit of 1 kB) the weights go to FILE.onnx.data, named by the command;
+    onnxruntime runs the pair."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import hookmix.app.export
+
+    monkeypatch.setattr(hookmix.app.export, "ONE_FILE_LIMIT", 1000)
+    target = tmp_path / "m.safetensors"
+    assert main(["export", "--run", str(digits_run), "--out", str(target), "--onnx"]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'm.onnx'}\n" in said and f"wrote {tmp_path / 'm.onnx.data'}\n" in said
+    written = ["m.onnx", "m.onnx.data", "m.safetensors", "m.safetensors.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    (from_onnx,) = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(from_onnx - load_finetuned(target)(x).numpy()).max() <= 1e-4
 
 
 def colour_folder(root: Path) -> Path:
@@ -157,6 +216,71 @@ def test_an_image_folder_run_predicts_with_its_own_preprocessing(tmp_path: Path)
         assert [row[f"class_{k}"] for k in (1, 2, 3)] == [("cat", "dog", "eel")[j] for j in p.argsort(descending=True)]
     exported = load_finetuned(tmp_path / "m.safetensors")
     torch.testing.assert_close(exported.probabilities(x), expected, rtol=0, atol=1e-5)
+    same_as_cli(load_finetuned(run).predict(images), rows)
+
+
+def same_as_cli(found: Predictions, rows: list[dict[str, str]]) -> None:
+    """``FinetunedModel.predict``'s probabilities are the CSV's (every class of every row, to its 6 decimals)
+    and its decisions the CSV's top class, or its ``predicted`` label set for a multi-label run."""
+    assert len(rows) == len(found.probabilities) == len(found.predicted)
+    for row, probabilities, predicted in zip(rows, found.probabilities, found.predicted):
+        k = sum(1 for key in row if key.startswith("class_"))
+        by_class = dict(zip(found.classes, probabilities.tolist()))
+        written = {row[f"class_{i}"]: float(row[f"prob_{i}"]) for i in range(1, k + 1)}
+        assert written == pytest.approx({c: by_class[c] for c in written}, abs=5e-7 + 1e-7)
+        if "predicted" in row:
+            assert ";".join(predicted) == row["predicted"]
+        else:
+            assert predicted == (row["class_1"],)
+
+
+def test_a_timm_run_predicts_and_runs_in_onnxruntime_as_hookmix_predict(tmp_path: Path, capsys) -> None:
+    """timm's resnet18 (random init, seed 0) at 64x64, calibrated (T ≠ 1): ``hookmix predict``, ``.predict``
+    and softmax(logits / T) of the model built by hand on timm's own transform (``resolve_model_data_config`` +
+    ``create_transform``: shorter side 67 bicubic, crop 64, ImageNet mean/std) agree for every row and class.
+    The ONNX file's metadata is this run's (classes, T) and its preprocessing, applied with torchvision alone,
+    gives timm's tensors exactly; onnxruntime's logits over the metadata's T give ``.predict``'s probabilities."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    data, run, export = colour_folder(tmp_path / "imgs"), tmp_path / "run", tmp_path / "export"
+    args = ["--data", str(data), "--model", "timm:resnet18", "--input-size", "3", "64", "64", "--epochs", "2"]
+    assert main(["finetune", *args, "--calibrate", "--out", str(run), "--quiet"]) == 0
+    assert main(["predict", "--run", str(run), str(data), "--out", str(tmp_path / "p.csv"), "--top-k", "3"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(export / "m.safetensors"), "--onnx"]) == 0
+    rows, images = read_csv(tmp_path / "p.csv"), sorted(data.rglob("*.png"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    temperature, classes = metrics["calibration"]["temperature"], metrics["classes"]
+    assert abs(temperature - 1) > 0.05
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model("resnet18")
+    timm_config = timm.data.resolve_model_data_config(model) | {"input_size": (3, 64, 64)}
+    head = load_file(run / "head.safetensors")
+    model.fc = torch.nn.Linear(512, 3)
+    model.fc.load_state_dict({"weight": head["fc.weight"], "bias": head["fc.bias"]})
+    x = torch.stack([timm.data.create_transform(**timm_config)(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(x) / temperature, dim=1)
+    found = load_finetuned(run).predict(images)
+    torch.testing.assert_close(found.probabilities, expected, rtol=0, atol=1e-5)
+    same_as_cli(found, rows)
+    assert sorted(p.name for p in export.iterdir()) == ["m.onnx", "m.safetensors", "m.safetensors.json"]
+    meta = onnx_metadata(export / "m.onnx")
+    assert meta["hookmix.classes"] == classes and meta["hookmix.temperature"] == temperature
+    steps = meta["hookmix.preprocessing"]
+    assert (steps["resize"], steps["interpolation"]) == (math.floor(64 / timm_config["crop_pct"]), "bicubic")
+    from_metadata = transforms.Compose(
+        [
+            transforms.Resize(steps["resize"], interpolation=InterpolationMode(steps["interpolation"])),
+            transforms.CenterCrop(steps["crop"]),
+            transforms.ToTensor(),
+            transforms.Normalize(steps["mean"], steps["std"]),
+        ]
+    )
+    x_meta = torch.stack([from_metadata(Image.open(p).convert("RGB")) for p in images])
+    assert torch.equal(x_meta, x)
+    (logits,) = onnxruntime.InferenceSession(str(export / "m.onnx")).run(None, {"images": x_meta.numpy()})
+    from_onnx = torch.softmax(torch.from_numpy(logits) / meta["hookmix.temperature"], dim=1)
+    torch.testing.assert_close(from_onnx, found.probabilities, rtol=0, atol=ONNX_TOLERANCE)
 
 
 def digits_val_logits(run: Path) -> torch.Tensor:
@@ -235,7 +359,7 @@ def test_bad_runs_and_inputs_are_one_line_errors(case: str, digits_run: Path, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1].startswith("hookmix: error: ")
     expected = {
-        "missing": "is not a directory",
+        "missing": "nowhere does not exist",
         "unfinished": "has no head.safetensors",
         "other-version": "run format 99",
         "no-images": "holds no images",
@@ -315,9 +439,15 @@ def test_multilabel_runs_end_to_end_with_thresholds(mosaics: Path, tmp_path: Pat
         expected = {c for c, q, t, ok in zip(classes, p, thresholds, clear) if ok and q >= t}
         assert {c for c, ok in zip(classes, clear) if ok} & set(predicted.split(";") if predicted else []) == expected
     assert borderline <= len(classes)
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+    ordered = read_csv(tmp_path / "p.csv")
+    same_as_cli(load_finetuned(run).predict([Path(r["path"]) for r in ordered]), ordered)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors"), "--onnx"]) == 0
     exported = load_finetuned(tmp_path / "m.safetensors").config.thresholds
     assert exported == pytest.approx(thresholds.tolist(), abs=tolerance)
+    meta = onnx_metadata(tmp_path / "m.onnx")
+    assert meta["hookmix.task"] == "multilabel" and meta["hookmix.classes"] == classes
+    assert meta["hookmix.thresholds"] == [report["thresholds"][c] for c in classes]
+    assert meta["hookmix.temperature"] == temperature
 
 
 def test_a_cache_over_the_memory_budget_is_streamed_or_needs_a_cache_dir(mosaics: Path, tmp_path: Path, capsys):

@@ -40,8 +40,9 @@ from torchvision.transforms import InterpolationMode
 
 from hookmix import UsageError, load_finetuned
 from hookmix.app.cli import main
-from hookmix.app.preprocessing import EvalTransform, Preprocessing, model_preprocessing, read_eval_transform
+from hookmix.app.preprocessing import Preprocessing, model_preprocessing
 from hookmix.graph.models import resolve_model
+from hookmix.headonly.preprocessing import EvalTransform, read_eval_transform
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,13 @@ def _assert_png(path: Path, written: Path) -> np.ndarray:
 def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
     """The figures the plot functions save, kept for inspecting what they show (the data, not the pixels)."""
     figures: list = []
-    save = hookmix.evaluation.plots._save
+    save = hookmix.evaluation.plots.save_figure
 
     def keep(figure, path):
         figures.append(figure)
         return save(figure, path)
 
-    monkeypatch.setattr(hookmix.evaluation.plots, "_save", keep)
+    monkeypatch.setattr(hookmix.evaluation.plots, "save_figure", keep)
     return figures
 
 

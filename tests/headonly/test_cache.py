@@ -1,4 +1,18 @@
-"""Tests for hookmix.headonly.cache: exact round trips, resume after interruption, and refusal of bad caches."""
+"""Tests for hookmix.headonly.cache: exact round trips, resume after interruption, and refusal of bad caches.
+
+Several caches from one pass (``FeatureCache.extract_many``), the bugs a maintainer could plausibly make and the
+test that catches each:
+- one output's features handed to another's sink, rows lost or reordered when the ranges are joined, another
+  dtype or shard layout than ``extract`` writes: ``test_one_pass_caches_equal_single_extractions_bitwise``
+  (features, labels and the shard files' bytes against single extractions, on disk and in memory);
+- a second pass per output, or an output extracted again although its cache is stored, or a backbone run when
+  every cache is stored: ``test_one_pass_caches_equal_single_extractions_bitwise`` (rows through the backbone)
+  and ``test_stored_targets_are_loaded_and_no_backbone_runs_when_all_are``;
+- a resumed cache rewritten from row 0 or from another target's row, shards cut at the pass's ranges instead of
+  its own: ``test_each_target_resumes_from_its_own_row_and_shard_size``;
+- two targets writing one directory, a backbone missing an output passing silently:
+  ``test_bad_targets_refused``, ``test_a_backbone_without_an_output_it_was_asked_for_is_refused``.
+"""
 
 from __future__ import annotations
 
@@ -560,3 +574,134 @@ def test_mmap_none_streams_only_a_cache_above_the_memory_budget(tmp_path: Path) 
         extract(make_dataset(), None, mmap=True)
     with pytest.raises(ValueError, match="memory_budget=0"):
         FeatureCache.load(tmp_path, KEY, mmap=None, memory_budget=0)
+
+
+# --- several caches from one pass (FeatureCache.extract_many) ---------------------------------------------------
+
+MAP_KEY = dataclasses.replace(KEY, layer="relu")  # the (B, 8, 14, 14) map before the pooling
+
+
+class TwoOutputs(nn.Module):
+    """The test backbone's map after the ReLU and its pooled output from one forward: ``{"map", "pooled"}``."""
+
+    def __init__(self, names: tuple[str, ...] = ("map", "pooled")) -> None:
+        super().__init__()
+        self.backbone, self.names = make_backbone(), names
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        relu = self.backbone[:3](x)
+        outputs = {"map": relu, "pooled": self.backbone[3](relu)}
+        return {name: outputs[name] for name in self.names}
+
+
+class Builder:
+    """``backbone_for`` of extract_many, recording the names it is asked for and the rows its module runs."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, ...]] = []
+        self.rows = 0
+
+    def __call__(self, names: tuple[str, ...]) -> nn.Module:
+        self.asked.append(names)
+        module = TwoOutputs(names)
+        module.register_forward_pre_hook(lambda m, args: setattr(self, "rows", self.rows + args[0].shape[0]))
+        return module
+
+
+def extract_two(dataset: Dataset, root: Path | None, builder: Builder | None = None, **kwargs) -> dict:
+    options = dict(batch_size=BATCH, shard_size=SHARD, progress=False) | kwargs
+    targets = {
+        "map": (MAP_KEY, None if root is None else root / "map"),
+        "pooled": (KEY, None if root is None else root / "pooled"),
+    }
+    return FeatureCache.extract_many(builder or Builder(), dataset, targets, **options)
+
+
+def single(dataset: Dataset, key: CacheKey, path: Path | None, **kwargs) -> FeatureCache:
+    """The cache of one output alone, extracted by FeatureCache.extract (the map: the first three modules)."""
+    backbone = make_backbone() if key == KEY else make_backbone()[:3]
+    options = dict(batch_size=BATCH, shard_size=SHARD, progress=False) | kwargs
+    return FeatureCache.extract(backbone, dataset, key, path=path, **options)
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*"))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_one_pass_caches_equal_single_extractions_bitwise(tmp_path: Path, dtype: torch.dtype) -> None:
+    dataset, builder = make_dataset(), Builder()
+    both = extract_two(dataset, tmp_path / "both", builder, dtype=dtype)
+    assert builder.asked == [("map", "pooled")] and builder.rows == N  # one pass: every row through once
+    in_memory = extract_two(dataset, None, dtype=dtype)
+    for name, key in (("map", MAP_KEY), ("pooled", KEY)):
+        alone = single(dataset, key, tmp_path / "alone" / name, dtype=dtype)
+        for cache in (both[name], in_memory[name]):
+            assert cache.dtype == alone.dtype == dtype and cache.key == key
+            assert torch.equal(cache.features, alone.features) and torch.equal(cache.labels, alone.labels)
+        assert shard_bytes(tmp_path / "both" / name) == shard_bytes(tmp_path / "alone" / name)
+        assert both[name].batches_run == 7 and both[name].rows_reused == 0
+    assert both["map"].feature_shape == (8, 14, 14) and both["pooled"].feature_shape == (8, 2, 2)
+
+
+def test_stored_targets_are_loaded_and_no_backbone_runs_when_all_are(tmp_path: Path) -> None:
+    dataset = make_dataset()
+    single(dataset, KEY, tmp_path / "pooled")
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pooled").iterdir()}
+    builder = Builder()
+    caches = extract_two(dataset, tmp_path, builder)
+    assert builder.asked == [("map",)] and builder.rows == N  # the pooled cache is not extracted again
+    assert caches["pooled"].reused and caches["pooled"].batches_run == 0 and caches["map"].batches_run == 7
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pooled").iterdir()} == kept
+    again = Builder()
+    loaded = extract_two(dataset, tmp_path, again)
+    assert again.asked == [] and again.rows == 0 and all(cache.reused for cache in loaded.values())
+    assert torch.equal(loaded["map"].features, caches["map"].features)
+
+
+def test_each_target_resumes_from_its_own_row_and_shard_size(tmp_path: Path) -> None:
+    """The pooled cache was interrupted at row 20 with shards of 10; the map cache is new. One pass computes
+    every row once; the pooled cache gets shards 20..36, 36..50 (16 each, from where it stopped), the map
+    cache 0..16, 16..32, ...; both equal uninterrupted extractions."""
+    dataset = FailOnce(make_dataset(), fail_at=25)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        single(dataset, KEY, tmp_path / "pooled", shard_size=10)
+    dataset.armed = False
+    builder = Builder()
+    caches = extract_two(dataset, tmp_path, builder)
+    assert builder.asked == [("map", "pooled")] and builder.rows == N
+    ranges = {
+        name: [(s["start"], s["stop"]) for s in json.loads((tmp_path / name / MANIFEST_NAME).read_text())["shards"]]
+        for name in ("map", "pooled")
+    }
+    assert ranges == {
+        "map": [(0, 16), (16, 32), (32, 48), (48, 50)],
+        "pooled": [(0, 10), (10, 20), (20, 36), (36, 50)],
+    }
+    assert caches["pooled"].rows_reused == 20 and caches["map"].rows_reused == 0
+    for name, key in (("map", MAP_KEY), ("pooled", KEY)):
+        alone = single(make_dataset(), key, None)
+        assert torch.equal(caches[name].features, alone.features) and torch.equal(caches[name].labels, alone.labels)
+
+
+@pytest.mark.parametrize(
+    "targets, match",
+    [
+        ({}, "non-empty mapping"),
+        ({"a": (KEY, "same"), "b": (MAP_KEY, "same")}, "share a cache directory"),
+        ({"a": ("resnet50", None)}, "key must be a CacheKey"),
+        ({"a": KEY}, "name \\(str\\) to \\(CacheKey, path or None\\)"),
+    ],
+)
+def test_bad_targets_refused(tmp_path: Path, targets: dict, match: str, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((TypeError, ValueError), match=match):
+        FeatureCache.extract_many(Builder(), make_dataset(), targets, progress=False)
+
+
+def test_a_backbone_without_an_output_it_was_asked_for_is_refused() -> None:
+    targets = {"map": (MAP_KEY, None), "pooled": (KEY, None)}
+    with pytest.raises(ValueError, match=r"returned the outputs \['map'\] but not \['pooled'\]"):
+        FeatureCache.extract_many(lambda names: TwoOutputs(("map",)), make_dataset(), targets, progress=False)
+    with pytest.raises(TypeError, match="must return a mapping of the outputs"):
+        FeatureCache.extract_many(lambda names: make_backbone(), make_dataset(), targets, progress=False)

@@ -8,13 +8,13 @@ from hookmix.app.digits import (
     MAX_SHOTS,
     DigitsCNN,
     TransferSplit,
-    _train_source,
     all_digits,
     digits_transfer,
     pretrain_source,
     source_split,
 )
 from hookmix.evaluation.metrics import accuracy
+from hookmix.headonly.digits_source import _train_source
 
 DIGITS_PER_CLASS = {5: 182, 6: 181, 7: 179, 8: 174, 9: 180}
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -18,6 +18,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hookmix import CacheKey, FeatureCache, HookMixer
 from hookmix.headonly.distributed import extract_sharded, rank_seed, unwrap
+from hookmix.headonly.training import FitConfig, FitResult, fit
+from hookmix.mixing.settings import MixSettings
 from tests.conftest import expected_mix, recover_mix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,15 +120,15 @@ def _extract(rank: int, tmp: str, cache_dir: str | None = None, dataset: Dataset
         KEY,
         path=cache_dir or f"{tmp}/cache",
         dtype=torch.float32,
-        batch_size=4,
-        shard_size=5,
+        batch_size=2,
+        shard_size=3,
         progress=False,
     )
     torch.save({"features": cache.features, "labels": cache.labels}, f"{tmp}/extract{rank}.pt")
 
 
 def _extract_rank1_crashes(rank: int, tmp: str) -> None:
-    _extract(rank, tmp, dataset=CrashAt(12, f"{tmp}/crashed") if rank == 1 else None)  # rank 1 holds rows 6..12
+    _extract(rank, tmp, dataset=CrashAt(10, f"{tmp}/crashed") if rank == 1 else None)  # rank 1: shards 1 and 3
 
 
 def _extract_again(rank: int, tmp: str) -> None:
@@ -165,25 +167,27 @@ def test_ddp_ranks_mix_their_own_plans_and_average_the_mixed_gradients(tmp_path:
             torch.testing.assert_close(got, expected.detach())
 
 
+def shard_list(directory: Path) -> list[dict]:
+    return json.loads((directory / "manifest.json").read_text())["shards"]
+
+
 def test_sharded_extraction_equals_one_process_and_is_one_standard_cache(tmp_path: Path) -> None:
     run_ranks(_extract, tmp_path)
-    single = FeatureCache.extract(backbone(), images(), KEY, dtype=torch.float32, batch_size=4, progress=False)
+    single = FeatureCache.extract(
+        backbone(), images(), KEY, path=tmp_path / "single", dtype=torch.float32, batch_size=2, shard_size=3
+    )
     stored = FeatureCache.load(tmp_path / "cache", KEY)
     for rank in range(WORLD):  # every rank returns the whole merged cache, the one stored on disk
         result = torch.load(tmp_path / f"extract{rank}.pt")
         assert torch.equal(result["features"], stored.features) and torch.equal(result["labels"], stored.labels)
-    torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
-    assert torch.equal(stored.labels, single.labels)
-    # each rank wrote its own shards (rows 0..5 in shards of 5 for rank 0, 6..12 for rank 1); no rank files remain
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        "manifest.json",
-        "shard-00000.safetensors",
-        "shard-00001.safetensors",
-        "shard-00002.safetensors",
-        "shard-00003.safetensors",
-    ]
-    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 5), (5, 6), (6, 11), (11, 13)]
+    assert torch.equal(stored.features, single.features) and torch.equal(stored.labels, single.labels)
+    # the shards one process writes (rows 0-2, 3-5, ..., 12: rank 0 wrote shards 0, 2, 4, rank 1 shards 1, 3),
+    # byte for byte; no entry files remain
+    assert shard_list(tmp_path / "cache") == shard_list(tmp_path / "single")
+    assert [(s["start"], s["stop"]) for s in shard_list(tmp_path / "cache")] == [
+        (0, 3), (3, 6), (6, 9), (9, 12), (12, 13)
+    ]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")) == [".writer.lock"]
     again = extract_sharded(backbone(), images(), KEY, path=tmp_path / "cache", dtype=torch.float32, progress=False)
     assert again.batches_run == 0 and torch.equal(again.features, stored.features)
 
@@ -191,25 +195,120 @@ def test_sharded_extraction_equals_one_process_and_is_one_standard_cache(tmp_pat
 def test_a_rank_writes_its_shards_itself_and_a_crashed_extraction_resumes(tmp_path: Path) -> None:
     with pytest.raises(mp.ProcessRaisedException):  # rank 1's crash, or rank 0's barrier failing after it
         run_ranks(_extract_rank1_crashes, tmp_path)
-    assert (tmp_path / "crashed").read_text() == "simulated crash at example 12"
+    assert (tmp_path / "crashed").read_text() == "simulated crash at example 10"
     cache = tmp_path / "cache"
-    # rank 1's first shard (rows 6..10) is on disk under its final name although rank 1 never reached a barrier:
-    # no rank but rank 1 ever held those rows
-    assert sorted(p.name for p in cache.iterdir()) == [
-        ".rank-00000-of-00002.json",
-        ".rank-00001-of-00002.json",
+    # rank 1's shard 1 (rows 3-5) is on disk under its final name with its entry although rank 1 never reached a
+    # barrier (no rank but rank 1 held those rows); shard 3 (rows 9-11, where it died) is not; no manifest
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [
+        ".shard-00000.json",
+        ".shard-00001.json",
+        ".shard-00002.json",
+        ".shard-00004.json",
         "shard-00000.safetensors",
         "shard-00001.safetensors",
         "shard-00002.safetensors",
+        "shard-00004.safetensors",
     ]
-    single = FeatureCache.extract(backbone(), images(), KEY, dtype=torch.float32, batch_size=4, progress=False)
-    kept = (cache / "shard-00002.safetensors").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        FeatureCache.load(cache, KEY)  # never a cache that looks complete
+    shard2 = cache / "shard-00002.safetensors"
+    shard2.write_bytes(shard2.read_bytes()[:-8])  # damaged since: its sha256 no longer matches, so it is redone
+    FeatureCache.extract(
+        backbone(), images(), KEY, path=tmp_path / "single", dtype=torch.float32, batch_size=2, shard_size=3
+    )
+    kept = (cache / "shard-00001.safetensors").stat().st_mtime_ns
     (tmp_path / "again").mkdir()  # a fresh rendezvous file: the killed group left its own behind
     run_ranks(_extract_again, tmp_path / "again")
-    stored = FeatureCache.load(cache, KEY)
-    torch.testing.assert_close(stored.features, single.features, rtol=1e-6, atol=1e-6)
-    assert (cache / "shard-00002.safetensors").stat().st_mtime_ns == kept  # resumed after it, not redone
-    assert not list(cache.glob(".rank-*"))
+    assert shard_list(cache) == shard_list(tmp_path / "single")
+    assert (cache / "shard-00001.safetensors").stat().st_mtime_ns == kept  # verified and kept, not redone
+    assert not list(cache.glob(".shard-*"))
+
+
+FEATURES, CLASSES = 6, 3
+
+
+def features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, FEATURES, generator=g), torch.arange(n) % CLASSES
+
+
+def head() -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(FEATURES, 8), nn.ReLU(), nn.Linear(8, CLASSES))
+
+
+def _fit(model: nn.Module, ddp: bool, mix: bool, **options: Any) -> FitResult:
+    """45 training rows in global batches of 8 (the last one 5 rows: split 2 + 3 under DDP), 2 epochs."""
+    config = FitConfig(epochs=2, batch_size=8, lr=0.05, mix=mix, mixing=MixSettings(alpha=0.4))
+    return fit(
+        model,
+        "input",
+        *features(45, 0),
+        *features(9, 1),
+        config,
+        num_classes=CLASSES,
+        ddp=ddp,
+        progress=False,
+        **options,
+    )
+
+
+def _ddp_fit(rank: int, tmp: str, mix: bool = False, checkpoint: bool = False) -> None:
+    model = head()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    raw: list[torch.Tensor] = []
+    recording = lambda: model.training and torch.is_grad_enabled()  # noqa: E731 - training steps only
+    model.register_forward_pre_hook(lambda m, a: raw.append(a[0].detach().clone()) if recording() else None)
+    model[0].register_forward_pre_hook(
+        lambda m, a: seen.append((raw[-1], a[0].detach().clone())) if recording() else None
+    )  # registered before fit's mixer: the first hook sees the rows, the second the mixed rows
+    result = _fit(model, True, mix, checkpoint_dir=f"{tmp}/run" if checkpoint else None)
+    torch.save(
+        {"params": [p.detach() for p in model.parameters()], "seen": seen, "history": result.history},
+        f"{tmp}/fit{rank}.pt",
+    )
+
+
+def _ddp_fit_mixed(rank: int, tmp: str) -> None:
+    _ddp_fit(rank, tmp, mix=True, checkpoint=True)
+
+
+def test_ddp_fit_without_mixing_equals_one_process_of_the_global_batch(tmp_path: Path) -> None:
+    run_ranks(_ddp_fit, tmp_path)
+    reference = head()
+    expected = _fit(reference, False, False)
+    ranks = [torch.load(tmp_path / f"fit{rank}.pt") for rank in range(WORLD)]
+    for rank in ranks:  # both ranks hold the head of one process trained on batches of 8 (max diff seen: 3e-8)
+        for got, want in zip(rank["params"], reference.parameters()):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+        assert [r["epoch"] for r in rank["history"]] == [1, 2]  # rank 0's validation, sent to rank 1
+        for got, want in zip(rank["history"], expected.history):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # each rank trained on 4 rows of the full batches and 2 / 3 of the last one: 6 steps per epoch
+    assert [len(x) for x, _ in ranks[0]["seen"][:6]] == [4, 4, 4, 4, 4, 2]
+    assert [len(x) for x, _ in ranks[1]["seen"][:6]] == [4, 4, 4, 4, 4, 3]
+
+
+def test_each_ddp_rank_mixes_the_plans_of_its_rank_seed(tmp_path: Path) -> None:
+    run_ranks(_ddp_fit_mixed, tmp_path)
+    for rank in range(WORLD):
+        # the plans of a HookMixer seeded seed + rank, drawn for this rank's batches ...
+        reference = head()
+        mixer = HookMixer(
+            reference, "input", settings=MixSettings(alpha=0.4), num_classes=CLASSES, seed=rank_seed(0, rank=rank)
+        )
+        seen = torch.load(tmp_path / f"fit{rank}.pt")["seen"]
+        assert len(seen) == 12
+        for x, mixed in seen:
+            plan = mixer.plan(torch.zeros(len(x), dtype=torch.int64))
+            reference(x)  # a forward uses the plan up
+            lam, partner, residual = recover_mix(x, mixed)  # ... recovered from the rows the head saw
+            assert residual.max() < 1e-4
+            torch.testing.assert_close(lam.float(), plan.lam, rtol=1e-4, atol=1e-5)
+            assert torch.equal(partner, plan.perm)
+    state = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert state["world"] == WORLD and state["epoch"] == 2
 
 
 def test_save_writes_a_loadable_cache_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -14,7 +14,13 @@ Bugs these tests catch, and where:
   ``test_a_missing_truncated_or_changed_object_is_refused_in_one_line_naming_it``;
 * a storage-library exception (botocore, aiohttp) escaping as a traceback, or a failed write that publishes ->
   ``test_refused_credentials_are_one_line_naming_the_object_and_publish_nothing``,
-  ``test_the_server_going_away_mid_epoch_ends_in_one_line_naming_the_shard``.
+  ``test_the_server_going_away_mid_epoch_ends_in_one_line_naming_the_shard``;
+* a pass of several targets (``extract_many``, what a sweep runs) taking a URL for a ``Path`` (``s3:/bucket`` on the
+  local disk), or comparing the targets' locations as given, so that two spellings of one prefix (``.../x`` and
+  ``.../x/``) write into it together ->
+  ``test_one_pass_fills_a_cache_in_s3_and_one_on_disk_and_two_targets_may_not_share_a_prefix``;
+* a sharded extraction over ranks folding a URL into a local directory (it writes through ``Path`` and renames) ->
+  ``test_a_sharded_extraction_over_ranks_refuses_a_url_and_writes_nothing``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hookmix.core.errors import UsageError
+from hookmix.headonly import distributed
 from hookmix.headonly.cache import CacheKey, FeatureCache
 from hookmix.headonly.store import RemoteStore, StoreError, open_store
 from hookmix.headonly.streaming import ShardedFeatures
@@ -224,3 +231,46 @@ def test_the_server_going_away_mid_epoch_ends_in_one_line_naming_the_shard(priva
     shards = {f"{url}/shard-{i:05d}.safetensors" for block in order.blocks[1:] for i in block}
     assert message.startswith("reading ") and message.split()[1] in shards, message
     assert "check that the store answers" in message and first.shape == (SHARD, 6)
+
+
+class Doubled(nn.Module):
+    """Two outputs of one pass: the rows as they are (``"same"``) and doubled (``"doubled"``, exact in float16)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"same": x, "doubled": 2 * x}
+
+
+def test_one_pass_fills_a_cache_in_s3_and_one_on_disk_and_two_targets_may_not_share_a_prefix(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url, doubled_key = f"s3://{s3_bucket}/caches/many", CacheKey("test:doubled", "input", (6,), "none", "rows:40")
+    targets = {"same": (KEY, f"{url}/same"), "doubled": (doubled_key, tmp_path / "doubled")}
+    options = dict(batch_size=4, shard_size=SHARD, progress=False)
+    caches = FeatureCache.extract_many(lambda names: Doubled(), Rows(), targets, **options)
+    reference = extract(Rows(), tmp_path / "reference")
+    assert caches["same"].path == f"{url}/same" and caches["same"].batches_run == ROWS // 4
+    assert torch.equal(caches["same"].features, reference.features)
+    assert torch.equal(caches["doubled"].features, 2 * reference.features)
+    shards = {name: data for name, data in objects(f"{url}/same").items() if name.startswith("shard")}
+    assert shards == {p.name: p.read_bytes() for p in (tmp_path / "reference").glob("shard-*")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doubled", "reference"]  # no folder named after the URL
+
+    def no_backbone(names: tuple[str, ...]) -> nn.Module:
+        raise AssertionError(f"both caches are stored, yet the backbone was asked for {names}")
+
+    again = FeatureCache.extract_many(no_backbone, Rows(), targets, **options)
+    assert all(cache.reused and cache.batches_run == 0 for cache in again.values())
+    with pytest.raises(UsageError, match="two targets share a cache directory"):
+        shared = {"same": (KEY, f"{url}/x"), "doubled": (KEY, f"{url}/x/")}
+        FeatureCache.extract_many(lambda names: Doubled(), Rows(), shared, **options)
+
+
+def test_a_sharded_extraction_over_ranks_refuses_a_url_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))  # rank 0 of 2, as under torchrun
+    with pytest.raises(UsageError, match="path='s3://bucket/rows': a sharded extraction over 2 ranks needs a dir"):
+        distributed.extract_sharded(nn.Identity(), Rows(), KEY, path="s3://bucket/rows", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -21,7 +21,17 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   ``test_the_default_memory_budget_is_half_of_the_available_memory``;
 * a row read from another view (``- view * n`` for ``+``: equal with two views, where negative indices
   wrap), a half-precision cache returned as float32, or a batch wider than two blocks stalling the reader:
-  ``test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows``.
+  ``test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows``;
+* gathering on a device (the CPU stands in for a GPU): a shard's offset in its block's tensor counted in rows
+  instead of rows x views, a block's span taken from the wrong end (the first block's start read as the last
+  block's end), a batch that spans blocks gathered from one:
+  ``test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows[device-gather]``;
+* a shard staged in chunks that land at the wrong rows of its block, or the last, shorter chunk dropped:
+  ``test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows[device-gather]``;
+* a shard's mapping kept after it was copied into its block (host memory held twice):
+  ``test_a_device_gather_unmaps_each_shard_once_its_block_is_copied``;
+* the readers' results not awaited before a block is used (a bad checksum never raised, rows read from a
+  tensor not yet filled): ``test_a_device_gather_refuses_a_corrupted_shard_before_its_rows_are_used``.
 """
 
 from __future__ import annotations
@@ -226,19 +236,70 @@ class NoisyRows(TensorDataset):
         return x + torch.rand(x.shape, generator=self.gen), torch.tensor(index % 3)
 
 
-def test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows(tmp_path: Path) -> None:
-    """Each row from its own view, in float16, including batches that span more than two blocks."""
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["host-gather", "device-gather"])
+def test_batches_of_a_three_view_float16_cache_equal_the_in_memory_rows(
+    tmp_path: Path, device: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row from its own view, in float16, including batches that span more than two blocks; gathered on
+    the host from the mapped shards, or on a device (the CPU here) from whole blocks copied there through staging
+    buffers of 2 rows (a shard's 15 rows, 3 views x 5, in 8 copies)."""
+    monkeypatch.setattr(streaming, "STAGING_BYTES", 2 * 4 * 2 + 3)
     options = dict(path=tmp_path, dtype=torch.float16, batch_size=8, shard_size=SHARD, views=3, progress=False)
     FeatureCache.extract(nn.Flatten(), NoisyRows(), KEY, **options)
     memory = FeatureCache.load(tmp_path, KEY).features
     features = FeatureCache.load(tmp_path, KEY, mmap=True).features
     assert memory.shape == (3, N, 4) and not torch.equal(memory[1], memory[2])
-    view = torch.randint(3, (N,), generator=torch.Generator().manual_seed(1))
-    for per_block, batch_size in [(2, 6), (1, 16)]:  # 16 rows: up to four blocks of one shard
-        plan = features.layout(per_block).order(torch.Generator().manual_seed(per_block))
-        got = torch.cat(list(features.batches(plan, view, batch_size)))
+    random_views = torch.randint(3, (N,), generator=torch.Generator().manual_seed(1))
+    last_view = torch.full((N,), 2)  # every shard's last stored rows, staged last
+    for per_block, batch_size, view in [
+        (2, 6, random_views),
+        (1, 16, random_views),
+        (3, 7, last_view),
+        (8, 38, last_view),
+    ]:
+        plan = features.layout(per_block).order(torch.Generator().manual_seed(per_block))  # 16: up to 4 blocks
+        batches = list(features.batches(plan, view, batch_size, device))
+        assert [len(b) for b in batches] == [min(batch_size, N - i) for i in range(0, N, batch_size)]
+        got = torch.cat(batches)
         assert got.dtype == torch.float16
         assert torch.equal(got, memory[view[plan.order], plan.order])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the mappings from /proc/self/maps")
+def test_a_device_gather_unmaps_each_shard_once_its_block_is_copied(cache_dir: Path) -> None:
+    """Gathering on a device, a shard's file is mapped only while it is checksummed and copied into its block:
+    between batches (once the reader threads are done) and after the epoch, nothing is mapped."""
+    features = streamed(cache_dir).features
+    plan = features.layout(2).order(torch.Generator().manual_seed(0))
+    got = []
+    for batch in features.batches(plan, torch.zeros(N, dtype=torch.long), 4, "cpu"):
+        assert settled(cache_dir, set()) == set()
+        got.append(batch[:, 0])
+    assert torch.equal(torch.cat(got), plan.order.float()) and mapped_shards(cache_dir) == set()
+    with pytest.raises(ValueError, match="device='meta': rows are gathered on the host"):
+        next(features.batches(plan, torch.zeros(N, dtype=torch.long), 4, "meta"))
+
+
+def test_a_device_gather_refuses_a_corrupted_shard_before_its_rows_are_used(cache_dir: Path, tmp_path: Path) -> None:
+    """The checksum is verified as the shard is copied to the device, and the error raised when its block is
+    needed: every batch before it was whole and right, none holds a row of the damaged shard."""
+    for path in cache_dir.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    features = streamed(tmp_path).features
+    plan = features.layout(1).order(torch.Generator().manual_seed(2))
+    damaged = plan.blocks[4][0]  # the fifth block to be read
+    path = tmp_path / f"shard-{damaged:05d}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last feature byte: same size, valid header, another checksum
+    path.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(ValueError, match=f"shard-{damaged:05d}.safetensors fails its checksum"):
+        for batch in features.batches(plan, torch.zeros(N, dtype=torch.long), 2, "cpu"):
+            got.append(batch[:, 0])
+    used = torch.cat(got).long()
+    before = sum(min(SHARD, N - s * SHARD) for block in plan.blocks[:4] for s in block)  # rows of the first 4 blocks
+    assert torch.equal(used, plan.order[: len(used)]) and len(used) == before - before % 2
+    assert not (used // SHARD == damaged).any()
 
 
 @pytest.mark.parametrize(

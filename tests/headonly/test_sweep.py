@@ -10,12 +10,20 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - a head that is not one ``Linear`` taken for one (its logits mixed instead of its input), or the linear
   path's per-seed GEMM giving a head another seed's batch or another head's weights:
   ``test_stacked_cells_equal_fit_alone`` (``mlp-vmap`` and ``linear-logit-mixing``);
-- a head with BatchNorm / dropout stacked anyway (its running statistics and dropout masks shared or lost):
+- an MLP head (BatchNorm, dropout) stacked with every cell drawing one seed's dropout masks, its running
+  statistics not written back, CutMix cells interpolated instead of pasting their boxes (or the targets not
+  following the box's area), multi-hot targets left unmixed: ``test_stacked_mlp_heads_equal_fit_alone``;
+- a head whose dropout cannot be drawn as fit draws it stacked anyway:
   ``test_heads_that_do_not_stack_are_trained_by_fit``;
 - α = 0 left out, or the baseline mixing: ``test_the_grid_always_has_the_baseline_first``;
 - the paired difference taken unpaired (another seed's baseline), the CI's t quantile wrong, a verdict
   calling a higher NLL "better", or the warning signs not raised:
   ``test_paired_differences_verdicts_and_warnings``;
+- a CutMix cell compared with a baseline of its own cutmix α instead of no mixing, records without the cutmix α
+  or the multi-label metrics, a CutMix sweep caching pooled features, the grid's CutMix cells drifting from
+  ``finetune --cutmix-alpha``: ``test_a_multilabel_cutmix_sweep_of_mlp_heads_equals_finetune``;
+- ``hookmix.sweep`` mixing up layers (another layer's features or heads), a summary of other records, ``best``
+  not the lowest NLL, unequal layer sets accepted: ``test_the_python_api_sweeps_layers_and_each_cell_is_fit``;
 - ``hookmix sweep`` cells drifting from ``finetune`` (another cache, head init, split or config), the best
   cell not written as a run: ``test_the_sweep_cli_cells_equal_finetune_runs``.
 """
@@ -28,10 +36,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hookmix.app.cli import main
-from hookmix.headonly.sweep import fit_grid, grid_configs, paired_differences, stackable, verdicts, warnings_of
+from hookmix.headonly.heads import build_head
+from hookmix.headonly.sweep import (
+    fit_grid,
+    grid_configs,
+    paired_differences,
+    stackable,
+    summary,
+    verdicts,
+    warnings_of,
+)
 from hookmix.headonly.training import FitConfig, fit
 from hookmix.mixing.settings import MixSettings
 
@@ -94,25 +112,85 @@ def test_stacked_cells_equal_fit_alone(lam_mode: str, make_head: type) -> None:
     assert len(finals) == len(configs)
 
 
+class _ScaledDropout(nn.Module):
+    """A head whose dropout sits inside a module of its own: its masks cannot be drawn as fit draws them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.fc = nn.Dropout(0.5), nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
 def test_heads_that_do_not_stack_are_trained_by_fit() -> None:
     x, y, vx, vy = _data(views=1)
     configs = grid_configs(FitConfig(epochs=2, batch_size=16, lr=1e-2), [0.4], [1e-2], [0, 1])
 
-    def mlp(seed: int) -> nn.Module:
+    def head(seed: int) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return nn.Sequential(nn.BatchNorm1d(24), nn.Dropout(0.5), nn.Linear(24, 5))
+            return _ScaledDropout()
 
-    heads = [mlp(c.seed) for c in configs]
-    assert "buffers" in stackable(heads[0], configs[0], x, y)
+    heads = [head(c.seed) for c in configs]
+    assert "dropout" in stackable(heads[0], configs[0], x, y)
     results = fit_grid(heads, configs, x[0], y, vx, vy, num_classes=5, progress=False)
     fitted = []
     for config in configs:
-        alone = mlp(config.seed)
+        alone = head(config.seed)
         fitted.append((alone, fit(alone, "input", x[0], y, vx, vy, config, num_classes=5, progress=False)))
     assert _largest_difference(list(zip(heads, results)), fitted) == 0.0
-    for head, (alone, _) in zip(heads, fitted):
-        assert torch.equal(head[0].running_mean, alone[0].running_mean)
+
+
+def _maps(multilabel: bool) -> tuple[torch.Tensor, ...]:
+    """Conv maps (V=2, 203, 8, 4, 4) of 5 classes; multi-label: one-hot rows with label 0 added to every third."""
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 8, 4, 4, generator=generator)
+    y, vy = torch.randint(0, 5, (203,), generator=generator), torch.randint(0, 5, (90,), generator=generator)
+    x = centers[y] + torch.randn(2, 203, 8, 4, 4, generator=generator)
+    vx = centers[vy] + torch.randn(90, 8, 4, 4, generator=generator)
+    if multilabel:
+        y, vy = F.one_hot(y, 5).float(), F.one_hot(vy, 5).float()
+        y[::3, 0], vy[::3, 0] = 1.0, 1.0
+    return x, y, vx, vy
+
+
+def _mlp_difference(heads: list, results: list, configs: list, data: tuple, shape: tuple) -> tuple[float, float]:
+    """The largest difference of a cell against fit alone: of the history (losses, metrics) and the λ drawn, and
+    of the trained state (weights, BatchNorm running statistics) relative to 1 + |fit's|."""
+    worst = state = 0.0
+    for head, result, config in zip(heads, results, configs):
+        alone = build_head("mlp", feature_shape=shape, num_classes=5, seed=config.seed)
+        expected = fit(alone, "input", *data, config, num_classes=5, progress=False)
+        for ours, theirs in zip(result.history, expected.history, strict=True):
+            worst = max(worst, *(abs(ours[k] - theirs[k]) for k in theirs))
+        worst = max([worst, *(abs(a - b) for a, b in zip(result.lams, expected.lams, strict=True))])
+        for (name, ours), theirs in zip(head.state_dict().items(), alone.state_dict().values()):
+            state = max(state, ((ours - theirs).abs() / (1 + theirs.abs())).max().item())
+    return worst, state
+
+
+@pytest.mark.parametrize(
+    "shape, mixing, multilabel",
+    [
+        ((24,), MixSettings(), False),
+        ((8, 4, 4), MixSettings(alpha=0.4, cutmix_alpha=1.0), False),
+        ((8, 4, 4), MixSettings(lam_mode="sample"), True),
+    ],
+    ids=["pooled-mixup", "map-cutmix-or-mixup", "map-multilabel-per-row"],
+)
+def test_stacked_mlp_heads_equal_fit_alone(shape: tuple, mixing: MixSettings, multilabel: bool) -> None:
+    """fastai's MLP head (BatchNorm, dropout) stacked: each cell's dropout masks, running statistics, CutMix
+    boxes and mixed multi-hot targets are its fit's (measured: history ≤ 9e-7, state ≤ 1e-4 relative, the
+    Adam steps of near-zero gradients amplifying the vmapped BatchNorm's rounding)."""
+    x, y, vx, vy = _maps(multilabel) if len(shape) == 3 else _data()
+    configs = grid_configs(FitConfig(epochs=3, batch_size=16, mixing=mixing), [0.4, 1.0], [1e-2], [0, 1])
+    heads = [build_head("mlp", feature_shape=shape, num_classes=5, seed=c.seed) for c in configs]
+    assert {stackable(h, c, x, y) for h, c in zip(heads, configs)} == {""}
+    results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
+    worst, state = _mlp_difference(heads, results, configs, (x, y, vx, vy), shape)
+    assert worst <= TOLERANCE and state <= 1e-3
+    assert len({round(r.final["val_nll"], 6) for r in results}) == len(configs)
 
 
 def test_the_grid_always_has_the_baseline_first() -> None:
@@ -206,3 +284,68 @@ def test_one_head_given_for_two_cells_is_refused() -> None:
     head = _linear(0)
     with pytest.raises(ValueError, match="the same module twice"):
         fit_grid([head, head], configs, x[0], y, vx, vy, num_classes=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hookmix.app.mosaics import digits_mosaics, write_mosaics
+
+    root = tmp_path_factory.mktemp("mosaics")
+    write_mosaics(root, digits_mosaics(60, 40, 0))
+    return root
+
+
+def test_a_multilabel_cutmix_sweep_of_mlp_heads_equals_finetune(mosaics: Path, tmp_path: Path, capsys) -> None:
+    """--labels (multi-label) with --cutmix-alpha and --head mlp: the records carry mAP, F1 and the cutmix α, the
+    verdicts compare mAP against no mixing, and a CutMix cell is the finetune run of its flags."""
+    image = ["--data", str(mosaics), "--model", "digits-cnn", "--input-size", "1", "16", "16", "--quiet"]
+    common = [*image, "--labels", str(mosaics / "train.csv"), "--val-labels", str(mosaics / "val.csv")]
+    common += ["--epochs", "2", "--head", "mlp", "--cache", str(tmp_path / "cache")]
+    grid = ["--layers", "stage2", "--alpha", "0.4", "--cutmix-alpha", "1", "--seeds", "2"]
+    assert main(["sweep", *common, *grid, "--out", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "stage2: training 8 mlp heads together" in printed
+    assert "cutmix α=1 at stage2 (mlp, lr 0.003): mAP" in printed
+    payload = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    cells = {(r["alpha"], r["cutmix_alpha"], r["seed"]): r for r in payload["records"]}
+    assert sorted(cells) == [(a, c, s) for a in (0.0, 0.4) for c in (0.0, 1.0) for s in (0, 1)]
+    assert payload["task"] == "multilabel" and {"val_map", "val_f1"} <= set(cells[0.0, 0.0, 0])
+    worst = 0.0
+    for alpha, cutmix, seed in ((0.0, 1.0, 1), (0.4, 1.0, 0)):
+        out = tmp_path / f"f{alpha}-{cutmix}-{seed}"
+        flags = ["--alpha", str(alpha), "--cutmix-alpha", str(cutmix), "--seed", str(seed), "--data-seed", "0"]
+        assert main(["finetune", *common, "--layer", "stage2", *flags, "--out", str(out)]) == 0
+        final = json.loads((out / "metrics.json").read_text())["final"]
+        worst = max(
+            worst, *(abs(cells[alpha, cutmix, seed][k] - final[k]) for k in ("val_map", "val_nll", "train_loss"))
+        )
+    print(f"largest difference against finetune: {worst:.2e}")
+    assert worst <= TOLERANCE
+
+
+def test_the_python_api_sweeps_layers_and_each_cell_is_fit(capsys) -> None:
+    """``hookmix.sweep`` on in-memory features of two layers with the MLP head: one record per cell and layer,
+    the summary of those records, the best cell on NLL; a cell equals ``fit`` of ``build_head`` alone."""
+    import hookmix
+
+    x, y, vx, vy = _data(views=1)
+    maps, _, vmaps, _ = _maps(False)
+    train, val = {"vec": x[0], "map": maps[0]}, {"vec": vx, "map": vmaps}
+    base = FitConfig(epochs=2, batch_size=16)
+    found = hookmix.sweep(
+        train, y, val, vy, num_classes=5, head="mlp", alphas=[0.4], lrs=[1e-2], seeds=2, base=base, say=print
+    )
+    assert "vec: training 4 mlp heads together" in capsys.readouterr().out
+    assert [(r["layer"], r["alpha"], r["seed"]) for r in found.records] == [
+        (layer, a, s) for layer in ("vec", "map") for a in (0.0, 0.4) for s in (0, 1)
+    ]
+    assert found.summary == summary(found.records) and len(found.summary["verdicts"]) == 2 * 3
+    layer, config, head, result = found.best()
+    assert result.final["val_nll"] == min(r["val_nll"] for r in found.records)
+    alone = build_head("mlp", feature_shape=val["map"].shape[1:], num_classes=5, seed=1)
+    cell = next(r for c, _, r in found.cells["map"] if c.seed == 1 and c.mix)
+    config = next(c for c, _, _ in found.cells["map"] if c.seed == 1 and c.mix)
+    expected = fit(alone, "input", maps[0], y, vmaps, vy, config, num_classes=5, progress=False)
+    assert abs(cell.final["val_nll"] - expected.final["val_nll"]) <= TOLERANCE
+    with pytest.raises(ValueError, match="give the same layers"):
+        hookmix.sweep(train, y, {"vec": vx}, vy, num_classes=5)
