@@ -20,7 +20,9 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
   ``permute-batch``, ``rows-reordered``;
 - the index rule reading the wrong element or accepting any slice (``g[1:]`` drops a row):
   ``channels-selected``, ``whole-slice``, ``test_a_slice_that_drops_rows_ends_the_chain``; the batch size read
-  as ``shape[0]`` missed: ``reshape-by-shape0``; a divisor's parameter not looked up: ``x-over-one-element-parameter``;
+  as ``shape[0]`` missed: ``reshape-by-shape0``; any other first size taken for the batch size:
+  ``reshape-by-a-buffer-count``; ``c * x`` read from the wrong side: ``parameter-times-x``;
+  a divisor's parameter not looked up: ``x-over-one-element-parameter``;
 - ``transpose`` / ``squeeze`` / ``unsqueeze`` / ``F.linear`` rules never exercised (mutmut found no test reaching
   them): ``transpose-*``, ``unsqueeze-*``, ``functional-linear*`` (a (B, 5) bias shifts each row its own way);
 - train and eval graphs matched by op type only, so features cached in eval mode are another branch's:
@@ -345,6 +347,20 @@ _RULE_CASES = {
     "reshape-by-shape0": (
         lambda: _Net(lambda m, f: m.fc(F.adaptive_avg_pool2d(f, 1).reshape(f.shape[0], -1))),
         "fc input",
+        True,
+    ),
+    "reshape-by-a-buffer-count": (
+        lambda: _Net(
+            lambda m, f: m.fc(_pooled(f).reshape(m.pairs.numel(), 8)).reshape(f.size(0), -1),
+            fc=(8, 10),
+            pairs=torch.zeros(B // 2),
+        ),
+        "output",
+        False,
+    ),
+    "parameter-times-x": (
+        lambda: _Net(lambda m, f: m.fc(torch.mul(m.s, _pooled(f))), s=nn.Parameter(torch.tensor([0.5]))),
+        "output",
         True,
     ),
     "x-over-one-element-parameter": (
