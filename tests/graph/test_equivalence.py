@@ -21,7 +21,10 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
 - the index rule reading the wrong element or accepting any slice (``g[1:]`` drops a row):
   ``channels-selected``, ``whole-slice``, ``test_a_slice_that_drops_rows_ends_the_chain``; the batch size read
   as ``shape[0]`` missed: ``reshape-by-shape0``; any other first size taken for the batch size:
-  ``reshape-by-a-buffer-count``; ``c * x`` read from the wrong side: ``parameter-times-x``;
+  ``reshape-by-a-buffer-count``; a factor made in forward (no attribute) read as one:
+  ``per-row-factor-made-in-forward``; a reduction over axis 0 accepted:
+  ``test_a_sum_over_the_batch_axis_ends_the_chain``; ``nn.Flatten``: ``flatten-module``; ``c * x`` read from
+  the wrong side: ``parameter-times-x``;
   a divisor's parameter not looked up: ``x-over-one-element-parameter``;
 - ``transpose`` / ``squeeze`` / ``unsqueeze`` / ``F.linear`` rules never exercised (mutmut found no test reaching
   them): ``transpose-*``, ``unsqueeze-*``, ``functional-linear*`` (a (B, 5) bias shifts each row its own way);
@@ -358,6 +361,16 @@ _RULE_CASES = {
         "output",
         False,
     ),
+    "per-row-factor-made-in-forward": (
+        lambda: _Net(lambda m, f: m.fc(_pooled(f) * torch.linspace(0.5, 1.5, B)[:, None])),
+        "output",
+        False,
+    ),
+    "flatten-module": (
+        lambda: _Net(lambda m, f: m.fc(m.flat(F.adaptive_avg_pool2d(f, 1))), flat=nn.Flatten()),
+        "output",
+        True,
+    ),
     "parameter-times-x": (
         lambda: _Net(lambda m, f: m.fc(torch.mul(m.s, _pooled(f))), s=nn.Parameter(torch.tensor([0.5]))),
         "output",
@@ -408,6 +421,12 @@ def test_each_rule_of_the_analysis_holds_in_gradients(case: str) -> None:
         assert error < 1e-5, error
     else:
         assert error > 1e-3, error  # the claim would have been false
+
+
+def test_a_sum_over_the_batch_axis_ends_the_chain() -> None:
+    """``g.sum(0)`` adds the rows together: not a fixed op (it would be cached past by ``split``)."""
+    found = mix_equivalence(_seeded(_Net, lambda m, f: m.fc(_pooled(f).sum(0, keepdim=True).expand(B, -1))), "body")
+    assert (found.fixed_ops, found.stop) == (("mean",), "sum in forward")
 
 
 def test_a_slice_that_drops_rows_ends_the_chain() -> None:
