@@ -6,8 +6,8 @@ Mixup mostly changes *calibration*, not only accuracy, so every run reports the 
 
 Multi-label heads (one sigmoid per label, ``BCEWithLogitsLoss``) are evaluated by
 :func:`evaluate_multilabel` (macro mAP, macro-F1 at per-label thresholds from :func:`tune_thresholds`,
-BCE, per-label ECE) on logits ``(N, L)`` and multi-hot targets ``(N, L)``, with torchmetrics doing the
-counting; :func:`reliability_multilabel` bins the same probabilities for a reliability diagram.
+BCE, per-label ECE) on logits ``(N, L)`` and multi-hot targets ``(N, L)``: AP and ECE by torchmetrics, F1
+from exact counts; :func:`reliability_multilabel` bins the same probabilities for a reliability diagram.
 """
 
 from __future__ import annotations
@@ -309,6 +309,13 @@ def apply_thresholds(logits: torch.Tensor, thresholds: torch.Tensor | Sequence[f
     return logits.detach().double().sigmoid() >= limits
 
 
+def _f1(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """F1 of bool predictions ``(N,)`` against bool truth ``(N,)`` with at least one positive: ``2·TP /
+    (predicted + positives)`` from integer counts, one division of Python ints (correctly rounded to float64,
+    so equal fractions are equal floats; float32 counts would round past 2**24 and the ratio to 7 digits)."""
+    return 2 * int((predicted & truth).sum()) / (int(predicted.sum()) + int(truth.sum()))
+
+
 def evaluate_multilabel(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -317,15 +324,16 @@ def evaluate_multilabel(
 ) -> dict[str, Any]:
     """Multi-label validation metrics of ``logits`` ``(N, L)`` against multi-hot ``targets`` ``(N, L)``.
 
-    Every label is an independent binary prediction with probability ``sigmoid(logit)``. The numbers
-    come from torchmetrics (``torchmetrics.functional.classification``), fed probabilities in float64:
+    Every label is an independent binary prediction with probability ``sigmoid(logit)``. AP and ECE come
+    from torchmetrics (``torchmetrics.functional.classification``), fed probabilities in float64:
 
     * ``map``: macro average precision, the mean of each label's ``binary_average_precision`` over the
       labels with at least one positive example (equal to ``multilabel_average_precision(average="macro")``
       when every label has positives);
-    * ``f1``: macro F1 at the per-label ``thresholds`` (0.5 each when ``None``): torchmetrics' multi-label
-      F1 takes one threshold for all labels, so each label is binarised with its own, ``p >= thresholds[j]``,
-      and ``binary_f1_score`` scores the 0/1 predictions; averaged over the same labels as ``map``;
+    * ``f1``: macro F1 at the per-label ``thresholds`` (0.5 each when ``None``): each label is binarised
+      with its own, ``p >= thresholds[j]``, and its F1 is ``2·TP / (predicted + positives)`` from exact
+      integer counts, divided once in float64 (torchmetrics' ``binary_f1_score`` divides in float32);
+      averaged over the same labels as ``map``;
     * ``nll``: the mean binary cross-entropy over all ``N * L`` entries (``BCEWithLogitsLoss``), in nats;
     * ``ece``: the mean over all labels of each label's expected calibration error
       (``binary_calibration_error``, L1, ``n_bins`` equal-width bins: predicted probability against the
@@ -348,7 +356,7 @@ def evaluate_multilabel(
     for p, t, limit in zip(probs.T.contiguous(), hits.T.contiguous(), limits):
         present = bool(t.any())
         ap.append(tm.binary_average_precision(p, t).item() if present else math.nan)
-        f1.append(tm.binary_f1_score((p >= limit).long(), t).item() if present else math.nan)
+        f1.append(_f1(p >= limit, t == 1) if present else math.nan)
         per_label_ece.append(tm.binary_calibration_error(p, t, n_bins=n_bins, norm="l1").item())
     averaged = [(a, f) for a, f in zip(ap, f1) if not math.isnan(a)]
     bce = F.binary_cross_entropy_with_logits(logits.detach().double(), hits.double())

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
+import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +39,11 @@ __all__ = [
     "cut_points",
     "stage_names",
 ]
+
+# torch.utils.checkpoint's reentrant mode warns when none of its inputs is a tensor that requires grad. During
+# the trace its inputs are fx Proxies, not tensors, so it warns at every checkpointed call: a warning about
+# the trace, not about the user's model (under `python -W error` it would make every such model untraceable).
+_TRACE_CHECKPOINT_WARNING = "None of the inputs have requires_grad=True"
 
 _TORCHVISION_OPS = tuple(
     obj for obj in vars(torchvision.ops).values() if isinstance(obj, type) and issubclass(obj, nn.Module)
@@ -98,7 +105,10 @@ def _call_result(out: Any) -> fx.Node | str:
 def _trace(model: nn.Module, training: bool) -> tuple[fx.Graph, dict[str, list[fx.Node | str]]]:
     """The graph of ``model`` in the given mode, and what each call of each module returned."""
     tracer = _CutTracer()
-    with modes_restored(model, training):
+    with modes_restored(model, training), warnings.catch_warnings():
+        warnings.filterwarnings(  # this one warning only, while tracing: the user's own warnings still show
+            "ignore", re.escape(_TRACE_CHECKPOINT_WARNING), UserWarning, r"torch\.utils\.checkpoint\Z"
+        )
         try:
             graph = tracer.trace(model, concrete_args=_default_arguments(model))
         except Exception as err:  # the tracer fails with whatever the model's forward raises on a Proxy

@@ -1,6 +1,6 @@
 """G heads of one structure trained together, each exactly as :func:`hookmix.fit` trains it alone.
 
-The heads' parameters and buffers are stacked (``torch.func.stack_module_state``, (G, ...) each) and run in
+The heads' parameters and buffers are stacked (:func:`stack_state`, (G, ...) each) and run in
 ``vmap`` forwards over a batched gather ``(G, B, ...)`` of each head's own batch; one AdamW steps them all —
 AdamW is elementwise, so with one parameter group per (lr, weight decay) it is per-head exact.
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from hookmix.core.checks import modes_restored
@@ -88,6 +88,16 @@ def linear_names(head: nn.Module) -> tuple[str, str | None] | None:
     return (prefix + "weight", None if linear.bias is None else prefix + "bias") if same else None
 
 
+def stack_state(modules: Sequence[nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each parameter and buffer of ``modules`` stacked along a new dim 0, ``(G, ...)``, detached: what
+    ``torch.func.stack_module_state`` gives, for modules of one structure whose classes may differ (every copy
+    of a torch.fx GraphModule — the heads :func:`hookmix.split` cuts — has a class of its own)."""
+    named = [(dict(m.named_parameters()), dict(m.named_buffers())) for m in modules]
+    params = {n: torch.stack([p[n].detach() for p, _ in named]) for n in named[0][0]}
+    buffers = {n: torch.stack([b[n].detach() for _, b in named]) for n in named[0][1]}
+    return params, buffers
+
+
 class StackedGrid:
     """G heads of one structure as stacked parameters, one parameter group per (lr, weight decay), and their
     stacked buffers; rows ordered by group and by seed within a group (:attr:`order`)."""
@@ -102,13 +112,13 @@ class StackedGrid:
         self.segments = dropout_segments(self.base) or [self.base]
         self.trainable = [n for n, p in heads[0].named_parameters() if p.requires_grad]
         ordered = [heads[i] for i in self.order]
-        params, buffers = stack_module_state(ordered)
+        params, buffers = stack_state(ordered)
         self.frozen = {n: p.detach().to(self.device) for n, p in params.items() if n not in self.trainable}
         self.buffers = {n: b.to(self.device) for n, b in buffers.items()}
         self.groups: list[dict[str, torch.Tensor]] = []
         for group in groups:
             members = [h for h, i in zip(ordered, self.order) if keys[i] == group]
-            stacked, _ = stack_module_state(members)
+            stacked, _ = stack_state(members)
             self.groups.append({n: stacked[n].detach().to(self.device).requires_grad_(True) for n in self.trainable})
         self.optimizer = torch.optim.AdamW(
             [{"params": list(g.values()), "lr": lr, "weight_decay": wd} for g, (lr, wd) in zip(self.groups, groups)]

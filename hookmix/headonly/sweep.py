@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from hookmix.core.checks import check_int
@@ -108,10 +108,21 @@ def grid_unstacked(
     heads: Sequence[nn.Module], configs: Sequence[FitConfig], train_inputs: Any, train_labels: torch.Tensor
 ) -> str:
     """Why :func:`fit_grid` trains these cells one by one with ``fit`` (``""``: they are stacked)."""
-    if len({type(h) for h in heads}) > 1:
-        return "the heads are of different types"
+    if len({_structure(h) for h in heads}) > 1:
+        return "the heads are of different structures"
     reasons = sorted({stackable(h, c, train_inputs, train_labels) for h, c in zip(heads, configs)} - {""})
     return "; ".join(reasons)
+
+
+def _structure(head: nn.Module) -> tuple[Any, ...]:
+    """What must agree for heads to run as one stacked module: each submodule's class — for a torch.fx
+    ``GraphModule`` (what :func:`hookmix.split` returns), its generated code, since every copy of one gets a
+    class of its own — and every parameter's and buffer's name and shape."""
+    kinds = tuple(
+        (name, module.code if isinstance(module, fx.GraphModule) else type(module))
+        for name, module in head.named_modules()
+    )
+    return kinds, tuple((name, tuple(value.shape)) for name, value in head.state_dict().items())
 
 
 def _check_grid(heads: Sequence[nn.Module], configs: Sequence[FitConfig]) -> None:

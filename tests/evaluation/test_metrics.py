@@ -14,6 +14,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   ``test_the_best_f1_cut_wins_even_when_precision_plus_recall_is_at_most_one``;
 * the largest of tied thresholds chosen, or equal F1s compared after a float32 rounding that breaks the tie:
   ``test_of_thresholds_with_equal_f1_the_smallest_wins``;
+* the reported F1 divided in float32 (torchmetrics' ``binary_f1_score``) instead of exactly from the counts:
+  ``test_f1_is_the_exact_fraction_of_the_counts``;
 * thresholds rounded through float32, or 0 and 1 refused: ``test_thresholds_are_kept_in_float64_and_may_be_0_or_1``;
 * a label without positives dragging mAP / F1 to 0: ``test_no_positive_at_all_gives_nan_map_and_f1``,
   ``test_tuned_thresholds_reach_the_best_f1_over_every_cut``;
@@ -459,3 +461,21 @@ def test_of_thresholds_with_equal_f1_the_smallest_wins() -> None:
         thresholds = tune_thresholds(torch.logit(p), t)
         assert thresholds.tolist() == pytest.approx(smallest, abs=1e-12)
     assert evaluate_multilabel(torch.logit(probs12[:, None]), truth12, [0.05])["f1"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_f1_is_the_exact_fraction_of_the_counts() -> None:
+    """Per-label F1 is ``2·TP / (predicted + positives)`` counted by hand, divided once in float64: equal to
+    the Python fraction exactly, not to 1e-6 (torchmetrics' float32 F1 gives 2/3 as 0.6666666865). Four
+    labels of 200 random rows at random thresholds, and one label whose F1 is 2/3: TP 2, 3 predicted, 3
+    positives."""
+    gen = torch.Generator().manual_seed(8)
+    targets = torch.rand(200, 4, generator=gen) < 0.3
+    logits = torch.randn(200, 4, generator=gen) + targets
+    thresholds = torch.rand(4, generator=gen, dtype=torch.float64) * 0.6 + 0.2
+    found = evaluate_multilabel(logits, targets, thresholds)
+    predicted = logits.double().sigmoid() >= thresholds
+    by_hand = [_f1_by_hand(predicted[:, j], targets[:, j]) for j in range(4)]
+    assert found["per_label_f1"] == by_hand and found["f1"] == math.fsum(by_hand) / 4
+    assert len({round(v, 3) for v in by_hand}) == 4 and all(0.1 < v < 0.9 for v in by_hand)  # 4 distinct, not 0/1
+    two_thirds = evaluate_multilabel(_logit([[0.9], [0.8], [0.7], [0.2]]), torch.tensor([[1], [1], [0], [1]]))
+    assert two_thirds["per_label_f1"] == [2 / 3] and two_thirds["f1"] == 2 / 3

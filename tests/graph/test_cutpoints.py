@@ -1,4 +1,13 @@
-"""Cut points (output dominators in the fx graph), stage names and the mix-point warnings."""
+"""Cut points (output dominators in the fx graph), stage names and the mix-point warnings.
+
+Bugs a maintainer could plausibly make in the trace's handling of warnings, and the test that catches each:
+
+* letting torch's reentrant-checkpoint warning ("None of the inputs have requires_grad=True", raised because
+  the trace passes fx Proxies) out of the trace, so `python -W error` makes the model untraceable:
+  ``test_a_reentrant_checkpoint_is_traced_under_warnings_as_errors``;
+* silencing every warning during the trace (the model's own too), or installing the filter for good rather
+  than for the trace: ``test_the_trace_hides_only_its_own_checkpoint_warning``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hookmix.app.digits import DigitsCNN
 from hookmix.graph.cutpoints import CutPointWarning, cut_points, stage_names
@@ -349,3 +359,45 @@ def test_a_trace_made_while_a_hook_was_attached_is_not_served_after_it_is_remove
     assert mix_equivalence(model, "layer4").describe() == ""
     handle.remove()
     assert mix_equivalence(model, "layer4").describe() == "≡ fc input, ≡ output"
+
+
+class _ReentrantCheckpointed(nn.Module):
+    """stem -> body (under a reentrant checkpoint) -> out; forward warns ``note`` when one is given (the
+    model's own warning, which the trace must not hide)."""
+
+    def __init__(self, note: str | None = None) -> None:
+        super().__init__()
+        self.note = note
+        self.stem, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.note is not None:
+            warnings.warn(self.note, UserWarning)
+        return self.out(checkpoint(self.body, self.stem(x), use_reentrant=True))
+
+
+def test_a_reentrant_checkpoint_is_traced_under_warnings_as_errors() -> None:
+    """The trace hands the checkpoint fx Proxies, not tensors, so torch warns "None of the inputs have
+    requires_grad=True" inside every trace; under ``python -W error`` that made the model untraceable."""
+    filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        points = cut_points(_ReentrantCheckpointed(), training=True)
+        assert warnings.filters[0][0] == "error" and len(warnings.filters) == len(filters) + 1  # left as it was
+    assert points.names == ("stem", "body.0", "body", "body.1", "out")
+    assert warnings.filters == filters
+
+
+def test_the_trace_hides_only_its_own_checkpoint_warning() -> None:
+    """The model's own warning raised while it is traced still reaches the user, and so does the checkpoint's
+    warning when the user's own code calls it outside the trace."""
+    model = _ReentrantCheckpointed(note="the model's own note")
+    with warnings.catch_warnings(record=True) as during:
+        warnings.simplefilter("always")
+        cut_points(model, training=True)
+    assert [str(w.message) for w in during] == ["the model's own note"]
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        checkpoint(model.body, torch.randn(2, 4), use_reentrant=True)
+    assert [str(w.message) for w in after] == ["None of the inputs have requires_grad=True. Gradients will be None"]

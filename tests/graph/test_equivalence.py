@@ -18,6 +18,16 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
 - reshape / view / permute / indexing that move the batch axis or reorder rows accepted: ``reshape-pairs``,
   ``view-pairs``, ``reshape-by-another-size`` (a batch size read from a tensor off the chain),
   ``permute-batch``, ``rows-reordered``;
+- the index rule reading the wrong element or accepting any slice (``g[1:]`` drops a row):
+  ``channels-selected``, ``whole-slice``, ``test_a_slice_that_drops_rows_ends_the_chain``; the batch size read
+  as ``shape[0]`` missed: ``reshape-by-shape0``; any other first size taken for the batch size:
+  ``reshape-by-a-buffer-count``; a factor made in forward (no attribute) read as one:
+  ``per-row-factor-made-in-forward``; a reduction over axis 0 accepted:
+  ``test_a_sum_over_the_batch_axis_ends_the_chain``; ``nn.Flatten``: ``flatten-module``; ``c * x`` read from
+  the wrong side: ``parameter-times-x``;
+  a divisor's parameter not looked up: ``x-over-one-element-parameter``;
+- ``transpose`` / ``squeeze`` / ``unsqueeze`` / ``F.linear`` rules never exercised (mutmut found no test reaching
+  them): ``transpose-*``, ``unsqueeze-*``, ``functional-linear*`` (a (B, 5) bias shifts each row its own way);
 - train and eval graphs matched by op type only, so features cached in eval mode are another branch's:
   ``test_ops_that_differ_between_train_and_eval_are_not_cached_past``;
 - "≡ M input" naming the module an op runs in when M's input is another tensor:
@@ -79,7 +89,7 @@ def timm_vit() -> nn.Module:
 
 
 def _grads(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])  # unused: no grad
 
 
 def _data(size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +343,65 @@ _RULE_CASES = {
     ),
     "permute-keeps-batch": (lambda: _Net(lambda m, f: m.fc(f.permute(0, 2, 3, 1).mean((1, 2)))), "output", True),
     "rows-reordered": (lambda: _Net(lambda m, f: m.fc(_pooled(f)[[5, 0, 1, 2, 3, 4]])), "output", False),
+    # indexing that keeps every row, with a tuple index or a plain slice
+    "channels-selected": (lambda: _Net(lambda m, f: m.fc(_pooled(f[:, :3])), fc=(3, 5)), "output", True),
+    "whole-slice": (lambda: _Net(lambda m, f: m.fc(_pooled(f)[:])), "output", True),
+    # the batch size read as shape[0] (not size(0)); a division by a one-element parameter is a scaling
+    "reshape-by-shape0": (
+        lambda: _Net(lambda m, f: m.fc(F.adaptive_avg_pool2d(f, 1).reshape(f.shape[0], -1))),
+        "fc input",
+        True,
+    ),
+    "reshape-by-a-buffer-count": (
+        lambda: _Net(
+            lambda m, f: m.fc(_pooled(f).reshape(m.pairs.numel(), 8)).reshape(f.size(0), -1),
+            fc=(8, 10),
+            pairs=torch.zeros(B // 2),
+        ),
+        "output",
+        False,
+    ),
+    "per-row-factor-made-in-forward": (
+        lambda: _Net(lambda m, f: m.fc(_pooled(f) * torch.linspace(0.5, 1.5, B)[:, None])),
+        "output",
+        False,
+    ),
+    "flatten-module": (
+        lambda: _Net(lambda m, f: m.fc(m.flat(F.adaptive_avg_pool2d(f, 1))), flat=nn.Flatten()),
+        "output",
+        True,
+    ),
+    "parameter-times-x": (
+        lambda: _Net(lambda m, f: m.fc(torch.mul(m.s, _pooled(f))), s=nn.Parameter(torch.tensor([0.5]))),
+        "output",
+        True,
+    ),
+    "x-over-one-element-parameter": (
+        lambda: _Net(lambda m, f: m.fc(_pooled(f) / m.s), s=nn.Parameter(torch.tensor([2.0]))),
+        "output",
+        True,
+    ),
+    # transpose / unsqueeze / squeeze keep the rows unless they touch axis 0
+    "transpose-keeps-batch": (lambda: _Net(lambda m, f: m.fc(f.flatten(2).transpose(1, 2).mean(1))), "output", True),
+    "transpose-batch": (
+        lambda: _Net(lambda m, f: m.fc(F.avg_pool1d(_pooled(f).transpose(0, 1), 3, 1, 1).transpose(0, 1))),
+        "output",
+        False,
+    ),
+    "unsqueeze-squeeze": (lambda: _Net(lambda m, f: m.fc(_pooled(f).unsqueeze(2).squeeze(2))), "output", True),
+    "unsqueeze-batch": (
+        lambda: _Net(lambda m, f: m.fc(F.avg_pool2d(_pooled(f).unsqueeze(0), (3, 1), 1, (1, 0)).squeeze(0))),
+        "output",
+        False,
+    ),
+    # F.linear with parameters is affine per row, with or without a bias; a (B, 5) bias shifts each row its own way
+    "functional-linear": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight, m.fc.bias)), "output", True),
+    "functional-linear-no-bias": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight)), "output", True),
+    "functional-linear-per-row-bias": (
+        lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight, m.b), b=nn.Parameter(torch.randn(B, 5))),
+        "output",
+        False,
+    ),
 }
 
 
@@ -352,6 +421,18 @@ def test_each_rule_of_the_analysis_holds_in_gradients(case: str) -> None:
         assert error < 1e-5, error
     else:
         assert error > 1e-3, error  # the claim would have been false
+
+
+def test_a_sum_over_the_batch_axis_ends_the_chain() -> None:
+    """``g.sum(0)`` adds the rows together: not a fixed op (it would be cached past by ``split``)."""
+    found = mix_equivalence(_seeded(_Net, lambda m, f: m.fc(_pooled(f).sum(0, keepdim=True).expand(B, -1))), "body")
+    assert (found.fixed_ops, found.stop) == (("mean",), "sum in forward")
+
+
+def test_a_slice_that_drops_rows_ends_the_chain() -> None:
+    """``g[1:]`` drops the first row (the rows no longer line up with the batch): not read as fixed."""
+    found = mix_equivalence(_seeded(_Net, lambda m, f: m.fc(_pooled(f)[1:])), "body")
+    assert (found.fixed_ops, found.stop, found.same_as_output) == (("mean",), "getitem in forward", False)
 
 
 def test_ops_that_differ_between_train_and_eval_are_not_cached_past() -> None:

@@ -11,8 +11,22 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   swaps the class token: ``test_token_cutmix_on_an_assembled_vit_head_never_swaps_the_class_token``;
 * the token pooling or final norm not the model's own: ``test_token_pooling_is_the_timm_models_own``,
   ``test_token_pooling_of_a_torchvision_vit_is_its_class_token_after_the_final_norm``;
-* the MLP head not fastai's: ``test_the_mlp_head_is_fastais_create_head``,
-  ``test_the_mlp_head_starts_as_fastais_vision_learner_leaves_it``.
+* the MLP head not fastai's (layer order, dropout p, bias, ReLU in place): ``test_the_mlp_head_is_fastais_create_head``,
+  ``test_the_mlp_head_starts_as_fastais_vision_learner_leaves_it``;
+* ``TokenPool``'s defaults wrong (prefix included by default, 0 prefix tokens refused, a negative count taken):
+  ``test_token_pool_leaves_the_prefix_out_by_default_and_takes_zero_prefix_tokens``;
+* ``from_model`` taking a model with only one of ``global_pool`` / ``num_prefix_tokens``, or a learned attention
+  pool next to a copyable ``global_pool`` (``or`` turned ``and``, a getattr without its default):
+  ``test_a_model_whose_pooling_cannot_be_copied_is_refused_naming_what_is_missing``,
+  ``test_a_vit_like_model_without_norms_or_prefix_flag_pools_its_patch_tokens_bare``;
+* a fresh head left on the CPU when the model is elsewhere, or a 1x1 map refused:
+  ``test_a_fresh_head_is_put_where_the_model_is_and_takes_a_one_by_one_map``;
+* the default seed not 0: ``test_equal_seeds_give_equal_heads_and_leave_the_global_rng_alone``.
+
+Mutants ``make mutate`` leaves alive here, each equivalent: ``bias=None`` for ``bias=False`` (falsy: no bias);
+``pool_include_prefix`` defaulting to ``None`` (``bool(None)`` is False); a torchvision ViT's ``TokenPool`` with 2
+prefix tokens (``pool="token"`` never reads the count); ``fork_rng(devices=None)`` (also saves the CUDA RNG;
+the init draws on the CPU RNG only).
 """
 
 from typing import Any
@@ -34,6 +48,7 @@ from tests.conftest import recover_mix
 
 NUM_CLASSES = 5
 TIMM_POOLS = ("token", "avg", "max", "avgmax")
+MLP_LAYERS = (nn.BatchNorm1d, nn.Dropout, nn.Linear, nn.ReLU)
 
 
 def small_vit(global_pool: str = "token", **options: Any) -> nn.Module:
@@ -112,6 +127,48 @@ def test_token_pooling_is_the_timm_models_own(global_pool):
     assert all(p.requires_grad for p in model.parameters())  # the model's own are untouched
 
 
+def test_token_pool_leaves_the_prefix_out_by_default_and_takes_zero_prefix_tokens():
+    """As timm's ``pool_include_prefix=False`` default: the mean over the tokens after the prefix; a ViT
+    without a class token (``num_prefix_tokens=0``) averages every token; a negative count is refused."""
+    tokens = torch.randn(4, 9, 6, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(TokenPool("avg", 2)(tokens), tokens[:, 2:].mean(dim=1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(TokenPool("avg", 0)(tokens), tokens.mean(dim=1), rtol=0, atol=1e-6)
+    for bad in (-1, 1.0):
+        with pytest.raises(ValueError) as error:
+            TokenPool("avg", bad)
+        assert str(error.value) == f"num_prefix_tokens={bad!r} must be an int >= 0 (class/register tokens)."
+
+
+def stand_in(**attributes: Any) -> nn.Module:
+    """A module carrying some of the attributes ``TokenPool.from_model`` reads from a timm ViT, nothing else."""
+    module = nn.Module()
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    return module
+
+
+@pytest.mark.parametrize(
+    "attributes, message",
+    [
+        ({"global_pool": "avg"}, "model (Module) has no ViT token pooling"),
+        ({"global_pool": "avg", "num_prefix_tokens": -1}, "model (Module) has no ViT token pooling"),
+        ({"num_prefix_tokens": 1}, "model (Module) has no ViT token pooling"),
+        (
+            {"global_pool": "avg", "num_prefix_tokens": 1, "attn_pool": nn.Linear(2, 2)},
+            "model.global_pool='avg' (Module) is not a pooling build_head can copy",
+        ),
+        ({"global_pool": "", "num_prefix_tokens": 1}, "model.global_pool='' (Module) is not a pooling"),
+    ],
+    ids=["no_prefix_count", "negative_prefix_count", "no_global_pool", "attention_pool", "no_pooling"],
+)
+def test_a_model_whose_pooling_cannot_be_copied_is_refused_naming_what_is_missing(attributes, message):
+    """A learned attention pool is refused even next to a copyable ``global_pool``; a ViT-like model with
+    only one of ``global_pool`` / ``num_prefix_tokens`` (or a negative count) has no pooling to copy."""
+    with pytest.raises(ValueError) as error:
+        build_head("linear", feature_shape=(17, 8), num_classes=NUM_CLASSES, model=stand_in(**attributes))
+    assert message in str(error.value)
+
+
 @pytest.mark.parametrize("pool", TIMM_POOLS)
 @pytest.mark.parametrize("include_prefix", [False, True])
 def test_token_pool_reduces_as_timm_does(pool, include_prefix):
@@ -136,7 +193,9 @@ def test_the_mlp_head_is_fastais_create_head(shape, fastai_args):
     ours = build_head("mlp", feature_shape=shape, num_classes=NUM_CLASSES)
     theirs = create_head(shape[0], NUM_CLASSES, **fastai_args)
     assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in theirs]
-    assert [m.p for m in ours if isinstance(m, nn.Dropout)] == [m.p for m in theirs if isinstance(m, nn.Dropout)]
+    # the MLP layers' settings: BatchNorm eps/momentum, dropout p, Linear bias, ReLU in place (as fastai's)
+    settings = [[m.extra_repr() for m in head if isinstance(m, MLP_LAYERS)] for head in (ours, theirs)]
+    assert settings[0] == settings[1] and len(settings[0]) == 7
     ours.load_state_dict(theirs.state_dict())  # strict: the same parameters, shapes and buffers, in order
     x = torch.randn(6, *shape)
     torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
@@ -157,10 +216,30 @@ def test_the_mlp_head_starts_as_fastais_vision_learner_leaves_it():
 def test_equal_seeds_give_equal_heads_and_leave_the_global_rng_alone(kind):
     state = torch.get_rng_state()
     a, b, c = (build_head(kind, feature_shape=(8, 3, 3), num_classes=NUM_CLASSES, seed=s) for s in (3, 3, 4))
+    default, zero = (build_head(kind, feature_shape=(8, 3, 3), num_classes=NUM_CLASSES, **s) for s in ({}, {"seed": 0}))
     assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(default.state_dict().values(), zero.state_dict().values()))
     for p, q, r in zip(a.state_dict().values(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(p, q)
     assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+
+
+def test_a_fresh_head_is_put_where_the_model_is_and_takes_a_one_by_one_map():
+    """On the model's device (the meta device stands in for a GPU here); a (C, 1, 1) map is a valid shape."""
+    model = nn.Conv2d(3, 8, 3).to("meta")
+    for kind in ("linear", "mlp"):
+        head = build_head(kind, feature_shape=(8, 1, 1), num_classes=NUM_CLASSES, model=model)
+        assert {t.device.type for t in (*head.parameters(), *head.buffers())} == {"meta"}
+        assert head.eval()(torch.randn(2, 8, 1, 1, device="meta")).shape == (2, NUM_CLASSES)
+
+
+def test_a_vit_like_model_without_norms_or_prefix_flag_pools_its_patch_tokens_bare():
+    """``from_model`` reads only ``global_pool`` and ``num_prefix_tokens`` from a model that has nothing
+    else: no ``norm`` / ``fc_norm`` (identity) and no ``pool_include_prefix`` (timm's default, False)."""
+    tokens = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(4))
+    model = stand_in(global_pool="avg", num_prefix_tokens=1)
+    head = build_head("linear", feature_shape=(5, 6), num_classes=NUM_CLASSES, model=model)
+    torch.testing.assert_close(head[0](tokens), tokens[:, 1:].mean(dim=1), rtol=0, atol=1e-6)
 
 
 def test_kind_model_is_the_head_split_cut_off():
@@ -176,7 +255,8 @@ def test_kind_model_is_the_head_split_cut_off():
         ({"feature_shape": (8, 3, 3, 2)}, "give (C, H, W) for a conv map, (N, D) for tokens, (D,) for a vector"),
         ({"feature_shape": (8, 0, 3)}, "feature_shape=(8, 0, 3) is not the shape"),
         ({"feature_shape": "8x3x3"}, "feature_shape='8x3x3' is not the shape"),
-        ({"num_classes": 1}, "num_classes=1 must be an int >= 2"),
+        ({"feature_shape": 8}, "feature_shape=8 is not the shape of one example's features"),
+        ({"num_classes": 1}, "num_classes=1 must be an int >= 2 (the head's number of outputs)."),
         ({"seed": -1}, "seed=-1 must be an int >= 0"),
         ({"kind": "model"}, "kind='model' needs model_head=, the head of `backbone, head = split(model, layer)`"),
         (

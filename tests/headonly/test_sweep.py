@@ -15,6 +15,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   following the box's area), multi-hot targets left unmixed: ``test_stacked_mlp_heads_equal_fit_alone``;
 - a head whose dropout cannot be drawn as fit draws it stacked anyway:
   ``test_heads_that_do_not_stack_are_trained_by_fit``;
+- the heads ``hookmix.split`` cuts (``--head model``) never stacked because every copy of a GraphModule has a
+  class of its own: ``test_heads_split_from_a_model_are_stacked_and_equal_fit_alone``;
 - α = 0 left out, or the baseline mixing: ``test_the_grid_always_has_the_baseline_first``;
 - the paired difference taken unpaired (another seed's baseline), the CI's t quantile wrong, a verdict
   calling a higher NLL "better", or the warning signs not raised:
@@ -110,6 +112,40 @@ def test_stacked_cells_equal_fit_alone(lam_mode: str, make_head: type) -> None:
     # fit did the same): seeds, α and lr each change the result
     finals = {round(r.final["val_nll"], 6) for r in results}
     assert len(finals) == len(configs)
+
+
+def _split_head(seed: int) -> nn.Module:
+    """The head ``hookmix.split`` cuts from a model (a torch.fx GraphModule, as ``--head model`` gives): each copy
+    of one gets a class of its own, yet all run one code."""
+    from hookmix import split
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+    return split(model, "1")[1]
+
+
+def test_heads_split_from_a_model_are_stacked_and_equal_fit_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies of a split head differ in class but not in code: the grid trains them together (``fit`` is never
+    called for a cell) and each equals ``fit`` alone."""
+    import hookmix.headonly.sweep as sweep_module
+
+    x, y, vx, vy = _data()
+    configs = grid_configs(FitConfig(epochs=2, batch_size=16), [0.4], [1e-2], [0, 1])
+    heads = [_split_head(c.seed) for c in configs]
+    assert len({type(h) for h in heads}) == len(heads)  # the quirk this guards: one class per copy
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cell was trained alone with fit")
+
+    monkeypatch.setattr(sweep_module, "fit", no_fit)
+    results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
+    monkeypatch.undo()
+    fitted = []
+    for config in configs:
+        alone = _split_head(config.seed)
+        fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
+    assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
 
 
 class _ScaledDropout(nn.Module):

@@ -325,15 +325,18 @@ def test_device_is_resolved_and_checked() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: on a CPU-only machine every device name is the CPU")
 @pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "copied_per_batch"])
 def test_fit_on_a_named_device_trains_there_and_returns_cpu_logits(task, preload: bool) -> None:
-    """A head on the CPU fitted with ``device="cuda"``: its parameters move to the GPU, every batch reaches it
-    there, the validation logits come back on the CPU, and the steps are the CPU's (λ drawn on the CPU
-    generator: equal; losses and weights within float32 GPU-vs-CPU tolerance). ``"auto"`` and a model
-    already on the GPU with ``device=None`` take the same steps on the same card."""
+    """A head on the CPU fitted with ``device="cuda"``: its parameters and buffers move to the GPU, every batch
+    (training and validation) reaches it there, the validation logits come back on the CPU, the caller's
+    tensors stay where they were (copied, not moved), and the steps are the CPU's (λ drawn on the CPU
+    generator: equal floats; losses and weights within float32 GPU-vs-CPU tolerance, not measured yet: no GPU
+    was available when this test was written, so it has never run). ``"auto"`` and a model already on the GPU
+    with ``device=None`` take the same steps on the same card."""
     source, data, feats, val = task
     config = FitConfig(epochs=2, batch_size=16, seed=2, mixing=MixSettings(lam_mode="sample"))
     args = (feats, data.train_y, val, data.val_y, config)
     _, on_cpu = fresh_head(source)
     cpu_run = fit(on_cpu, "input", *args, num_classes=5, progress=False)
+    assert {t.device.type for t in (*on_cpu.parameters(), cpu_run.val_logits)} == {"cpu"}
     runs, heads = {}, {}
     for device in ("cuda", "auto", None):
         _, head = fresh_head(source)
@@ -346,7 +349,8 @@ def test_fit_on_a_named_device_trains_there_and_returns_cpu_logits(task, preload
         assert {t.device.type for t in (*head.parameters(), *head.buffers())} == {"cuda"}
         assert {d.type for d in seen} == {"cuda"} and len(seen) >= 2 * config.epochs
         assert runs[device].val_logits.device.type == "cpu"
-        assert runs[device].lams == cpu_run.lams
+        assert runs[device].lams == cpu_run.lams and all(type(lam) is float for lam in runs[device].lams)
+        assert {t.device.type for t in (feats, val, data.train_y, data.val_y)} == {"cpu"}
     for device in ("auto", None):
         for a, b in zip(runs[device].history, runs["cuda"].history, strict=True):
             assert a == pytest.approx(b, rel=1e-6)

@@ -10,6 +10,9 @@ catches each:
   not sharing the first layer's cut with the later layer in the forward:
   ``test_mode_all_cutmix_recomputes_both_layers_with_the_forwards_cut`` (the single-layer test misses all four);
 - keeping a plan alive past its backward: ``test_an_unplanned_forward_is_recomputed_unmixed``;
+- the cut-point trace letting torch's reentrant-checkpoint warning out (the trace hands it fx Proxies, never
+  tensors that require grad), which `python -W error` turns into an untraceable model:
+  ``test_recomputed_layer_mixes_with_the_forwards_plan[*-reentrant]`` (run with warnings as errors);
 - picking a plan at random when one backward recomputes several forwards:
   ``test_two_forwards_in_one_checkpointed_backward_are_refused_naming_checkpointing``."""
 
@@ -63,6 +66,7 @@ def input_batch(rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 3, 9, 9, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])[:rows]
 
 
+@pytest.mark.filterwarnings("error")  # as under `python -W error`: the cut-point trace itself must not warn
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("method", ["mixup", "cutmix"])
 def test_recomputed_layer_mixes_with_the_forwards_plan(reentrant: bool, method: str) -> None:
