@@ -19,13 +19,15 @@ beyond float16's range (|x| > 65504) are refused rather than stored as inf; pass
 
 On disk (``path=...``) a cache is a directory of safetensors shards and a JSON manifest, written shard by
 shard (extraction holds one shard at a time) and read back only after checking every shard
-(:mod:`hookmix.headonly._cache_format`). A cache larger than memory is not loaded but memory-mapped
-(``load(..., mmap=True)``, or ``mmap=None``: when it exceeds a memory budget): its ``features`` are then a
+(:mod:`hookmix.headonly._cache_format`); ``path`` may also be a URL, the same files under a prefix in object
+storage (``s3://bucket/prefix``, :mod:`hookmix.headonly.store`). A cache larger than memory is not loaded but
+memory-mapped (``load(..., mmap=True)``, or ``mmap=None``: when it exceeds a memory budget): its ``features`` are then a
 :class:`hookmix.headonly.streaming.ShardedFeatures` that :func:`hookmix.fit` streams block by block.
 
 A stored cache serves only the :class:`CacheKey` it was built for, whose ``dataset`` names the rows' identity
 (:mod:`hookmix.headonly.dataset_identity`); :func:`keyed_directory` gives every key its own directory under one root.
-Writers hold the directory's lock and never rewrite a published shard, so processes may share a directory:
+Writers hold the directory's lock (object storage has none: a shard is written once, the manifest published
+once) and never rewrite a published shard, so processes may share a directory:
 a second writer of the same key waits and then reads the first one's cache (:attr:`FeatureCache.reused`).
 """
 
