@@ -11,9 +11,9 @@ leave a ``.*.tmp`` file behind, which is safe to delete while no process holds t
 JSON and safetensors (never pickle), checks every shard's size and checksum, and refuses any mismatch with
 a ``ValueError`` that says what differs and how to fix it.
 
-Writers and readers (:func:`writer_lock`): a process that writes shards or a manifest holds the directory's
-lock (``filelock`` on :data:`LOCK_NAME`; the operating system releases it when the process dies), so one
-process extends a cache at a time, and a writer appends shards but never rewrites a published one. A
+Writers and readers (:func:`hookmix.headonly.store.writer_lock`): a process that writes shards or a manifest
+holds the directory's lock (``filelock`` on :data:`hookmix.headonly.store.LOCK_NAME`; the operating system
+releases it when the process dies), so one process extends a cache at a time, and a writer appends shards but never rewrites a published one. A
 complete cache therefore never changes: reading it needs no lock (a read-only copy works), and a shard
 that fails its checksum was damaged after it was written, never a second writer's valid work. A reader
 of an incomplete cache asks the lock whether a writer is at work before calling it interrupted.
@@ -49,7 +49,7 @@ from safetensors.torch import save as save_safetensors
 
 from hookmix.core.checks import is_int
 from hookmix.core.errors import UsageError
-from hookmix.headonly.store import LOCK_NAME, LocalStore, Store, open_store, writer_active, writer_lock
+from hookmix.headonly.store import LocalStore, Store, open_store
 
 __all__ = [
     "bytes_per_example",
@@ -60,7 +60,6 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "hookmix_version",
-    "LOCK_NAME",
     "Manifest",
     "MANIFEST_NAME",
     "map_shard",
@@ -74,8 +73,6 @@ __all__ = [
     "Shard",
     "shard_name",
     "ShardWriter",
-    "writer_active",
-    "writer_lock",
 ]
 
 FORMAT = "hookmix-feature-cache"

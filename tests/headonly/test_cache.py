@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from hookmix.headonly._cache_format import LOCK_NAME, writer_lock
 from hookmix.headonly.cache import MANIFEST_NAME, CacheKey, FeatureCache, keyed_directory, transform_fingerprint
+from hookmix.headonly.store import LOCK_NAME, writer_lock
 from hookmix.headonly.streaming import BlockLayout, ShardedFeatures
 from hookmix.headonly.training import FitConfig, FitResult, fit
 
