@@ -13,10 +13,11 @@ a ``ValueError`` that says what differs and how to fix it.
 
 Writers and readers (:func:`hookmix.headonly.store.writer_lock`): a process that writes shards or a manifest
 holds the directory's lock (``filelock`` on :data:`hookmix.headonly.store.LOCK_NAME`; the operating system
-releases it when the process dies), so one process extends a cache at a time, and a writer appends shards but never rewrites a published one. A
-complete cache therefore never changes: reading it needs no lock (a read-only copy works), and a shard
-that fails its checksum was damaged after it was written, never a second writer's valid work. A reader
-of an incomplete cache asks the lock whether a writer is at work before calling it interrupted.
+releases it when the process dies), so one process extends a cache at a time, and a writer appends shards
+but never rewrites a published one. A complete cache therefore never changes: reading it needs no lock (a
+read-only copy works), and a shard that fails its checksum was damaged after it was written, never a second
+writer's valid work. A reader of an incomplete cache asks the lock whether a writer is at work before calling
+it interrupted.
 
 A shard is read by memory-mapping its file (:func:`map_shard`): the sha256 is computed over the mapping as
 its pages come in — that pass is the read (in object storage: as its bytes stream into a local temp file, which
