@@ -35,6 +35,15 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
 - a forward hook on a module the tracer keeps whole ignored: ``test_a_hooked_module_is_not_read``;
 - dropout with p > 0, flattening the batch axis, ``x * x`` read as fixed:
   ``test_functional_ops_are_read_conservatively``.
+- the eval graph read instead of the train graph (a tanh only in train mode): ``nonlinear-only-in-train``;
+  the fixed chain kept when the eval graph cannot be traced:
+  ``test_an_eval_graph_that_cannot_be_traced_shares_no_fixed_op``; the first op's match between modes skipped:
+  ``test_ops_that_differ_between_train_and_eval_are_not_cached_past[first-op-differs]``;
+- a chain that reaches the output through fixed ops only shown as "≡ <op> output":
+  ``test_fixed_ops_up_to_the_output_make_the_layer_the_output``; ``same_as_output`` / ``known`` / ``layer`` left
+  ``None``: the whole-dataclass asserts (``test_a_value_used_twice_claims_nothing_past_it``, ...);
+- ``"input"`` (a head's features) not found, or the first of two inputs taken: ``test_the_input_of_a_head_is_analysed``,
+  ``test_a_model_with_two_inputs_has_no_input_point``.
 
 Analyse a model (``mix_equivalence``, ``split``, ``list_layers``) before hooks are put on it: the trace is
 cached per model and a forward hook on a traced-through module is traced into the graph.
@@ -52,7 +61,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hookmix import HookMixer, mix_equivalence, split
-from hookmix.graph.equivalence import SameMixPointWarning, same_mix_points
+from hookmix.graph.equivalence import MixEquivalence, SameMixPointWarning, same_mix_points
 from hookmix.graph.layers import format_layers, list_layers
 from tests.conftest import recover_mix
 
@@ -156,8 +165,7 @@ def test_the_claim_holds_in_gradients(factory, size, layer, point, claimed) -> N
 
 def test_resnet50_layer4_is_the_fc_input_and_the_output() -> None:
     model = torchvision.models.resnet50()
-    found = mix_equivalence(model, "layer4")
-    assert (found.fixed_ops, found.stop, found.same_as_output) == (("avgpool", "flatten"), "fc", True)
+    assert mix_equivalence(model, "layer4") == MixEquivalence("layer4", True, ("avgpool", "flatten"), "fc", True)
     rows = {r.name: r for r in list_layers(model, torch.zeros(1, 3, 64, 64))}
     assert rows["layer4"].same_as == "≡ fc input, ≡ output"
     assert rows["layer3"].same_as == "" and rows["fc"].same_as == "" and rows["layer4.2.conv1"].same_as == ""
@@ -214,6 +222,7 @@ class _Untraceable(nn.Module):
 
 
 def test_untraceable_models_and_non_cut_points_claim_nothing() -> None:
+    assert mix_equivalence(_Untraceable(), "body") == MixEquivalence("body", known=False)
     assert mix_equivalence(_Untraceable(), "body").describe() == "?"
     assert same_mix_points(_Untraceable(), ["body", "output"]) == []
     inside = mix_equivalence(torchvision.models.resnet18(), "layer4.1.conv2")
@@ -394,6 +403,12 @@ _RULE_CASES = {
         "output",
         False,
     ),
+    # the train graph is read: a tanh only in train mode ends the chain though the eval graph is linear
+    "nonlinear-only-in-train": (
+        lambda: _Net(lambda m, f: m.fc(torch.tanh(_pooled(f)) if m.training else _pooled(f))),
+        "output",
+        False,
+    ),
     # F.linear with parameters is affine per row, with or without a bias; a (B, 5) bias shifts each row its own way
     "functional-linear": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight, m.fc.bias)), "output", True),
     "functional-linear-no-bias": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight)), "output", True),
@@ -435,9 +450,17 @@ def test_a_slice_that_drops_rows_ends_the_chain() -> None:
     assert (found.fixed_ops, found.stop, found.same_as_output) == (("mean",), "getitem in forward", False)
 
 
-def test_ops_that_differ_between_train_and_eval_are_not_cached_past() -> None:
-    model = _seeded(_Net, lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else 3.0)))
-    assert mix_equivalence(model, "body").fixed_ops == ("mean",)
+@pytest.mark.parametrize(
+    "tail, fixed",
+    [
+        (lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else 3.0)), ("mean",)),
+        (lambda m, f: m.fc(_pooled(f) if m.training else f.sum((2, 3))), ()),  # the first op already differs
+    ],
+    ids=["second-op-differs", "first-op-differs"],
+)
+def test_ops_that_differ_between_train_and_eval_are_not_cached_past(tail, fixed) -> None:
+    model = _seeded(_Net, tail)
+    assert mix_equivalence(model, "body").fixed_ops == fixed
     backbone, head = split(model, "body", past_fixed_ops=True)
     x, y = _data(8)
     with torch.no_grad():
@@ -499,3 +522,66 @@ def test_a_hooked_module_is_not_read() -> None:
     hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
     by_hand = mixed_by_hand(model, "fc input", lam, partners, x, y)
     assert ((hooked - by_hand).norm() / by_hand.norm()).item() > 1e-3  # "≡ fc input" would be false
+
+
+def test_an_eval_graph_that_cannot_be_traced_shares_no_fixed_op() -> None:
+    """Features cached in eval mode past ``mean`` are unproven when the eval graph cannot be read: the fixed
+    chain is empty (the train graph's ``mean`` counts as affine, so mixing body is still logit mixup)."""
+    model = _seeded(_Net, lambda m, f: m.fc(_pooled(f) if m.training or f.sum() > 0 else -_pooled(f)))
+    assert mix_equivalence(model, "body") == MixEquivalence("body", True, (), "mean in forward", True)
+
+
+def test_a_value_used_twice_claims_nothing_past_it() -> None:
+    found = mix_equivalence(_seeded(_RULE_CASES["data-read"][0]), "body")
+    assert found == MixEquivalence("body", True, (), None, False) and found.same_as_output is False
+
+
+def test_fixed_ops_up_to_the_output_make_the_layer_the_output() -> None:
+    """No affine op after the fixed ones: the stop is the output, shown as "≡ output" (not the last op's output)."""
+    model = _seeded(_Net, lambda m, f: F.adaptive_avg_pool2d(f, 2).flatten(1))  # (B, 16) logits
+    found = mix_equivalence(model, "body")
+    assert found == MixEquivalence("body", True, ("adaptive_avg_pool2d", "flatten"), "output", True)
+    assert found.describe() == "≡ output"
+    x, y = _data(8)
+    hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
+    by_hand = mixed_by_hand(model, "output", lam, partners, x, y)
+    assert ((hooked - by_hand).norm() / by_hand.norm()).item() < 1e-5
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + z
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5)), MixEquivalence("input", True, ("0",), "1", True)),
+        (
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5)),
+            MixEquivalence("input", True, ("0",), "1", False),
+        ),
+    ],
+    ids=["linear-head", "mlp-head"],
+)
+def test_the_input_of_a_head_is_analysed(factory, expected: MixEquivalence) -> None:
+    """``"input"`` is the model's single input: a linear head's input is its output, an MLP's is not (checked
+    by mixing a (B, 3, 2, 2) batch before and after the head)."""
+    head = _seeded(factory)
+    assert mix_equivalence(head, "input") == expected
+    x, lam, partners = _data(2)[0], 0.3, torch.tensor([5, 0, 1, 2, 3, 4])
+    with torch.no_grad():
+        mixed_input, mixed_output = (
+            head(lam * x + (1 - lam) * x[partners]),
+            lam * head(x) + (1 - lam) * head(x)[partners],
+        )
+    error = ((mixed_input - mixed_output).norm() / mixed_output.norm()).item()
+    assert error < 1e-5 if expected.same_as_output else error > 1e-3, error
+
+
+def test_a_model_with_two_inputs_has_no_input_point() -> None:
+    assert mix_equivalence(_TwoInputs(), "input") == MixEquivalence("input", known=False)
