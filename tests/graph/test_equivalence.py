@@ -44,6 +44,16 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
   ``None``: the whole-dataclass asserts (``test_a_value_used_twice_claims_nothing_past_it``, ...);
 - ``"input"`` (a head's features) not found, or the first of two inputs taken: ``test_the_input_of_a_head_is_analysed``,
   ``test_a_model_with_two_inputs_has_no_input_point``.
+- train and eval nodes matched without their keyword arguments or slices, or a constant against a node:
+  ``test_ops_that_differ_between_train_and_eval_are_not_cached_past[same-keywords / keyword-value-differs /
+  same-slice-by-a-size / slice-or-list / number-or-shape-read]``;
+- ``t.size()[0]`` not read as the batch size: ``reshape-by-size-tuple``; a submodule named ``output`` taken for the
+  model's output: ``module-named-output``; a module read with a shape argument not named: ``module-reading-a-shape``;
+- the display: a fixed op used twice (``test_a_fixed_op_whose_output_is_used_twice_is_the_point``), the node's
+  name (``adaptive_avg_pool2d_1``) shown instead of the op's (``test_fixed_ops_up_to_the_output_...``), a module
+  called twice named (``test_a_module_called_twice_is_not_named``), a module fed by the layer alone not named
+  (``test_the_stop_names_a_module_fed_by_the_layer_alone``); the warning's text:
+  ``test_the_warning_names_each_pair_of_same_points``.
 
 Analyse a model (``mix_equivalence``, ``split``, ``list_layers``) before hooks are put on it: the trace is
 cached per model and a forward hook on a traced-through module is traced into the graph.
@@ -52,6 +62,7 @@ cached per model and a forward hook on a traced-through module is traced into th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -61,7 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hookmix import HookMixer, mix_equivalence, split
-from hookmix.graph.equivalence import MixEquivalence, SameMixPointWarning, same_mix_points
+from hookmix.graph.equivalence import MixEquivalence, SameMixPointWarning, same_mix_points, warn_same_mix_points
 from hookmix.graph.layers import format_layers, list_layers
 from tests.conftest import recover_mix
 
@@ -297,6 +308,11 @@ class _SquaredLinear(nn.Linear):
         return super().forward(x) ** 2
 
 
+class _TanhTimes(nn.Module):
+    def forward(self, x: torch.Tensor, n: int = 1) -> torch.Tensor:
+        return torch.tanh(x) * n
+
+
 # (factory, point, claimed): the analysis must claim "mixing body ≡ mixing at point" exactly when ``claimed``.
 _RULE_CASES = {
     # an argument that changes an op's meaning (floor division is not a scaling)
@@ -409,6 +425,23 @@ _RULE_CASES = {
         "output",
         False,
     ),
+    # a submodule named "output" is not the model's output
+    "module-named-output": (
+        lambda: _Net(lambda m, f: torch.tanh(m.output(_pooled(f))), output=nn.Linear(4, 5)),
+        "output",
+        False,
+    ),
+    # a module whose input is a fixed-chain tensor and a shape read is named (its input is equivalent)
+    "module-reading-a-shape": (
+        lambda: _Net(lambda m, f: m.fc(m.scale(_pooled(f), f.size(1))), scale=_TanhTimes()),
+        "scale input",
+        True,
+    ),
+    "reshape-by-size-tuple": (
+        lambda: _Net(lambda m, f: m.fc(F.adaptive_avg_pool2d(f, 1).reshape(f.size()[0], -1))),
+        "fc input",
+        True,
+    ),
     # F.linear with parameters is affine per row, with or without a bias; a (B, 5) bias shifts each row its own way
     "functional-linear": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight, m.fc.bias)), "output", True),
     "functional-linear-no-bias": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight)), "output", True),
@@ -450,16 +483,36 @@ def test_a_slice_that_drops_rows_ends_the_chain() -> None:
     assert (found.fixed_ops, found.stop, found.same_as_output) == (("mean",), "getitem in forward", False)
 
 
+def _flat_pool(end_dim: Callable[[nn.Module], int]):
+    """Adaptive pooling to (B, 4, 1, 1), then ``torch.flatten`` called with keywords only."""
+    return lambda m, f: m.fc(torch.flatten(input=F.adaptive_avg_pool2d(f, 1), start_dim=1, end_dim=end_dim(m)))
+
+
 @pytest.mark.parametrize(
-    "tail, fixed",
+    "factory, fixed",
     [
-        (lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else 3.0)), ("mean",)),
-        (lambda m, f: m.fc(_pooled(f) if m.training else f.sum((2, 3))), ()),  # the first op already differs
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else 3.0))), ("mean",)),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f) if m.training else f.sum((2, 3)))), ()),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else f.size(1)))), ("mean",)),
+        (lambda: _Net(_flat_pool(lambda m: -1)), ("adaptive_avg_pool2d", "flatten")),
+        (lambda: _Net(_flat_pool(lambda m: -1 if m.training else 3)), ("adaptive_avg_pool2d",)),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f[:, 1 : f.size(1)])), fc=(3, 5)), ("getitem", "mean")),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f[:, :3] if m.training else f[:, [0, 1, 2]])), fc=(3, 5)), ()),
     ],
-    ids=["second-op-differs", "first-op-differs"],
+    ids=[
+        "second-op-differs",
+        "first-op-differs",
+        "number-or-shape-read",
+        "same-keywords",
+        "keyword-value-differs",
+        "same-slice-by-a-size",
+        "slice-or-list",
+    ],
 )
-def test_ops_that_differ_between_train_and_eval_are_not_cached_past(tail, fixed) -> None:
-    model = _seeded(_Net, tail)
+def test_ops_that_differ_between_train_and_eval_are_not_cached_past(factory, fixed) -> None:
+    """Train and eval graphs are matched node by node: keyword arguments, slices (with a shape read in them)
+    and constants count; a number and a shape read differ."""
+    model = _seeded(factory)
     assert mix_equivalence(model, "body").fixed_ops == fixed
     backbone, head = split(model, "body", past_fixed_ops=True)
     x, y = _data(8)
@@ -538,9 +591,10 @@ def test_a_value_used_twice_claims_nothing_past_it() -> None:
 
 def test_fixed_ops_up_to_the_output_make_the_layer_the_output() -> None:
     """No affine op after the fixed ones: the stop is the output, shown as "≡ output" (not the last op's output)."""
-    model = _seeded(_Net, lambda m, f: F.adaptive_avg_pool2d(f, 2).flatten(1))  # (B, 16) logits
+    model = _seeded(_Net, lambda m, f: F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(f, 4), 2).flatten(1))  # (B, 16)
     found = mix_equivalence(model, "body")
-    assert found == MixEquivalence("body", True, ("adaptive_avg_pool2d", "flatten"), "output", True)
+    ops = ("adaptive_avg_pool2d", "adaptive_avg_pool2d", "flatten")  # the function's name, not the node's
+    assert found == MixEquivalence("body", True, ops, "output", True)
     assert found.describe() == "≡ output"
     x, y = _data(8)
     hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
@@ -585,3 +639,50 @@ def test_the_input_of_a_head_is_analysed(factory, expected: MixEquivalence) -> N
 
 def test_a_model_with_two_inputs_has_no_input_point() -> None:
     assert mix_equivalence(_TwoInputs(), "input") == MixEquivalence("input", known=False)
+
+
+def test_a_fixed_op_whose_output_is_used_twice_is_the_point() -> None:
+    model = _seeded(
+        _Net, lambda m, f: (lambda p: m.fc(p.flatten(1)) + p.mean())(m.pool(f)), pool=nn.AdaptiveAvgPool2d(1)
+    )
+    found = mix_equivalence(model, "body")
+    assert found == MixEquivalence("body", True, ("pool",), None, False) and found.describe() == "≡ pool output"
+    x, y = _data(8)
+    hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
+    by_hand = mixed_by_hand(model, "pool", lam, partners, x, y)
+    assert ((hooked - by_hand).norm() / by_hand.norm()).item() < 1e-5
+
+
+class _Tanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+def test_the_stop_names_a_module_fed_by_the_layer_alone() -> None:
+    found = mix_equivalence(_seeded(_Net, lambda m, f: m.fc(_pooled(m.gate(f))), gate=_Tanh()), "body")
+    assert found == MixEquivalence("body", True, (), "gate", False)
+
+
+def test_a_module_called_twice_is_not_named() -> None:
+    """``gate`` runs twice: "≡ gate input" would mix the input of both calls."""
+    model = _seeded(_Net, lambda m, f: m.fc(m.gate(m.gate(_pooled(f)))), gate=_Tanh())
+    assert mix_equivalence(model, "body").describe() == "≡ input of tanh in gate"
+    x, y = _data(8)
+    hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
+    by_hand = mixed_by_hand(model, "gate input", lam, partners, x, y)
+    assert ((hooked - by_hand).norm() / by_hand.norm()).item() > 1e-3
+
+
+def test_the_warning_names_each_pair_of_same_points() -> None:
+    """Called directly (the mixer's call is checked by ``test_the_mixer_says_once_when_two_layers_are_one_point``)."""
+    model = tv_resnet18()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_same_mix_points(model, ["layer3", "layer4", "output"], stacklevel=1)
+        warn_same_mix_points(model, ["layer3", "layer4"], stacklevel=1)
+    assert [w.category for w in caught] == [SameMixPointWarning]
+    assert str(caught[0].message) == (
+        "layers 'layer4' ≡ 'output': only linear ops separate them, so mixup at one is exactly mixup at the other "
+        "(W·(λa+(1−λ)b)+c = λ(W·a+c)+(1−λ)(W·b+c)); as separate arms they are one experiment. Keep one of "
+        "each pair (CutMix, which pastes boxes of a map, does differ)."
+    )
