@@ -72,6 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hookmix import HookMixer, mix_equivalence, split
+from hookmix.graph import equivalence
 from hookmix.graph.equivalence import MixEquivalence, SameMixPointWarning, same_mix_points, warn_same_mix_points
 from hookmix.graph.layers import format_layers, list_layers
 from tests.conftest import recover_mix
@@ -678,11 +679,13 @@ def test_the_warning_names_each_pair_of_same_points() -> None:
     model = tv_resnet18()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_same_mix_points(model, ["layer3", "layer4", "output"], stacklevel=1)
+        warn_same_mix_points(model, ["layer3", "layer4", "avgpool", "output"], stacklevel=1)
         warn_same_mix_points(model, ["layer3", "layer4"], stacklevel=1)
     assert [w.category for w in caught] == [SameMixPointWarning]
+    assert caught[0].filename != equivalence.__file__  # it points at a caller, never at the warn() line
     assert str(caught[0].message) == (
-        "layers 'layer4' ≡ 'output': only linear ops separate them, so mixup at one is exactly mixup at the other "
+        "layers 'layer4' ≡ 'avgpool'; 'layer4' ≡ 'output'; 'avgpool' ≡ 'output': only linear ops separate them, "
+        "so mixup at one is exactly mixup at the other "
         "(W·(λa+(1−λ)b)+c = λ(W·a+c)+(1−λ)(W·b+c)); as separate arms they are one experiment. Keep one of "
         "each pair (CutMix, which pastes boxes of a map, does differ)."
     )
