@@ -35,6 +35,25 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
 - a forward hook on a module the tracer keeps whole ignored: ``test_a_hooked_module_is_not_read``;
 - dropout with p > 0, flattening the batch axis, ``x * x`` read as fixed:
   ``test_functional_ops_are_read_conservatively``.
+- the eval graph read instead of the train graph (a tanh only in train mode): ``nonlinear-only-in-train``;
+  the fixed chain kept when the eval graph cannot be traced:
+  ``test_an_eval_graph_that_cannot_be_traced_shares_no_fixed_op``; the first op's match between modes skipped:
+  ``test_ops_that_differ_between_train_and_eval_are_not_cached_past[first-op-differs]``;
+- a chain that reaches the output through fixed ops only shown as "≡ <op> output":
+  ``test_fixed_ops_up_to_the_output_make_the_layer_the_output``; ``same_as_output`` / ``known`` / ``layer`` left
+  ``None``: the whole-dataclass asserts (``test_a_value_used_twice_claims_nothing_past_it``, ...);
+- ``"input"`` (a head's features) not found, or the first of two inputs taken: ``test_the_input_of_a_head_is_analysed``,
+  ``test_a_model_with_two_inputs_has_no_input_point``.
+- train and eval nodes matched without their keyword arguments or slices, or a constant against a node:
+  ``test_ops_that_differ_between_train_and_eval_are_not_cached_past[same-keywords / keyword-value-differs /
+  same-slice-by-a-size / slice-or-list / number-or-shape-read]``;
+- ``t.size()[0]`` not read as the batch size: ``reshape-by-size-tuple``; a submodule named ``output`` taken for the
+  model's output: ``module-named-output``; a module read with a shape argument not named: ``module-reading-a-shape``;
+- the display: a fixed op used twice (``test_a_fixed_op_whose_output_is_used_twice_is_the_point``), the node's
+  name (``adaptive_avg_pool2d_1``) shown instead of the op's (``test_fixed_ops_up_to_the_output_...``), a module
+  called twice named (``test_a_module_called_twice_is_not_named``), a module fed by the layer alone not named
+  (``test_the_stop_names_a_module_fed_by_the_layer_alone``); the warning's text:
+  ``test_the_warning_names_each_pair_of_same_points``.
 
 Analyse a model (``mix_equivalence``, ``split``, ``list_layers``) before hooks are put on it: the trace is
 cached per model and a forward hook on a traced-through module is traced into the graph.
@@ -43,6 +62,7 @@ cached per model and a forward hook on a traced-through module is traced into th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -52,7 +72,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from hookmix import HookMixer, mix_equivalence, split
-from hookmix.graph.equivalence import SameMixPointWarning, same_mix_points
+from hookmix.graph import equivalence
+from hookmix.graph.equivalence import MixEquivalence, SameMixPointWarning, same_mix_points, warn_same_mix_points
 from hookmix.graph.layers import format_layers, list_layers
 from tests.conftest import recover_mix
 
@@ -156,8 +177,7 @@ def test_the_claim_holds_in_gradients(factory, size, layer, point, claimed) -> N
 
 def test_resnet50_layer4_is_the_fc_input_and_the_output() -> None:
     model = torchvision.models.resnet50()
-    found = mix_equivalence(model, "layer4")
-    assert (found.fixed_ops, found.stop, found.same_as_output) == (("avgpool", "flatten"), "fc", True)
+    assert mix_equivalence(model, "layer4") == MixEquivalence("layer4", True, ("avgpool", "flatten"), "fc", True)
     rows = {r.name: r for r in list_layers(model, torch.zeros(1, 3, 64, 64))}
     assert rows["layer4"].same_as == "≡ fc input, ≡ output"
     assert rows["layer3"].same_as == "" and rows["fc"].same_as == "" and rows["layer4.2.conv1"].same_as == ""
@@ -214,6 +234,7 @@ class _Untraceable(nn.Module):
 
 
 def test_untraceable_models_and_non_cut_points_claim_nothing() -> None:
+    assert mix_equivalence(_Untraceable(), "body") == MixEquivalence("body", known=False)
     assert mix_equivalence(_Untraceable(), "body").describe() == "?"
     assert same_mix_points(_Untraceable(), ["body", "output"]) == []
     inside = mix_equivalence(torchvision.models.resnet18(), "layer4.1.conv2")
@@ -286,6 +307,11 @@ class _SquaredLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) ** 2
+
+
+class _TanhTimes(nn.Module):
+    def forward(self, x: torch.Tensor, n: int = 1) -> torch.Tensor:
+        return torch.tanh(x) * n
 
 
 # (factory, point, claimed): the analysis must claim "mixing body ≡ mixing at point" exactly when ``claimed``.
@@ -394,6 +420,29 @@ _RULE_CASES = {
         "output",
         False,
     ),
+    # the train graph is read: a tanh only in train mode ends the chain though the eval graph is linear
+    "nonlinear-only-in-train": (
+        lambda: _Net(lambda m, f: m.fc(torch.tanh(_pooled(f)) if m.training else _pooled(f))),
+        "output",
+        False,
+    ),
+    # a submodule named "output" is not the model's output
+    "module-named-output": (
+        lambda: _Net(lambda m, f: torch.tanh(m.output(_pooled(f))), output=nn.Linear(4, 5)),
+        "output",
+        False,
+    ),
+    # a module whose input is a fixed-chain tensor and a shape read is named (its input is equivalent)
+    "module-reading-a-shape": (
+        lambda: _Net(lambda m, f: m.fc(m.scale(_pooled(f), f.size(1))), scale=_TanhTimes()),
+        "scale input",
+        True,
+    ),
+    "reshape-by-size-tuple": (
+        lambda: _Net(lambda m, f: m.fc(F.adaptive_avg_pool2d(f, 1).reshape(f.size()[0], -1))),
+        "fc input",
+        True,
+    ),
     # F.linear with parameters is affine per row, with or without a bias; a (B, 5) bias shifts each row its own way
     "functional-linear": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight, m.fc.bias)), "output", True),
     "functional-linear-no-bias": (lambda: _Net(lambda m, f: F.linear(_pooled(f), m.fc.weight)), "output", True),
@@ -435,9 +484,37 @@ def test_a_slice_that_drops_rows_ends_the_chain() -> None:
     assert (found.fixed_ops, found.stop, found.same_as_output) == (("mean",), "getitem in forward", False)
 
 
-def test_ops_that_differ_between_train_and_eval_are_not_cached_past() -> None:
-    model = _seeded(_Net, lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else 3.0)))
-    assert mix_equivalence(model, "body").fixed_ops == ("mean",)
+def _flat_pool(end_dim: Callable[[nn.Module], int]):
+    """Adaptive pooling to (B, 4, 1, 1), then ``torch.flatten`` called with keywords only."""
+    return lambda m, f: m.fc(torch.flatten(input=F.adaptive_avg_pool2d(f, 1), start_dim=1, end_dim=end_dim(m)))
+
+
+@pytest.mark.parametrize(
+    "factory, fixed",
+    [
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else 3.0))), ("mean",)),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f) if m.training else f.sum((2, 3)))), ()),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f) * (2.0 if m.training else f.size(1)))), ("mean",)),
+        (lambda: _Net(_flat_pool(lambda m: -1)), ("adaptive_avg_pool2d", "flatten")),
+        (lambda: _Net(_flat_pool(lambda m: -1 if m.training else 3)), ("adaptive_avg_pool2d",)),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f[:, 1 : f.size(1)])), fc=(3, 5)), ("getitem", "mean")),
+        (lambda: _Net(lambda m, f: m.fc(_pooled(f[:, :3] if m.training else f[:, [0, 1, 2]])), fc=(3, 5)), ()),
+    ],
+    ids=[
+        "second-op-differs",
+        "first-op-differs",
+        "number-or-shape-read",
+        "same-keywords",
+        "keyword-value-differs",
+        "same-slice-by-a-size",
+        "slice-or-list",
+    ],
+)
+def test_ops_that_differ_between_train_and_eval_are_not_cached_past(factory, fixed) -> None:
+    """Train and eval graphs are matched node by node: keyword arguments, slices (with a shape read in them)
+    and constants count; a number and a shape read differ."""
+    model = _seeded(factory)
+    assert mix_equivalence(model, "body").fixed_ops == fixed
     backbone, head = split(model, "body", past_fixed_ops=True)
     x, y = _data(8)
     with torch.no_grad():
@@ -499,3 +576,116 @@ def test_a_hooked_module_is_not_read() -> None:
     hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
     by_hand = mixed_by_hand(model, "fc input", lam, partners, x, y)
     assert ((hooked - by_hand).norm() / by_hand.norm()).item() > 1e-3  # "≡ fc input" would be false
+
+
+def test_an_eval_graph_that_cannot_be_traced_shares_no_fixed_op() -> None:
+    """Features cached in eval mode past ``mean`` are unproven when the eval graph cannot be read: the fixed
+    chain is empty (the train graph's ``mean`` counts as affine, so mixing body is still logit mixup)."""
+    model = _seeded(_Net, lambda m, f: m.fc(_pooled(f) if m.training or f.sum() > 0 else -_pooled(f)))
+    assert mix_equivalence(model, "body") == MixEquivalence("body", True, (), "mean in forward", True)
+
+
+def test_a_value_used_twice_claims_nothing_past_it() -> None:
+    found = mix_equivalence(_seeded(_RULE_CASES["data-read"][0]), "body")
+    assert found == MixEquivalence("body", True, (), None, False) and found.same_as_output is False
+
+
+def test_fixed_ops_up_to_the_output_make_the_layer_the_output() -> None:
+    """No affine op after the fixed ones: the stop is the output, shown as "≡ output" (not the last op's output)."""
+    model = _seeded(_Net, lambda m, f: F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(f, 4), 2).flatten(1))  # (B, 16)
+    found = mix_equivalence(model, "body")
+    ops = ("adaptive_avg_pool2d", "adaptive_avg_pool2d", "flatten")  # the function's name, not the node's
+    assert found == MixEquivalence("body", True, ops, "output", True)
+    assert found.describe() == "≡ output"
+    x, y = _data(8)
+    hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
+    by_hand = mixed_by_hand(model, "output", lam, partners, x, y)
+    assert ((hooked - by_hand).norm() / by_hand.norm()).item() < 1e-5
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + z
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5)), MixEquivalence("input", True, ("0",), "1", True)),
+        (
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5)),
+            MixEquivalence("input", True, ("0",), "1", False),
+        ),
+    ],
+    ids=["linear-head", "mlp-head"],
+)
+def test_the_input_of_a_head_is_analysed(factory, expected: MixEquivalence) -> None:
+    """``"input"`` is the model's single input: a linear head's input is its output, an MLP's is not (checked
+    by mixing a (B, 3, 2, 2) batch before and after the head)."""
+    head = _seeded(factory)
+    assert mix_equivalence(head, "input") == expected
+    x, lam, partners = _data(2)[0], 0.3, torch.tensor([5, 0, 1, 2, 3, 4])
+    with torch.no_grad():
+        mixed_input, mixed_output = (
+            head(lam * x + (1 - lam) * x[partners]),
+            lam * head(x) + (1 - lam) * head(x)[partners],
+        )
+    error = ((mixed_input - mixed_output).norm() / mixed_output.norm()).item()
+    assert error < 1e-5 if expected.same_as_output else error > 1e-3, error
+
+
+def test_a_model_with_two_inputs_has_no_input_point() -> None:
+    assert mix_equivalence(_TwoInputs(), "input") == MixEquivalence("input", known=False)
+
+
+def test_a_fixed_op_whose_output_is_used_twice_is_the_point() -> None:
+    model = _seeded(
+        _Net, lambda m, f: (lambda p: m.fc(p.flatten(1)) + p.mean())(m.pool(f)), pool=nn.AdaptiveAvgPool2d(1)
+    )
+    found = mix_equivalence(model, "body")
+    assert found == MixEquivalence("body", True, ("pool",), None, False) and found.describe() == "≡ pool output"
+    x, y = _data(8)
+    hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
+    by_hand = mixed_by_hand(model, "pool", lam, partners, x, y)
+    assert ((hooked - by_hand).norm() / by_hand.norm()).item() < 1e-5
+
+
+class _Tanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+def test_the_stop_names_a_module_fed_by_the_layer_alone() -> None:
+    found = mix_equivalence(_seeded(_Net, lambda m, f: m.fc(_pooled(m.gate(f))), gate=_Tanh()), "body")
+    assert found == MixEquivalence("body", True, (), "gate", False)
+
+
+def test_a_module_called_twice_is_not_named() -> None:
+    """``gate`` runs twice: "≡ gate input" would mix the input of both calls."""
+    model = _seeded(_Net, lambda m, f: m.fc(m.gate(m.gate(_pooled(f)))), gate=_Tanh())
+    assert mix_equivalence(model, "body").describe() == "≡ input of tanh in gate"
+    x, y = _data(8)
+    hooked, lam, partners = mixed_by_hookmix(model, "body", x, y)
+    by_hand = mixed_by_hand(model, "gate input", lam, partners, x, y)
+    assert ((hooked - by_hand).norm() / by_hand.norm()).item() > 1e-3
+
+
+def test_the_warning_names_each_pair_of_same_points() -> None:
+    """Called directly (the mixer's call is checked by ``test_the_mixer_says_once_when_two_layers_are_one_point``)."""
+    model = tv_resnet18()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_same_mix_points(model, ["layer3", "layer4", "avgpool", "output"], stacklevel=1)
+        warn_same_mix_points(model, ["layer3", "layer4"], stacklevel=1)
+    assert [w.category for w in caught] == [SameMixPointWarning]
+    assert caught[0].filename != equivalence.__file__  # it points at a caller, never at the warn() line
+    assert str(caught[0].message) == (
+        "layers 'layer4' ≡ 'avgpool'; 'layer4' ≡ 'output'; 'avgpool' ≡ 'output': only linear ops separate them, "
+        "so mixup at one is exactly mixup at the other "
+        "(W·(λa+(1−λ)b)+c = λ(W·a+c)+(1−λ)(W·b+c)); as separate arms they are one experiment. Keep one of "
+        "each pair (CutMix, which pastes boxes of a map, does differ)."
+    )
