@@ -413,7 +413,7 @@ def _chains(model: nn.Module, points: CutPoints, start: fx.Node) -> _Chains:
         node = user
 
 
-def _name(points: CutPoints, node: fx.Node) -> str:
+def _name(node: fx.Node) -> str:
     """A node as ``hookmix layers`` names it: its module, or the op and the module it runs in."""
     if node.op == "output":
         return "output"
@@ -447,14 +447,12 @@ def _point(points: CutPoints, node: fx.Node, fixed: set[fx.Node]) -> str:
     of the fixed chain (``"head.norm"`` for the layer_norm inside it); else the op and where it runs
     (``"tanh in trunk"``, ``"mul in forward"``): the enclosing module's input may be another tensor."""
     if node.op in ("output", "call_module"):
-        return _name(points, node)
+        return _name(node)
     modules = _modules_of(node)
     if not modules:
-        return f"{_name(points, node)} in forward"
+        return f"{_name(node)} in forward"
     scope = {n for n in points.graph.nodes if modules[-1] in _modules_of(n)}
-    return (
-        modules[-1] if _called_once(points, modules[-1]) and _fed_only_by(points, scope, fixed) else _name(points, node)
-    )
+    return modules[-1] if _called_once(points, modules[-1]) and _fed_only_by(points, scope, fixed) else _name(node)
 
 
 def _called_once(points: CutPoints, module: str) -> bool:
@@ -540,7 +538,7 @@ def mix_equivalence(model: nn.Module, layer: str) -> MixEquivalence:
     return MixEquivalence(
         layer,
         known=True,
-        fixed_ops=tuple(_name(points, n) for n in chains.fixed),
+        fixed_ops=tuple(_name(n) for n in chains.fixed),
         stop=None if after is None else _point(points, after, {start, *chains.fixed}),
         same_as_output=chains.reaches_output,
     )
