@@ -72,23 +72,22 @@ class GridDraws:
     def plans(self, batch: int, device: torch.device) -> StepPlans:
         """This step's plans of every cell, each from the cell's own sampler."""
         g = len(self.configs)
-        lam, perm = torch.ones(g, batch), torch.arange(batch).repeat(g, 1)
-        mixed, cutmix = torch.zeros(g, dtype=torch.bool), [False] * g
         drawn = [None if s is None else s.draw(batch) for s in self.samplers]
-        cut = [i for i, plan in enumerate(drawn) if plan is not None and plan.mixed and plan.method == "cutmix"]
+        used = [plan if plan is not None and plan.mixed else None for plan in drawn]  # None: this step is plain
+        ones, identity = torch.ones(batch), torch.arange(batch)
+        lam = torch.stack([ones if plan is None else plan.lam for plan in used])
+        perm = torch.stack([identity if plan is None else plan.perm for plan in used])
+        mixed = torch.tensor([plan is not None for plan in used])
+        cut = [i for i, plan in enumerate(used) if plan is not None and plan.method == "cutmix"]
+        cutmix = tuple(i in cut for i in range(g))
         centers = torch.zeros(g, batch, 2) if cut else None
-        scores = torch.zeros(g, batch, drawn[cut[0]].token_scores.shape[1]) if cut and self.tokens else None
-        for i, plan in enumerate(drawn):
-            if plan is None or not plan.mixed:
-                continue
-            lam[i], perm[i], mixed[i] = plan.lam, plan.perm, True
-            if i in cut:
-                cutmix[i] = True
-                centers[i] = plan.centers  # type: ignore[index]
-                if scores is not None:
-                    scores[i] = plan.token_scores
+        scores = torch.zeros(g, batch, used[cut[0]].token_scores.shape[1]) if cut and self.tokens else None
+        for i in cut:
+            centers[i] = used[i].centers  # type: ignore[index, union-attr]
+            if scores is not None:
+                scores[i] = used[i].token_scores  # type: ignore[union-attr]
         moved = [None if t is None else t.to(device) for t in (centers, scores)]
-        return StepPlans(lam.to(device), perm.to(device), mixed.to(device), tuple(cutmix), *moved)
+        return StepPlans(lam.to(device), perm.to(device), mixed.to(device), cutmix, *moved)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
