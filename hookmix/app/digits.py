@@ -39,7 +39,6 @@ __all__ = [
     "source_split",
     "pretrain_source",
     "digits_transfer",
-    "digits_few_shot",
     "MAX_SHOTS",
 ]
 
@@ -54,14 +53,6 @@ def _check_shots(k: int) -> None:
             f"k must be an int in [1, {MAX_SHOTS}] (labelled examples per class), got {k!r}; "
             f"the smallest class has 174 examples and the rest are kept for validation."
         )
-
-
-def digits_few_shot(k: int, seed: int) -> TransferSplit:
-    """All ten digits with ``k`` training examples per class and every other example for validation:
-    the from-scratch task of the layer-sweep notebook."""
-    check_seed(seed)
-    _check_shots(k)
-    return split_digits(tuple(range(10)), k, seed)
 
 
 def digits_transfer(k: int, seed: int) -> TransferSplit:

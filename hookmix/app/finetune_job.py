@@ -25,15 +25,6 @@ from hookmix.app.digits import digits_transfer
 from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.labels_csv import load_labels_csv
 from hookmix.app.preprocessing import DIGITS_PREPROCESSING, model_preprocessing
-from hookmix.app.run import (
-    DIGITS_NAME,
-    HEAD_FILE,
-    RUN_FILE,
-    BackboneSource,
-    finished_run,
-    save_run,
-    sha256_of,
-)
 from hookmix.core.checks import modes_restored
 from hookmix.core.devices import resolve_device
 from hookmix.core.errors import UsageError
@@ -51,6 +42,15 @@ from hookmix.headonly.distributed import (
     leave_group,
     process_group,
     rank_and_world,
+)
+from hookmix.headonly.run_directory import (
+    DIGITS_NAME,
+    HEAD_FILE,
+    RUN_FILE,
+    BackboneSource,
+    finished_run,
+    save_run,
+    sha256_of,
 )
 from hookmix.headonly.store import is_remote
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget

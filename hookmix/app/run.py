@@ -3,8 +3,7 @@
 The run directory's format (``run.json`` + ``head.safetensors`` bound by the run's fingerprint) is the
 library's (:mod:`hookmix.headonly.run_directory`), and so is its one loader
 (:func:`hookmix.headonly.trained_model.load_finetuned_with_source`), which also reads an exported file. This
-module only names the flag: a file that cannot be used is one line starting ``--run``. The run-directory names
-``hookmix finetune`` writes with are the library's, listed here for the app's jobs.
+module only names the flag: a file that cannot be used is one line starting ``--run``.
 """
 
 from __future__ import annotations
@@ -15,30 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from hookmix.core.errors import UsageError
-from hookmix.headonly.run_directory import (
-    DIGITS_NAME,
-    HEAD_FILE,
-    RUN_FILE,
-    RUN_VERSION,
-    BackboneSource,
-    finished_run,
-    save_run,
-    sha256_of,
-)
 from hookmix.headonly.trained_model import FinetunedModel, load_finetuned_with_source
 
-__all__ = [
-    "BackboneSource",
-    "DIGITS_NAME",
-    "HEAD_FILE",
-    "LoadedRun",
-    "RUN_FILE",
-    "RUN_VERSION",
-    "finished_run",
-    "load_run",
-    "save_run",
-    "sha256_of",
-]
+__all__ = ["LoadedRun", "load_run"]
 
 
 @dataclass
