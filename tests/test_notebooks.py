@@ -18,7 +18,7 @@ Two kinds of checks, run on the committed printout (fast) and on a fresh executi
   the instruction set (AVX512, AVX2, none) — and grows over the epochs: those numbers must agree within the
   tolerances of :data:`TOLERANCES`, which were *measured*, not guessed (below). Rounding errors that are
   printed (``max |mixed - formula| = 4.8e-07``) are compared with their bound, not with their digits. A sweep's
-  verdict ends in its judgement of the interval ("within noise", "better than α=0"): an end of the interval
+  verdict ends in its judgement of the interval ("within noise", "better than no mixing"): an end of the interval
   that moves across 0 within the tolerance changes it (measured: notebook 03's stage1 accuracy gain at α=0.2 is
   "better" on AVX2/AVX512 and "within noise" without SIMD), so the judgement is not compared (:class:`Verdict`)
   and a claim checks that it follows from the interval printed with it.
@@ -109,7 +109,7 @@ class AtMost:
     bound: float
 
 
-JUDGEMENT = re.compile(r" (within noise|better than α=0|worse than α=0)$")
+JUDGEMENT = re.compile(r" (within noise|better than no mixing|worse than no mixing)$")
 """How a sweep's verdict ends: its judgement of the interval before it (:func:`hookmix.headonly.sweep.verdicts`)."""
 
 
@@ -222,13 +222,13 @@ def paired_is_difference(summary: str, paired: str) -> bool:
 
 def judged(metric: str, mean: str, low: str, high: str, judgement: str) -> bool:
     """Whether a printed verdict's judgement follows from its interval [low, high] (which holds its mean):
-    within noise when it holds 0, else better or worse than α=0 by the side of 0 it lies on (higher accuracy,
+    within noise when it holds 0, else better or worse than no mixing by the side of 0 it lies on (higher accuracy,
     lower NLL and ECE are better). An end printed as 0 is either."""
     lo, hi = float(low), float(high)
     if lo <= 0 <= hi:
-        expected = {"within noise"} | ({"better than α=0", "worse than α=0"} if 0.0 in (lo, hi) else set())
+        expected = {"within noise"} | ({"better than no mixing", "worse than no mixing"} if 0.0 in (lo, hi) else set())
     else:
-        expected = {"better than α=0" if (lo > 0) == (metric == "accuracy") else "worse than α=0"}
+        expected = {"better than no mixing" if (lo > 0) == (metric == "accuracy") else "worse than no mixing"}
     return lo <= float(mean) <= hi and judgement in expected
 
 
@@ -412,7 +412,7 @@ def test_the_comparison_is_exact_where_no_rule_applies_and_bounded_where_one_doe
     assert line_differences(error, "max |mixed - formula| = 0.25", rules) == ["0.25 > 1e-05 (bound)"]
     assert printout_differences(f"{shape}\n{table}\n", f"{shape}\n", rules) == ["1 lines printed, 2 committed"]
     sweep = TOLERANCES["03_layer_sweep"]
-    verdict = "α=0.2 at stage1 (model, lr 0.03): accuracy +0.0080 [+0.0033, +0.0128] better than α=0"
+    verdict = "α=0.2 at stage1 (model, lr 0.03): accuracy +0.0080 [+0.0033, +0.0128] better than no mixing"
     flipped = "α=0.2 at stage1 (model, lr 0.03): accuracy +0.0060 [-0.0025, +0.0146] within noise"  # measured
     assert line_differences(verdict, flipped, sweep) == []
     assert line_differences(verdict, verdict.replace("+0.0128", "+0.0300"), sweep) == [
@@ -421,7 +421,7 @@ def test_the_comparison_is_exact_where_no_rule_applies_and_bounded_where_one_doe
     assert line_differences(verdict, verdict.replace("0.2 at", "0.4 at"), sweep) == ["0.2 is now 0.4 (exact)"]
     assert line_differences(verdict, verdict.replace("better than", "better then"), sweep) == ["other text"]
     assert judged(*re.search(VERDICT, flipped + "\n").groups())
-    assert not judged(*re.search(VERDICT, flipped.replace("within noise", "better than α=0") + "\n").groups())
+    assert not judged(*re.search(VERDICT, flipped.replace("within noise", "better than no mixing") + "\n").groups())
 
 
 @pytest.mark.slow

@@ -252,8 +252,9 @@ def _name(metric: str) -> str:
 
 def verdicts(differences: Sequence[dict[str, Any]]) -> list[str]:
     """One line per row of :func:`paired_differences`, e.g. ``α=0.4 at layer4 (linear, lr 0.003): NLL
-    −0.0500 [−0.0800, −0.0200] better than α=0`` or ``... accuracy +0.0100 [−0.0200, +0.0400] within noise``
-    (``cutmix α=1 at ...`` for a CutMix cell; "α=0" is the baseline without mixing)."""
+    −0.0500 [−0.0800, −0.0200] better than no mixing`` or ``... accuracy +0.0100 [−0.0200, +0.0400] within
+    noise`` (``cutmix α=1 at ...`` for a CutMix cell; every cell is compared with the same seed's cell without
+    mixing, α = cutmix α = 0)."""
     lines = []
     for row in differences:
         where = _where(row["alpha"], row["cutmix_alpha"], row["layer"], row["head"], row["lr"])
@@ -266,7 +267,7 @@ def verdicts(differences: Sequence[dict[str, Any]]) -> list[str]:
             judged = "within noise"
         else:
             better = (row["low"] > 0) == HIGHER_IS_BETTER[row["metric"]]
-            judged = "better than α=0" if better else "worse than α=0"
+            judged = "better than no mixing" if better else "worse than no mixing"
         lines.append(f"{where}: {shown} {interval} {judged}")
     return lines
 

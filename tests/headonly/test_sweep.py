@@ -272,7 +272,7 @@ def test_paired_differences_verdicts_and_warnings() -> None:
     assert acc["mean"] == pytest.approx(0.0, abs=1e-12) and acc["half_width"] == pytest.approx(t * 0.1 / math.sqrt(3))
     lines = dict(zip([r["metric"] for r in paired_differences(records)], verdicts(paired_differences(records))))
     assert lines["val_nll"].startswith("α=0.4 at layer4 (linear, lr 0.003): NLL -0.0500 [")
-    assert lines["val_nll"].endswith("better than α=0")
+    assert lines["val_nll"].endswith("better than no mixing")
     assert lines["val_accuracy"].endswith("within noise")
     assert lines["val_ece"].endswith("+0.0000 [+0.0000, +0.0000] within noise")
     warned = warnings_of(records)
