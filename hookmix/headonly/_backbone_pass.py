@@ -163,7 +163,7 @@ def run_backbone(
 
     Batches never straddle two ranges, so one DataLoader (its workers started once) serves every range. View
     ``v`` of row ``i`` is read under its own seed (:class:`~hookmix.headonly.view_seeds.SeededViews`), so the
-    rows are the same bytes whatever the ranges, batch size and workers, and the global generators are left as they
+    inputs are the same whatever the ranges, batch size and workers, and the global generators are left as they
     were. The backbone runs in eval mode under ``torch.no_grad()`` (and autocast on a GPU unless ``dtype`` is
     float32); each submodule's training flag is restored afterwards.
     """

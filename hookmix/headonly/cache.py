@@ -263,8 +263,9 @@ class FeatureCache:
                 dataset's own randomness (a random augmentation in its transform); with a
                 deterministic dataset all views are equal. View ``v`` of row ``i`` is read with torch's,
                 Python's and numpy's global generators seeded by ``(i, v)`` alone
-                (:mod:`hookmix.headonly.view_seeds`), so a cache is the same bytes on a rerun, a resume, with
-                another batch size, shard size or number of workers, or split across ranks, and the caller's
+                (:mod:`hookmix.headonly.view_seeds`), so the views are the same inputs on a rerun, a resume,
+                with another batch size, shard size or number of workers, or split across ranks (the same
+                cache bytes, but for the rounding a backbone may change with the batch size), and the caller's
                 random state is left as it was. On disk, each shard runs its ``views`` passes before the
                 next shard starts.
             num_workers: DataLoader worker processes.
