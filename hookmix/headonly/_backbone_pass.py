@@ -22,6 +22,7 @@ from hookmix.core.checks import modes_restored
 from hookmix.core.devices import autocast_dtype
 from hookmix.core.errors import UsageError
 from hookmix.headonly._cache_format import Sink
+from hookmix.headonly.view_seeds import SeededViews
 
 __all__ = ["Regroup", "pass_ranges", "run_backbone"]
 
@@ -160,9 +161,11 @@ def run_backbone(
     """Run ``backbone`` over ``views`` passes of each row range in turn, hand each range's rows of each output
     to that output's sink (in the order of ``sinks``). Returns the number of batches the backbone ran.
 
-    Batches never straddle two ranges, so one DataLoader (its workers started once) serves every range. The
-    backbone runs in eval mode under ``torch.no_grad()`` (and autocast on a GPU unless ``dtype`` is float32);
-    each submodule's training flag is restored afterwards.
+    Batches never straddle two ranges, so one DataLoader (its workers started once) serves every range. View
+    ``v`` of row ``i`` is read under its own seed (:class:`~hookmix.headonly.view_seeds.SeededViews`), so the
+    inputs are the same whatever the ranges, batch size and workers, and the global generators are left as they
+    were. The backbone runs in eval mode under ``torch.no_grad()`` (and autocast on a GPU unless ``dtype`` is
+    float32); each submodule's training flag is restored afterwards.
     """
     plan = [
         (range_index, view, list(range(b, min(b + batch_size, stop))))
@@ -171,10 +174,11 @@ def run_backbone(
         for b in range(start, stop, batch_size)
     ]
     loader = DataLoader(
-        dataset,
-        batch_sampler=[indices for _, _, indices in plan],
+        SeededViews(dataset, len(dataset)),  # type: ignore[arg-type]
+        batch_sampler=[[(row, view) for row in indices] for _, view, indices in plan],
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # the workers' seeds, not drawn from the global generator
     )
     names, total = list(sinks), views * sum(stop - start for start, stop in ranges)
     half = autocast_dtype(device) if dtype != torch.float32 else None

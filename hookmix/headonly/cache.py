@@ -261,8 +261,13 @@ class FeatureCache:
             shard_size: examples per shard file (``path`` only); a shard is the unit of resumption.
             views: passes over the data, stored as ``features[v]``. The views differ only through the
                 dataset's own randomness (a random augmentation in its transform); with a
-                deterministic dataset all views are equal. On disk, each shard runs its ``views``
-                passes before the next shard starts.
+                deterministic dataset all views are equal. View ``v`` of row ``i`` is read with torch's,
+                Python's and numpy's global generators seeded by ``(i, v)`` alone
+                (:mod:`hookmix.headonly.view_seeds`), so the views are the same inputs on a rerun, a resume,
+                with another batch size, shard size or number of workers, or split across ranks (the same
+                cache bytes, but for the rounding a backbone may change with the batch size), and the caller's
+                random state is left as it was. On disk, each shard runs its ``views`` passes before the
+                next shard starts.
             num_workers: DataLoader worker processes.
             device: where the backbone runs: ``None`` — where its parameters are (it is not moved) —
                 or ``"auto"`` / ``"cpu"`` / ``"cuda"`` / ``"mps"`` (:func:`~hookmix.core.devices.resolve_device`),

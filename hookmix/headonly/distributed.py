@@ -244,16 +244,17 @@ def extract_sharded(
     """:meth:`FeatureCache.extract` with the shards split across the ranks of the default process group.
 
     Call it on every rank. Shard i holds rows ``[i·S, min((i+1)·S, N))`` (:func:`shard_rows`), the layout one
-    process writes. The ranks first check what an earlier, interrupted run left (each listed shard's sha256,
-    the checks split across the ranks); then rank r runs ``backbone`` over every W-th missing shard, writing
-    each shard under its final name and then its one-shard manifest (:func:`shard_entry_name`). No features
-    travel between ranks. After a barrier rank 0 writes the cache's manifest (no shard is read) and removes
-    the entries; every rank then returns the whole cache (N rows), loaded or memory-mapped per ``mmap``. A
-    rank that dies leaves no manifest — never a cache that looks complete — and the next run, on any number of
-    ranks (or an interrupted one-process cache of the same shard size), redoes only the missing shards. Rank 0
-    holds the directory's writer lock throughout, so a one-process extraction of the same directory waits.
-    ``path`` must be reachable by every rank (a shared file system across nodes; object storage, a URL, is refused
-    for now). Without a process group this is ``FeatureCache.extract``, which also takes a URL.
+    process writes, byte for byte (each row's views are drawn under seeds of the row and the view,
+    :mod:`hookmix.headonly.view_seeds`, whichever rank reads it). The ranks first check what an earlier, interrupted
+    run left (each listed shard's sha256, the checks split across the ranks); then rank r runs ``backbone`` over
+    every W-th missing shard, writing each shard under its final name and then its one-shard manifest
+    (:func:`shard_entry_name`). No features travel between ranks. After a barrier rank 0 writes the cache's manifest
+    (no shard is read) and removes the entries; every rank then returns the whole cache (N rows), loaded or
+    memory-mapped per ``mmap``. A rank that dies leaves no manifest — never a cache that looks complete — and the
+    next run, on any number of ranks (or an interrupted one-process cache of the same shard size), redoes only the
+    missing shards. Rank 0 holds the directory's writer lock throughout, so a one-process extraction of the same
+    directory waits. ``path`` must be reachable by every rank (a shared file system across nodes; object storage, a
+    URL, is refused for now). Without a process group this is ``FeatureCache.extract``, which also takes a URL.
 
     Args:
         backbone: frozen module mapping ``(B, C, H, W)`` to ``(B, *F)``, on this rank's device.

@@ -17,7 +17,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - ``--label-smoothing`` not reaching the targets, ``--no-mix`` still mixing, ``--exclude-classes`` ignored,
   ``--seed`` / ``--shots`` not choosing the task, ``--lr`` not reaching the optimiser:
   ``test_the_training_loss_is_the_criterion_of_the_initial_head``;
-- ``--views`` caching one view, or the same view twice: ``test_views_cache_that_many_augmented_views``;
+- ``--views`` caching one view, or the same view twice, or other views on a rerun (views drawn from the global
+  generators): ``test_views_cache_that_many_augmented_views``;
 - ``--fp32`` / ``--cache`` / ``--layer`` not reaching the cache: ``test_layer_fp32_and_cache_set_what_is_stored``;
 - ``--workers`` changing the features: ``test_workers_extract_the_same_features``;
 - ``--extract-batch-size`` ignored (extraction fixed at 64), or put in the cache key (a run with another
@@ -435,7 +436,8 @@ def cached(cache: Path, part: str = "train") -> tuple[dict, torch.Tensor]:
 
 def test_views_cache_that_many_augmented_views(tmp_path: Path, images: Path) -> None:
     """``--views 2`` stores two views of every training image (twice the bytes, views that differ: the
-    training transform's random crops), validation one; ``--views 1`` one view, the deterministic one."""
+    training transform's random crops), validation one, and the same bytes on a rerun with workers; ``--views 1``
+    one view, the deterministic one."""
     finetune(tmp_path / "one", images, "--cache", str(tmp_path / "c1"), "--epochs", "1")
     finetune(tmp_path / "two", images, "--views", "2", "--cache", str(tmp_path / "c2"), "--epochs", "1")
     one, features_one = cached(tmp_path / "c1")
@@ -446,6 +448,11 @@ def test_views_cache_that_many_augmented_views(tmp_path: Path, images: Path) -> 
     assert sum(s["bytes"] for s in two["shards"]) > 1.9 * sum(s["bytes"] for s in one["shards"])
     assert ((features_two[0] - features_two[1]).flatten(1).abs().amax(dim=1) > 0).all()
     assert cached(tmp_path / "c2", "val")[0]["views"] == 1
+    # each (image, view) is drawn under its own seed: a rerun, here with DataLoader workers, caches the same views
+    finetune(tmp_path / "again", images, "--views", "2", "--workers", "2", "--cache", str(tmp_path / "c3"))
+    again, features_again = cached(tmp_path / "c3")
+    assert torch.equal(features_again, features_two)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in two["shards"]]
 
 
 def test_lam_mode_sample_changes_the_draws(tmp_path: Path) -> None:
