@@ -341,17 +341,18 @@ def _extract(
         mmap=None if budget is not None and spec.cache_dir is not None else False,
         memory_budget=budget,
     )
-    options["shard_size"] = _shard_size(len(dataset))
     if rank_and_world()[1] == 1:
         return FeatureCache.extract(backbone, dataset, key, path=path, **options)
     assert path is not None  # run_finetune refuses torchrun without --cache
-    return extract_sharded(backbone, dataset, key, path=path, **options)
+    return extract_sharded(backbone, dataset, key, path=path, shard_size=_shard_size(len(dataset)), **options)
 
 
 def _shard_size(count: int) -> int:
-    """Rows per shard: at least 64 shards (so up to 64 ranks share the work, and a rank that dies loses at most
-    1/64 of it), at most 1024 rows; the same for one process and any number of ranks, so a cache holds the same
-    bytes however many processes extracted it, and a resumed extraction may run on another number."""
+    """Rows per shard of an extraction shared by the ranks: at least 64 shards (so up to 64 ranks share the
+    work, and a rank that dies loses at most 1/64 of it), at most 1024 rows; the same for any number of ranks,
+    so a resumed extraction may run on another number. One process keeps ``FeatureCache.extract``'s 1024: a
+    shard is also a backbone batch's limit (batches never straddle shards), so a small data set keeps
+    ``--extract-batch-size``."""
     return min(1024, max(1, -(-count // 64)))
 
 

@@ -84,7 +84,7 @@ def break_truncated(store: RemoteStore, server) -> None:
         (break_missing, "shard {train}/shard-00000.safetensors listed in manifest.json is missing"),
         (break_truncated, "shard {train}/shard-00000.safetensors is "),
         ("credentials", " {train}/manifest.json failed: PermissionError"),
-        ("server gone", "reading {train}/shard-0"),  # one of the shards the second epoch reads first
+        ("server gone", "reading {train}/shard-00000.safetensors failed: "),
     ],
     ids=["missing shard", "truncated object", "refused credentials", "server gone mid-epoch"],
 )
@@ -106,12 +106,11 @@ def test_a_fault_in_the_store_ends_in_one_line_naming_the_object(
         request.getfixturevalue("s3_auth")()
     elif fault == "server gone":
         fetch, fetched = RemoteStore.fetch, []
-        shards = len([name for name in train.names() if name.startswith("shard-")])
 
         def die_in_the_second_epoch(self: RemoteStore, name: str, *args):
             if self.path == train.path:
                 fetched.append(name)
-            if len(fetched) == shards + 1:  # the first epoch read every training shard: the store goes away
+            if len(fetched) == 2:  # the first epoch read the training shard: the store goes away
                 server.kill()
             return fetch(self, name, *args)
 
