@@ -13,7 +13,10 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - the job training on every rank without DDP, a rank other than 0 writing or printing the report, or the
   auto rule choosing DDP on gloo: ``test_rank_0_trains_alone_on_cpus_and_a_rank_killed_mid_extraction_resumes``;
 - a rank's death leaving a cache that looks complete (manifest written early), or the resumed extraction
-  redoing or losing shards: the same test (the cache and head equal the one-process run's).
+  losing shards or keeping a damaged one (its entry trusted without hashing the shard): the same test (a shard
+  with its entry is cut short before the resume; the cache and head equal the one-process run's);
+- ranks that cannot write a cache in object storage (shards written through local paths, an interrupted run's
+  object refused instead of replaced): ``test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left``.
 """
 
 import json
@@ -138,6 +141,9 @@ def test_rank_0_trains_alone_on_cpus_and_a_rank_killed_mid_extraction_resumes(tm
     kill_when(torchrun, victim, lambda: any((tmp_path / "cache").glob("*/.shard-*.json")))
     caches = sorted((tmp_path / "cache").iterdir())
     assert any(not (cache / "manifest.json").exists() for cache in caches)  # it died mid-extraction
+    entry = sorted((tmp_path / "cache").glob("*/.shard-*.json"))[0]  # a shard written, with its entry ...
+    shard = entry.parent / f"shard-{entry.name.split('-')[1].split('.')[0]}.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])  # ... cut short since (a disk fault, a copy): the resume redoes it
     out = finish(launch(tmp_path, "--no-mix", "--resume"))
     assert "head training: on rank 0 alone (--ddp auto: gloo ranks on CPUs; measured" in out
     assert out.count("val accuracy") == 1
