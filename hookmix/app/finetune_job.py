@@ -341,7 +341,8 @@ def _extract(
         mmap=None if budget is not None and spec.cache_dir is not None else False,
         memory_budget=budget,
     )
-    if rank_and_world()[1] == 1:
+    world = rank_and_world()[1]
+    if world == 1:
         return FeatureCache.extract(backbone, dataset, key, path=path, **options)
     assert path is not None  # run_finetune refuses torchrun without --cache
     return extract_sharded(backbone, dataset, key, path=path, shard_size=_shard_size(len(dataset)), **options)
