@@ -52,7 +52,6 @@ from hookmix.headonly.run_directory import (
     save_run,
     sha256_of,
 )
-from hookmix.headonly.store import is_remote
 from hookmix.headonly.streaming import ShardedFeatures, default_memory_budget
 from hookmix.headonly.tasks import MULTICLASS, MULTILABEL, Task
 from hookmix.headonly.trained_model import FinetunedConfig, assemble, example_shape
@@ -352,7 +351,9 @@ def _extract(
 def _shard_size(count: int) -> int:
     """Rows per shard of an extraction shared by the ranks: at least 64 shards (so up to 64 ranks share the
     work, and a rank that dies loses at most 1/64 of it), at most 1024 rows; the same for any number of ranks,
-    so a resumed extraction may run on another number."""
+    so a resumed extraction may run on another number. One process keeps ``FeatureCache.extract``'s 1024: a
+    shard is also a backbone batch's limit (batches never straddle shards), so a small data set keeps
+    ``--extract-batch-size``."""
     return min(1024, max(1, -(-count // 64)))
 
 
@@ -616,15 +617,11 @@ def run_finetune(
 
 def _check_shared_cache(cache_dir: str | Path | None, world: int) -> None:
     """Under torchrun (``world`` > 1) the ranks share the extraction through ``--cache``: refused before the
-    process group is joined when it is missing, or (for now) in object storage, which the ranks' shared
-    extraction does not write (:func:`~hookmix.headonly.distributed.extract_sharded`)."""
-    if world == 1:
-        return
-    if cache_dir is None or is_remote(cache_dir):
-        given = "no --cache" if cache_dir is None else f"--cache {cache_dir} is object storage"
+    process group is joined when it is missing (:func:`~hookmix.headonly.distributed.extract_sharded`)."""
+    if world > 1 and cache_dir is None:
         raise UsageError(
-            f"torchrun with {world} processes needs --cache DIR on a shared file system every rank reaches, for "
-            f"now ({given}): the ranks write their shards of the features there; run one process for an s3:// cache."
+            f"torchrun with {world} processes needs --cache (no --cache given): a directory on a shared file system "
+            "every rank reaches, or object storage (s3://bucket/prefix), where the ranks write their shards."
         )
 
 

@@ -471,7 +471,9 @@ class ShardWriter:
     """A sink that writes each range as the next shard, then rewrites the manifest (both atomically).
 
     ``first_shard`` / ``manifest_name``: the number of its first shard file and the name of the manifest it
-    keeps; one rank of a sharded extraction writes its shards under their final names and its own manifest.
+    keeps; one rank of a sharded extraction writes its shards under their final names and its own manifest (an
+    entry, never published as the cache's manifest; its shard replaces what an interrupted run left under that
+    name, which no published manifest lists: :meth:`hookmix.headonly.store.Store.write`).
     ``directory``: a path, or a :class:`~hookmix.headonly.store.Store` (in object storage the manifest is
     published only once it is complete; see :meth:`hookmix.headonly.store.Store.publish`).
     """
@@ -517,10 +519,12 @@ class ShardWriter:
             check_consistent(self.manifest, manifest, self.directory)
         data = save_safetensors({"features": features, "labels": labels})
         name = shard_name(self.first_shard + len(shards))
-        self.directory.write(name, data)
+        entry = self.manifest_name != MANIFEST_NAME  # a rank's part of a sharded extraction
+        self.directory.write(name, data, replace=entry)
         shard = Shard(name, start, stop, len(data), hashlib.sha256(data).hexdigest())
         self.manifest = replace(manifest, shards=(*shards, shard))
-        self.directory.publish(self.manifest_name, self.manifest.to_json(), complete=self.manifest.complete)
+        complete = self.manifest.complete and not entry
+        self.directory.publish(self.manifest_name, self.manifest.to_json(), complete=complete)
 
 
 def check_consistent(before: Manifest, now: Manifest, directory: Path | Store) -> None:

@@ -31,7 +31,6 @@ from torch.utils.data import Dataset
 from hookmix.core.checks import check_int, is_int
 from hookmix.core.devices import place_module
 from hookmix.core.errors import UsageError
-from hookmix.core.files import atomic_write
 from hookmix.core.wrappers import unwrap
 from hookmix.headonly._backbone_pass import run_backbone
 from hookmix.headonly._cache_format import (
@@ -43,7 +42,7 @@ from hookmix.headonly._cache_format import (
     map_shard,
 )
 from hookmix.headonly.cache import CacheKey, FeatureCache, check_extract_args
-from hookmix.headonly.store import is_remote, writer_lock
+from hookmix.headonly.store import Store, open_store
 
 __all__ = [
     "GROUP_TIMEOUT",
@@ -244,23 +243,27 @@ def extract_sharded(
     """:meth:`FeatureCache.extract` with the shards split across the ranks of the default process group.
 
     Call it on every rank. Shard i holds rows ``[i·S, min((i+1)·S, N))`` (:func:`shard_rows`), the layout one
-    process writes, byte for byte (each row's views are drawn under seeds of the row and the view,
-    :mod:`hookmix.headonly.view_seeds`, whichever rank reads it). The ranks first check what an earlier, interrupted
-    run left (each listed shard's sha256, the checks split across the ranks); then rank r runs ``backbone`` over
-    every W-th missing shard, writing each shard under its final name and then its one-shard manifest
-    (:func:`shard_entry_name`). No features travel between ranks. After a barrier rank 0 writes the cache's manifest
-    (no shard is read) and removes the entries; every rank then returns the whole cache (N rows), loaded or
-    memory-mapped per ``mmap``. A rank that dies leaves no manifest — never a cache that looks complete — and the
-    next run, on any number of ranks (or an interrupted one-process cache of the same shard size), redoes only the
-    missing shards. Rank 0 holds the directory's writer lock throughout, so a one-process extraction of the same
-    directory waits. ``path`` must be reachable by every rank (a shared file system across nodes; object storage, a
-    URL, is refused for now). Without a process group this is ``FeatureCache.extract``, which also takes a URL.
+    process writes with the same ``shard_size``: the same bytes, whatever the number of ranks (each row's views are
+    drawn under seeds of the row and the view, :mod:`hookmix.headonly.view_seeds`, whichever rank reads it). The
+    ranks first check what an earlier, interrupted run left (each listed shard's sha256, the checks split across the
+    ranks); then rank r runs ``backbone`` over every W-th missing or damaged shard, writing each shard under its
+    final name and then its one-shard manifest (:func:`shard_entry_name`). No features travel between ranks. After a
+    barrier rank 0 writes the cache's manifest (no shard is read) and removes the entries; every rank then returns
+    the whole cache (N rows), loaded or memory-mapped per ``mmap``. A rank that dies leaves no manifest — never a
+    cache that looks complete — and the next run, on any number of ranks (or an interrupted one-process cache of the
+    same shard size), redoes only the missing and damaged shards.
+
+    ``path`` is reached by every rank: a directory on a shared file system, whose writer lock rank 0 holds
+    throughout (a one-process extraction of it waits), or a prefix in object storage (``s3://bucket/prefix``,
+    any fsspec URL: :mod:`hookmix.headonly.store`), where each rank PUTs its own shards and entries and rank 0
+    publishes the manifest once (write-once). Object storage has no lock: two jobs must not extract into one
+    prefix at the same time. Without a process group (or with one rank) this is ``FeatureCache.extract``.
 
     Args:
         backbone: frozen module mapping ``(B, C, H, W)`` to ``(B, *F)``, on this rank's device.
         dataset: the whole map-style dataset (the same on every rank).
         key, dtype, views, shard_size, mmap, memory_budget: as in :meth:`FeatureCache.extract`.
-        path: the cache directory (a local path).
+        path: the cache's directory or URL, the same on every rank.
         progress: show a tqdm bar (on rank 0 only).
         **options: other :meth:`FeatureCache.extract` arguments (``batch_size``, ``num_workers``, ``device``).
     """
@@ -270,59 +273,55 @@ def extract_sharded(
         return FeatureCache.extract(
             backbone, dataset, key, path=path, progress=progress, shard_size=shard_size, **stored, **options
         )
-    if is_remote(path):
-        raise UsageError(
-            f"path={str(path)!r}: a sharded extraction over {world} ranks needs a directory on a file system every "
-            "rank reaches (object storage is not supported across ranks yet); give such a directory."
-        )
-    directory = Path(path)
     run = dict(batch_size=64, num_workers=0, device=None) | options | dict(dtype=dtype, views=views)
     check_extract_args(backbone, dataset, key, dtype, run["batch_size"], shard_size, views, run["num_workers"])
-    directory.mkdir(parents=True, exist_ok=True)
-    with writer_lock(directory) if rank == 0 else contextlib.nullcontext():
+    store = open_store(path)
+    store.prepare()
+    with store.lock() if rank == 0 else contextlib.nullcontext():
         dist.barrier()  # every rank starts once rank 0 holds the lock
         batches = torch.zeros(1, dtype=torch.int64)
-        if not _complete(directory):
+        if not _complete(store):
             request = dict(dtype=dtype, views=views, count=len(dataset))  # type: ignore[arg-type]
             layout = shard_rows(len(dataset), check_int("shard_size", shard_size, 1))  # type: ignore[arg-type]
-            done = _verified(directory, key, layout, request)
+            done = _verified(store, key, layout, request)
             mine = [i for i in range(len(layout)) if i not in done][rank::world]
-            batches += _extract_shards(backbone, dataset, key, directory, layout, mine, progress and rank == 0, run)
+            batches += _extract_shards(backbone, dataset, key, store, layout, mine, progress and rank == 0, run)
             dist.barrier()
             if rank == 0:
-                _publish(directory, layout)
+                _publish(store, layout)
         dist.all_reduce(batches)
         dist.barrier()  # the manifest is written before any rank loads it
-    cache = FeatureCache.load(directory, key, **stored)
+    cache = FeatureCache.load(store, key, **stored)
     cache.batches_run = int(batches)
     cache.rows_reused = len(cache) if cache.batches_run == 0 else 0
     return cache
 
 
-def _complete(directory: Path) -> bool:
-    """Whether ``directory`` holds a complete manifest (a damaged one is left to ``FeatureCache.load`` to report)."""
+def _complete(store: Store) -> bool:
+    """Whether ``store`` holds a complete manifest (a damaged one is left to ``FeatureCache.load`` to report)."""
     try:
-        return Manifest.read(directory, CacheKey).complete
+        return Manifest.read(store, CacheKey).complete
     except UsageError:
         return False
 
 
-def _entries(directory: Path, layout: list[tuple[int, int]]) -> dict[int, Manifest]:
+def _entries(store: Store, layout: list[tuple[int, int]]) -> dict[int, Manifest]:
     """The one-shard manifests of shards written so far: the ranks' entries, and the shards of an interrupted
     one-process manifest with the same layout; an entry that cannot be read, or of another layout, is left out."""
     found: dict[int, Manifest] = {}
-    if (directory / MANIFEST_NAME).is_file():
+    names = store.names()
+    if MANIFEST_NAME in names:
         try:
-            partial = Manifest.read(directory, CacheKey)
+            partial = Manifest.read(store, CacheKey)
         except UsageError:
             partial = None
         for index, shard in enumerate(partial.shards if partial is not None else ()):
             if index < len(layout) and (shard.start, shard.stop) == layout[index]:
                 found[index] = replace(partial, shards=(shard,))  # type: ignore[arg-type]
     for index, (start, stop) in enumerate(layout):
-        if (directory / shard_entry_name(index)).is_file():
+        if shard_entry_name(index) in names:
             try:
-                entry = Manifest.read(directory, CacheKey, shard_entry_name(index), index, start)
+                entry = Manifest.read(store, CacheKey, shard_entry_name(index), index, start)
             except UsageError:
                 continue
             if entry.rows_done == stop and len(entry.shards) == 1:
@@ -330,16 +329,16 @@ def _entries(directory: Path, layout: list[tuple[int, int]]) -> dict[int, Manife
     return found
 
 
-def _verified(directory: Path, key: CacheKey, layout: list[tuple[int, int]], request: dict[str, Any]) -> set[int]:
+def _verified(store: Store, key: CacheKey, layout: list[tuple[int, int]], request: dict[str, Any]) -> set[int]:
     """The shards written by an earlier run whose bytes match their sha256: each rank checks every W-th entry,
     and the ranks share their findings. An entry of another key, dtype or views is refused (another cache)."""
     rank, world = rank_and_world()
-    entries = _entries(directory, layout)
+    entries = _entries(store, layout)
     good = []
     for index in sorted(entries)[rank::world]:
-        check_request(entries[index], directory, key, **request)
+        check_request(entries[index], store, key, **request)
         try:
-            map_shard(directory, entries[index].shards[0], entries[index])
+            map_shard(store, entries[index].shards[0], entries[index])
         except UsageError:  # missing, truncated or altered: extracted again
             continue
         good.append(index)
@@ -352,7 +351,7 @@ def _extract_shards(
     backbone: nn.Module,
     dataset: Dataset,
     key: CacheKey,
-    directory: Path,
+    store: Store,
     layout: list[tuple[int, int]],
     mine: list[int],
     progress: bool,
@@ -367,15 +366,9 @@ def _extract_shards(
 
     def write(start: int, stop: int, features: torch.Tensor, labels: torch.Tensor) -> None:
         index = index_of[start]
+        entry = shard_entry_name(index)
         writer = ShardWriter(
-            directory,
-            key,
-            run["dtype"],
-            run["views"],
-            count,
-            None,
-            first_shard=index,
-            manifest_name=shard_entry_name(index),
+            store, key, run["dtype"], run["views"], count, None, first_shard=index, manifest_name=entry
         )
         writer(start, stop, features, labels)
 
@@ -385,17 +378,17 @@ def _extract_shards(
     return run_backbone(backbone, dataset, ranges, {"features": write}, progress=progress, **options)
 
 
-def _publish(directory: Path, layout: list[tuple[int, int]]) -> None:
+def _publish(store: Store, layout: list[tuple[int, int]]) -> None:
     """Rank 0, after every rank finished: the cache's manifest from the shards' entries (no shard is read),
-    written last; then the entries are removed."""
-    entries = _entries(directory, layout)
+    published last; then the entries (and an interrupted one-process run's progress record) are removed."""
+    entries = _entries(store, layout)
     missing = [index for index in range(len(layout)) if index not in entries]
     if missing:
-        raise RuntimeError(f"shards {missing[:5]} of {directory} were not written although every rank finished.")
+        raise RuntimeError(f"shards {missing[:5]} of {store} were not written although every rank finished.")
     first = entries[0]
     for index in range(1, len(layout)):
-        check_consistent(first, entries[index], directory)
+        check_consistent(first, entries[index], store)
     merged = replace(first, shards=tuple(entries[index].shards[0] for index in range(len(layout))))
-    atomic_write(directory / MANIFEST_NAME, merged.to_json())
+    store.publish(MANIFEST_NAME, merged.to_json(), complete=True)
     for index in range(len(layout)):
-        (directory / shard_entry_name(index)).unlink(missing_ok=True)
+        store.discard(shard_entry_name(index))

@@ -173,8 +173,18 @@ class Store(ABC):
         """Whether :meth:`read` would find object ``name``."""
 
     @abstractmethod
-    def write(self, name: str, data: bytes) -> None:
-        """Store a shard: readers see all of ``data`` or nothing."""
+    def names(self) -> set[str]:
+        """The names :meth:`read` finds under this location now (one listing, not a request per name)."""
+
+    @abstractmethod
+    def write(self, name: str, data: bytes, *, replace: bool = False) -> None:
+        """Store a shard: readers see all of ``data`` or nothing. ``replace``: the caller knows that no published
+        manifest lists ``name`` (a shard of an unfinished extraction shared by ranks), so other bytes already
+        there are an interrupted run's and are replaced."""
+
+    @abstractmethod
+    def discard(self, name: str) -> None:
+        """Remove object ``name`` (and its progress record) if there is one."""
 
     @abstractmethod
     def publish(self, name: str, data: bytes, *, complete: bool) -> None:
@@ -231,8 +241,14 @@ class LocalStore(Store):
     def exists(self, name: str) -> bool:
         return (self.path / name).exists()
 
-    def write(self, name: str, data: bytes) -> None:
-        atomic_write(self.path / name, data)
+    def names(self) -> set[str]:
+        return {path.name for path in self.path.iterdir()} if self.path.is_dir() else set()
+
+    def write(self, name: str, data: bytes, *, replace: bool = False) -> None:
+        atomic_write(self.path / name, data)  # the writer's lock is held: the bytes there are this writer's
+
+    def discard(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
 
     def publish(self, name: str, data: bytes, *, complete: bool) -> None:
         atomic_write(self.path / name, data)  # a reader tells an incomplete manifest by its rows
@@ -307,9 +323,22 @@ class RemoteStore(Store):
         with self._io(name, "looking for"):
             return any(self.fs.exists(self._key(key)) for key in (name, name + PARTIAL_SUFFIX))
 
-    def write(self, name: str, data: bytes) -> None:
+    def names(self) -> set[str]:
+        with self._io("", "listing"):
+            try:
+                found = self.fs.ls(self._root, detail=False)
+            except FileNotFoundError:  # nothing under the prefix yet
+                return set()
+        return {path.rstrip("/").rsplit("/", 1)[-1].removesuffix(PARTIAL_SUFFIX) for path in found}
+
+    def write(self, name: str, data: bytes, *, replace: bool = False) -> None:
         """Write ``data`` once: an object already there (an interrupted run's, or another writer's at work) is
-        kept when it holds the same bytes and refused otherwise, so a published shard never changes."""
+        kept when it holds the same bytes and refused otherwise, so a published shard never changes. With
+        ``replace`` (no published manifest lists ``name``) the object is put whatever is there."""
+        if replace:
+            with self._io(name, "writing"):
+                self.fs.pipe_file(self._key(name), data)
+            return
         try:
             with self._io(name, "writing", FileExistsError):
                 self.fs.pipe_file(self._key(name), data, mode="create")
@@ -335,6 +364,11 @@ class RemoteStore(Store):
             self.fs.pipe_file(self._key(name), data, mode="create")
         with contextlib.suppress(FileNotFoundError), self._io(partial, "removing", FileNotFoundError):
             self.fs.rm_file(self._key(partial))
+
+    def discard(self, name: str) -> None:
+        for key in (name, name + PARTIAL_SUFFIX):
+            with contextlib.suppress(FileNotFoundError), self._io(key, "removing", FileNotFoundError):
+                self.fs.rm_file(self._key(key))
 
     @contextlib.contextmanager
     def open(self, name: str, size: int, fix: str, listed_in: str) -> Iterator[IO[bytes]]:

@@ -13,7 +13,10 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 - the job training on every rank without DDP, a rank other than 0 writing or printing the report, or the
   auto rule choosing DDP on gloo: ``test_rank_0_trains_alone_on_cpus_and_a_rank_killed_mid_extraction_resumes``;
 - a rank's death leaving a cache that looks complete (manifest written early), or the resumed extraction
-  redoing or losing shards: the same test (the cache and head equal the one-process run's).
+  losing shards or keeping a damaged one (its entry trusted without hashing the shard): the same test (a shard
+  with its entry is cut short before the resume; the cache and head equal the one-process run's);
+- ranks that cannot write a cache in object storage (shards written through local paths, an interrupted run's
+  object refused instead of replaced): ``test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left``.
 """
 
 import json
@@ -27,9 +30,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from hookmix.app.cli import main
+from hookmix.headonly.store import RemoteStore, join, open_store
+from tests.headonly.conftest import s3_bucket, s3_env, s3_server  # noqa: F401 - moto's S3 server, as fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +45,10 @@ LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--npro
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
-def launch(tmp_path: Path, *flags: str) -> subprocess.Popen:
+def launch(tmp_path: Path, *flags: str, cache: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOKMIX_TEST_MARKER": str(tmp_path)}
-    command = [*LAUNCH, "-m", "hookmix", *DIGITS, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    cache = cache or str(tmp_path / "cache")
+    command = [*LAUNCH, "-m", "hookmix", *DIGITS, "--cache", cache, "--out", str(tmp_path / "out")]
     return subprocess.Popen([*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -135,6 +141,9 @@ def test_rank_0_trains_alone_on_cpus_and_a_rank_killed_mid_extraction_resumes(tm
     kill_when(torchrun, victim, lambda: any((tmp_path / "cache").glob("*/.shard-*.json")))
     caches = sorted((tmp_path / "cache").iterdir())
     assert any(not (cache / "manifest.json").exists() for cache in caches)  # it died mid-extraction
+    entry = sorted((tmp_path / "cache").glob("*/.shard-*.json"))[0]  # a shard written, with its entry ...
+    shard = entry.parent / f"shard-{entry.name.split('-')[1].split('.')[0]}.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])  # ... cut short since (a disk fault, a copy): the resume redoes it
     out = finish(launch(tmp_path, "--no-mix", "--resume"))
     assert "head training: on rank 0 alone (--ddp auto: gloo ranks on CPUs; measured" in out
     assert out.count("val accuracy") == 1
@@ -146,3 +155,31 @@ def test_rank_0_trains_alone_on_cpus_and_a_rank_killed_mid_extraction_resumes(tm
         torch.testing.assert_close(features[0].float(), features[1].float(), rtol=1e-3, atol=1e-3)
     assert_same_head(tmp_path / "out", reference / "out")
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["distributed"]["head_training"] == "rank 0"
+
+
+def features_of(root: Path | str, part: str) -> torch.Tensor:
+    """The features ``(V, N, *F)`` of the ``part`` cache under a local or s3:// ``--cache``, read shard by shard
+    from its manifest, after checking that no rank's entry is left beside them."""
+    (directory,) = [name for name in open_store(root).names() if name.startswith(f"{part}.")]
+    cache = open_store(join(root, directory))
+    assert {name for name in cache.names() if not name.startswith("shard-")} <= {"manifest.json", ".writer.lock"}
+    manifest = json.loads(cache.read("manifest.json"))
+    return torch.cat([load(cache.read(shard["file"]))["features"] for shard in manifest["shards"]], 1)
+
+
+def test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left(
+    tmp_path: Path, reference: Path, request: pytest.FixtureRequest
+) -> None:
+    bucket = request.getfixturevalue("s3_bucket")  # the fixture imported from tests/headonly/conftest.py
+    url = f"s3://{bucket}/cache"
+    store = open_store(url)
+    assert isinstance(store, RemoteStore)
+    (train,) = [p.name for p in (reference / "cache").iterdir() if p.name.startswith("train.")]  # the same key
+    store.fs.pipe_file(f"{store._root}/{train}/shard-00001.safetensors", b"left by an interrupted run")
+    out = finish(launch(tmp_path, "--no-mix", cache=url))
+    assert out.splitlines()[0] == "rank 0 of 2 (gloo); the other ranks print only errors"
+    assert "head training: on rank 0 alone" in out and out.count("val accuracy") == 1
+    for part in ("train", "val"):  # the one-process features (within fp16 rounding: other batches)
+        got, want = features_of(url, part), features_of(reference / "cache", part)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-3)
+    assert_same_head(tmp_path / "out", reference / "out")

@@ -1,5 +1,6 @@
 """hookmix under torch.distributed: two gloo processes on the CPU (torch.multiprocessing and torchrun)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -222,6 +223,50 @@ def test_a_rank_writes_its_shards_itself_and_a_crashed_extraction_resumes(tmp_pa
     assert shard_list(cache) == shard_list(tmp_path / "single")
     assert (cache / "shard-00001.safetensors").stat().st_mtime_ns == kept  # verified and kept, not redone
     assert not list(cache.glob(".shard-*"))
+
+
+def _extract_into(url: str, crash: bool, rank: int, tmp: str) -> None:
+    """``_extract`` into ``url``; with ``crash`` rank 1 dies at example 10 (after its shard 1, in shard 3)."""
+    _extract(rank, tmp, cache_dir=url, dataset=CrashAt(10, f"{tmp}/crashed") if crash and rank == 1 else None)
+
+
+def test_two_ranks_extract_into_s3_the_bytes_one_process_writes_and_redo_only_missing_or_damaged_shards(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    from hookmix.headonly.store import RemoteStore, open_store
+
+    url = f"s3://{s3_bucket}/ranks"
+    store = open_store(url)
+    assert isinstance(store, RemoteStore)
+
+    def objects(prefix: str) -> dict[str, bytes]:
+        return {p.rsplit("/", 1)[-1]: store.fs.cat_file(p) for p in store.fs.find(f"{s3_bucket}/{prefix}")}
+
+    with pytest.raises(mp.ProcessRaisedException):  # rank 1's crash, or rank 0's barrier failing after it
+        run_ranks(functools.partial(_extract_into, url, True), tmp_path)
+    # each rank PUT its own shards and entries (rank 1's shard 1 although it never reached a barrier); no manifest
+    assert sorted(objects("ranks")) == [
+        *(f".shard-0000{i}.json.partial" for i in (0, 1, 2, 4)),
+        *(f"shard-0000{i}.safetensors" for i in (0, 1, 2, 4)),
+    ]
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        FeatureCache.load(url, KEY)  # never a cache that looks complete
+    for index in (0, 1, 4):  # marked in the store: a shard put again loses its user metadata
+        store.fs.setxattr(f"{store._root}/shard-0000{index}.safetensors", kept="yes")
+    shard2 = f"{store._root}/shard-00002.safetensors"
+    store.fs.pipe_file(shard2, store.fs.cat_file(shard2)[:-8])  # truncated since: redone, not refused
+    (tmp_path / "again").mkdir()  # a fresh rendezvous file: the crashed group left its own behind
+    run_ranks(functools.partial(_extract_into, url, False), tmp_path / "again")
+
+    options = dict(dtype=torch.float32, batch_size=2, shard_size=3, progress=False)
+    FeatureCache.extract(backbone(), images(), KEY, path=f"s3://{s3_bucket}/one", **options)
+    FeatureCache.extract(backbone(), images(), KEY, path=tmp_path / "local", **options)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir() if not p.name.startswith(".")}
+    caches = [objects("ranks"), objects("one"), local]  # no entry, progress record or temp file left in any
+    manifests = [{**json.loads(files.pop("manifest.json")), "created": None} for files in caches]
+    assert caches[0] == caches[1] == caches[2] and manifests[0] == manifests[1] == manifests[2]  # byte for byte
+    kept = [i for i in range(5) if store.fs.metadata(f"{store._root}/shard-0000{i}.safetensors").get("kept")]
+    assert kept == [0, 1, 4]  # verified and kept; 2 (truncated) and 3 (never written) were extracted again
 
 
 FEATURES, CLASSES = 6, 3

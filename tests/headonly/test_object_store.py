@@ -19,8 +19,9 @@ Bugs these tests catch, and where:
   local disk), or comparing the targets' locations as given, so that two spellings of one prefix (``.../x`` and
   ``.../x/``) write into it together ->
   ``test_one_pass_fills_a_cache_in_s3_and_one_on_disk_and_two_targets_may_not_share_a_prefix``;
-* a sharded extraction over ranks folding a URL into a local directory (it writes through ``Path`` and renames) ->
-  ``test_a_sharded_extraction_over_ranks_refuses_a_url_and_writes_nothing``.
+* a sharded extraction over ranks writing a URL through local paths, refusing to redo a damaged shard in the
+  store, or publishing before every rank's shards are in: ``tests/headonly/test_distributed.py``'s
+  ``test_two_ranks_extract_into_s3_the_bytes_one_process_writes_and_redo_only_missing_or_damaged_shards``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hookmix.core.errors import UsageError
-from hookmix.headonly import distributed
 from hookmix.headonly.cache import CacheKey, FeatureCache
 from hookmix.headonly.store import RemoteStore, StoreError, open_store
 from hookmix.headonly.streaming import ShardedFeatures
@@ -123,9 +123,9 @@ def test_an_interrupted_extraction_publishes_no_manifest_and_resumes_where_it_st
     published_at_write: list[bool] = []
     write = RemoteStore.write
 
-    def write_watched(self: RemoteStore, name: str, data: bytes) -> None:
+    def write_watched(self: RemoteStore, name: str, data: bytes, *, replace: bool = False) -> None:
         published_at_write.append(self.fs.exists(f"{self._root}/manifest.json"))
-        write(self, name, data)
+        write(self, name, data, replace=replace)
 
     monkeypatch.setattr(RemoteStore, "write", write_watched)
     with pytest.raises(RuntimeError, match="died at row 21"):
@@ -204,11 +204,11 @@ def test_refused_credentials_are_one_line_naming_the_object_and_publish_nothing(
     s3_env.post("/moto-api/reset-auth", b"inf")
     write, written = RemoteStore.write, []
 
-    def refuse_after_two(self: RemoteStore, name: str, data: bytes) -> None:
+    def refuse_after_two(self: RemoteStore, name: str, data: bytes, *, replace: bool = False) -> None:
         if len(written) == 2:
             s3_auth()
         written.append(name)
-        write(self, name, data)
+        write(self, name, data, replace=replace)
 
     monkeypatch.setattr(RemoteStore, "write", refuse_after_two)
     other = f"s3://{s3_bucket}/caches/other"
@@ -264,13 +264,3 @@ def test_one_pass_fills_a_cache_in_s3_and_one_on_disk_and_two_targets_may_not_sh
     with pytest.raises(UsageError, match="two targets share a cache directory"):
         shared = {"same": (KEY, f"{url}/x"), "doubled": (KEY, f"{url}/x/")}
         FeatureCache.extract_many(lambda names: Doubled(), Rows(), shared, **options)
-
-
-def test_a_sharded_extraction_over_ranks_refuses_a_url_and_writes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))  # rank 0 of 2, as under torchrun
-    with pytest.raises(UsageError, match="path='s3://bucket/rows': a sharded extraction over 2 ranks needs a dir"):
-        distributed.extract_sharded(nn.Identity(), Rows(), KEY, path="s3://bucket/rows", progress=False)
-    assert list(tmp_path.iterdir()) == []
