@@ -16,7 +16,8 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   losing shards or keeping a damaged one (its entry trusted without hashing the shard): the same test (a shard
   with its entry is cut short before the resume; the cache and head equal the one-process run's);
 - ranks that cannot write a cache in object storage (shards written through local paths, an interrupted run's
-  object refused instead of replaced): ``test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left``;
+  object refused instead of replaced), or a rank that trains no head loading (downloading) the whole cache anyway:
+  ``test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left`` (each shard GET once, in moto's log);
 - a rank raising a user's mistake before the ranks meet again (its error not gathered), leaving the others to die
   in the collective with a "Connection closed by peer" traceback, or them printing its message again:
   ``test_a_usage_error_on_one_rank_is_one_line_on_each_rank`` (each rank's own stderr, via torchrun's --log-dir).
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -186,6 +188,10 @@ def test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left(
     out = finish(launch(tmp_path, "--no-mix", cache=url))
     assert out.splitlines()[0] == "rank 0 of 2 (gloo); the other ranks print only errors"
     assert "head training: on rank 0 alone" in out and out.count("val accuracy") == 1
+    # rank 1 trains nothing, so it downloads no shard: each shard was fetched once, by rank 0 (the server's log)
+    fetched = Counter(request.getfixturevalue("s3_server").gets(f"/{bucket}/cache/"))
+    listed = {f"/{path}" for path in store.fs.find(store._root) if "/shard-" in path}
+    assert {path for path in fetched if "/shard-" in path} == listed and {fetched[path] for path in listed} == {1}
     for part in ("train", "val"):  # the one-process features (within fp16 rounding: other batches)
         got, want = features_of(url, part), features_of(reference / "cache", part)
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-3)
