@@ -1,6 +1,6 @@
 """``torchrun -m hookmix finetune``: two gloo ranks on the CPU, launched from the test as a user would.
 
-Each launch costs several seconds (two interpreters import torch and hookmix), so two tests hold four launches;
+Each launch costs several seconds (two interpreters import torch and hookmix), so four tests hold five launches;
 the references run in this process (no torchrun). A rank is killed from the outside: the test finds it among
 torchrun's children by its ``RANK`` and a marker in its environment (psutil), no hook in the library.
 
