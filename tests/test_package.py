@@ -1,9 +1,11 @@
 """The package's shape: lazy public names that no submodule import can shadow, the library apart from the
-application, and no import cycle."""
+application (also in its messages: no flag of the command line, ``test_the_library_names_no_flag_of_the_command_line``
+catches a ``--cache`` / ``--out`` written into a library message), and no import cycle."""
 
 import ast
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +146,31 @@ def test_functions_and_classes_stay_small() -> None:
                     f"{path.name}:{node.lineno} class {node.name} ({node.end_lineno - node.lineno + 1} lines)"
                 )
     assert too_long == [], too_long
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """The ``id`` of each docstring constant in ``tree`` (module, class and function docstrings)."""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, kinds) and node.body and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }  # fmt: skip
+
+
+def test_the_library_names_no_flag_of_the_command_line() -> None:
+    """Issue 22 item 6: the library is called from Python (``path=``, ``checkpoint_dir=``), so no string of its
+    code — a message, or a piece of one — names the command's ``--cache`` or ``--out``; the app names its flags
+    (``hookmix.app``: ``check_location(flag, ...)``, ``_with_flags``). Docstrings may describe the command."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        if path.is_relative_to(ROOT / "app") or path.name == "__main__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        skip = docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+                if re.search(r"--(cache|out)\b", node.value):
+                    found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {node.value!r}")
+    assert found == [], found

@@ -7,8 +7,10 @@ Usage errors (bad arguments, unknown model or layer names, unusable or unwritabl
 :class:`~hookmix.UsageError` and missing files) exit with code 2 and one line, ``hookmix: error: ...``,
 that names the flag (``--alpha``, also where the library's message names its Python argument ``alpha=``);
 an argparse error adds where to read more (``see hookmix finetune --help``) instead of the usage block.
-Ctrl-C exits with code 130 and one line saying what was kept and how to continue. Any other exception is
-a bug and keeps its traceback.
+Ctrl-C exits with code 130 and one line saying what was kept and how to continue. Under ``torchrun`` a rank
+whose job stopped because another rank failed prints one line naming that rank (whose own message is above),
+with code 2 when that rank's error was a user's mistake, else 1. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
-from hookmix.core.errors import UsageError
+from hookmix.core.errors import RankFailed, UsageError
 
 __all__ = ["build_parser", "main"]
 
@@ -725,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler(args)
     except (UsageError, FileNotFoundError) as exc:  # a user's mistake: one line; anything else keeps its traceback
         parser.exit(2, f"hookmix: error: {_with_flags(str(exc), args.flags)}\n")
+    except RankFailed as exc:  # another torchrun rank failed and printed why: one line here, its exit code's kind
+        parser.exit(2 if exc.usage else 1, f"hookmix: error: {exc}\n")
     except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not the traceback of where it landed
         parser.exit(130, f"hookmix: interrupted; {args.interrupted(args)}.\n")
     return 0

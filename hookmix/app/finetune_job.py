@@ -35,11 +35,13 @@ from hookmix.graph.equivalence import mix_equivalence
 from hookmix.graph.models import resolve_model
 from hookmix.headonly.cache import CacheKey, FeatureCache, bytes_per_example, keyed_directory
 from hookmix.headonly.distributed import (
+    HeadTraining,
     Ranks,
     extract_sharded,
     head_training,
     launched_world,
     leave_group,
+    phase,
     process_group,
     rank_and_world,
 )
@@ -324,9 +326,11 @@ def _extract(
     device: torch.device,
     key: CacheKey,
     budget: int | None,
-) -> FeatureCache:
+    load: bool = True,
+) -> FeatureCache | None:
     """Extract (or load) one part's features; with a ``budget`` and a cache directory, a cache larger than
-    the budget comes back memory-mapped (streamed by :func:`hookmix.fit`)."""
+    the budget comes back memory-mapped (streamed by :func:`hookmix.fit`). ``load=False``: a rank of a torchrun
+    job that trains no head takes part in the extraction and returns ``None``."""
     part = key.dataset.partition(":")[0]
     views = spec.views if part == "train" else 1
     path = _cache_path(spec, key, prepared.layer)
@@ -345,7 +349,9 @@ def _extract(
     if world == 1:
         return FeatureCache.extract(backbone, dataset, key, path=path, **options)
     assert path is not None  # run_finetune refuses torchrun without --cache
-    return extract_sharded(backbone, dataset, key, path=path, shard_size=_shard_size(len(dataset)), **options)
+    return extract_sharded(
+        backbone, dataset, key, path=path, shard_size=_shard_size(len(dataset)), load=load, **options
+    )
 
 
 def _shard_size(count: int) -> int:
@@ -542,22 +548,17 @@ def _say_caches(say: Callable[[str], None], caches: tuple[FeatureCache, FeatureC
 
 def _extract_all(
     spec: JobSpec,
-    prepared: _Prepared,
-    backbone: nn.Module,
-    point: _CachePoint,
-    keys: tuple[CacheKey, CacheKey],
+    job: _Planned,
     device: torch.device,
-    say: Callable,
-) -> tuple[FeatureCache, FeatureCache, int, float]:
-    """The train and validation features (extracted, or reused from ``--cache``), the memory budget and the
-    extraction time; says whether the training features are streamed or kept in memory."""
-    budget = _check_budget(spec, prepared, point)
+    load: bool,
+) -> tuple[FeatureCache | None, FeatureCache | None, int, float]:
+    """The train and validation features (extracted, or reused from ``--cache``; ``None`` without ``load``:
+    a rank that trains no head), the memory budget and the extraction time."""
+    budget = _check_budget(spec, job.prepared, job.point)
     start = time.perf_counter()
-    train = _extract(prepared, backbone, spec, device, keys[0], budget)
-    val = _extract(prepared, backbone, spec, device, keys[1], None)
-    extract_s = time.perf_counter() - start
-    _say_stored(spec, (train, val), budget, say)
-    return train, val, budget, extract_s
+    train = _extract(job.prepared, job.backbone, spec, device, job.keys[0], budget, load)
+    val = _extract(job.prepared, job.backbone, spec, device, job.keys[1], None, load)
+    return train, val, budget, time.perf_counter() - start
 
 
 def _say_stored(spec: JobSpec, caches: tuple[FeatureCache, FeatureCache], budget: int, say: Callable) -> None:
@@ -629,12 +630,27 @@ def _quiet(line: str) -> None:
     """The ``say`` of a rank other than 0."""
 
 
-def _run(
+@dataclass(frozen=True)
+class _Planned:
+    """What the job decided before the extraction: the prepared model and data, the backbone and head it
+    assembled, what is cached under which keys, the run's identity and how the head trains."""
+
+    prepared: _Prepared
+    backbone: nn.Module
+    head: nn.Module
+    point: _CachePoint
+    keys: tuple[CacheKey, CacheKey]
+    identity: dict[str, Any]
+    plan: HeadTraining
+
+
+def _plan(
     spec: JobSpec, config: FitConfig, resume: bool, say: Callable[[str], None], ranks: Ranks, device: torch.device
-) -> dict[str, Any] | None:
-    """The phases of :func:`run_finetune` on one rank: prepare, extract (shared by the ranks), train, report."""
+) -> _Planned:
+    """Prepare, check and decide everything before the extraction (it may be long): the model, data and cut,
+    a resumed run's identity, and the head's training (:func:`head_training` may refuse)."""
     prepared = _prepare(spec, config.seed if spec.data_seed is None else spec.data_seed)
-    check_classes(config.mixing.exclude_classes, len(prepared.classes))  # before the extraction
+    check_classes(config.mixing.exclude_classes, len(prepared.classes))
     chosen = " (default: the last stage before the pooling and head)" if prepared.layer_is_default else ""
     picked = " (auto)" if spec.device == "auto" else ""
     say(f"{prepared.source.id} @ {prepared.layer}{chosen} on {device}{picked}")
@@ -642,29 +658,40 @@ def _run(
     _say_cache(say, point, spec.views, spec.dtype)
     keys = (_cache_key(prepared, "train", point.key_layer), _cache_key(prepared, "val", point.key_layer))
     identity = _identity(spec, prepared, point, config, [key.fingerprint() for key in keys])
-    if resume and _checkpoint_epoch(spec.out_dir) is not None:  # before the extraction: it may be long
+    if resume and _checkpoint_epoch(spec.out_dir) is not None:
         _check_resume(spec.out_dir, identity)
-    plan = head_training(ranks, spec.ddp, config.batch_size)  # before the extraction: it may refuse
-    train, val, budget, extract_s = _extract_all(spec, prepared, backbone, point, keys, device, say)
+    plan = head_training(ranks, spec.ddp, config.batch_size)
+    return _Planned(prepared, backbone, head, point, keys, identity, plan)
+
+
+def _run(
+    spec: JobSpec, config: FitConfig, resume: bool, say: Callable[[str], None], ranks: Ranks, device: torch.device
+) -> dict[str, Any] | None:
+    """The phases of :func:`run_finetune` on one rank: plan, extract (shared by the ranks), train, report.
+    Under torchrun the ranks meet after each phase (:func:`~hookmix.headonly.distributed.phase`): an error on one
+    rank is its own one line, and the others stop with one line naming it (``RankFailed``), not in a collective.
+    A rank that trains no head (``--ddp off``, or auto choosing rank 0 alone) loads no features."""
+    job = phase(lambda: _plan(spec, config, resume, say, ranks, device))
+    plan, trains = job.plan, job.plan.ddp or ranks.leader
+    train, val, budget, extract_s = _extract_all(spec, job, device, load=trains)
     if ranks.world > 1:
         say(f"head training: {'DDP on all ranks' if plan.ddp else 'on rank 0 alone'} ({plan.reason})")
-    if not plan.ddp:  # every rank has finished the extraction (extract_sharded's last barrier)
+    if not plan.ddp:  # every rank has finished the extraction (extract_sharded's last meeting)
         leave_group()
-        if not ranks.leader:
-            return None
-    if ranks.leader:
-        _start_training(spec, config, identity, resume, say)
-    if plan.ddp:
-        torch.distributed.barrier()  # job.json is written, an overwritten run cleared, before any step
+    if train is None or val is None:
+        return None
+    _say_stored(spec, (train, val), budget, say)
+    # job.json written, an overwritten run cleared, before any DDP step (alone: the group is left, no meeting)
+    phase(lambda: _start_training(spec, config, job.identity, resume, say) if ranks.leader else None)
     result = fit(
-        head,
+        job.head,
         "input",
         train.features,
         train.labels,
         val.features[0],
         val.labels,
         config,
-        num_classes=len(prepared.classes),
+        num_classes=len(job.prepared.classes),
         checkpoint_dir=spec.out_dir,
         resume=resume,
         device=device,
@@ -675,7 +702,8 @@ def _run(
         return None
     facts = {"device": str(device), "memory_budget": budget, "extract_seconds": round(extract_s, 3)}
     facts["distributed"] = plan.record(ranks)
-    return _report(spec, config, prepared, point, _Trained(train, val, head, result, facts, identity))
+    trained = _Trained(train, val, job.head, result, facts, job.identity)
+    return _report(spec, config, job.prepared, job.point, trained)
 
 
 @dataclass(frozen=True)

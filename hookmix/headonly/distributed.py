@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from hookmix.core.checks import check_int, is_int
 from hookmix.core.devices import place_module
-from hookmix.core.errors import UsageError
+from hookmix.core.errors import RankFailed, UsageError
 from hookmix.core.wrappers import unwrap
 from hookmix.headonly._backbone_pass import run_backbone
 from hookmix.headonly._cache_format import (
@@ -49,8 +49,10 @@ __all__ = [
     "HeadTraining",
     "Ranks",
     "extract_sharded",
+    "gather_or_fail",
     "head_training",
     "launched_world",
+    "phase",
     "process_group",
     "rank_and_world",
     "rank_seed",
@@ -61,6 +63,8 @@ __all__ = [
 GROUP_TIMEOUT = timedelta(minutes=30)
 """How long a collective waits for the other ranks before it fails (the slowest rank's share of an extraction
 must fit in it); a rank that hangs is then reported instead of holding the job forever."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,39 @@ def leave_group() -> None:
     """Destroy the default process group if one is initialised (a rank that has no more collectives to run)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_or_fail(step: Callable[[], T]) -> list[T]:
+    """Run ``step`` on this rank and return every rank's result, by rank: a point where the ranks meet, called
+    by every rank (it returns once all have run their step). When ``step`` raised on some rank, that rank raises
+    its own error and every other rank raises :class:`~hookmix.core.errors.RankFailed` naming the first rank that
+    failed, so each rank ends with one error instead of dying inside the next collective ("Connection closed by
+    peer"). ``step`` must run no collective, and its result must be small (it is pickled to every rank). Without
+    a process group (or with one rank) it is ``[step()]``."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [step()]
+    error: Exception | None = None
+    try:
+        outcome: tuple[bool, Any] = (True, step())
+    except Exception as exc:  # any error: a rank must not leave the others waiting in a collective
+        error, outcome = exc, (False, isinstance(exc, (UsageError, FileNotFoundError)))
+    outcomes: list[tuple[bool, Any]] = [(True, None)] * world
+    dist.all_gather_object(outcomes, outcome)
+    if error is not None:
+        raise error
+    failed = [(index, usage) for index, (ok, usage) in enumerate(outcomes) if not ok]
+    if failed:
+        raise RankFailed(failed[0][0], rank, world, failed[0][1])
+    return [value for _, value in outcomes]
+
+
+def phase(step: Callable[[], T]) -> T:
+    """:func:`gather_or_fail` for a step whose result stays on its rank (a model, a dataset): only whether each
+    rank failed travels. Returns this rank's result."""
+    kept: list[T] = []
+    gather_or_fail(lambda: kept.append(step()))
+    return kept[0]
 
 
 def rank_seed(seed: int, *, rank: int | None = None, shared: bool = False) -> int:
@@ -238,8 +275,9 @@ def extract_sharded(
     progress: bool = True,
     mmap: bool | None = False,
     memory_budget: int | None = None,
+    load: bool = True,
     **options: Any,
-) -> FeatureCache:
+) -> FeatureCache | None:
     """:meth:`FeatureCache.extract` with the shards split across the ranks of the default process group.
 
     Call it on every rank. Shard i holds rows ``[i·S, min((i+1)·S, N))`` (:func:`shard_rows`), the layout one
@@ -247,11 +285,15 @@ def extract_sharded(
     drawn under seeds of the row and the view, :mod:`hookmix.headonly.view_seeds`, whichever rank reads it). The
     ranks first check what an earlier, interrupted run left (each listed shard's sha256, the checks split across the
     ranks); then rank r runs ``backbone`` over every W-th missing or damaged shard, writing each shard under its
-    final name and then its one-shard manifest (:func:`shard_entry_name`). No features travel between ranks. After a
-    barrier rank 0 writes the cache's manifest (no shard is read) and removes the entries; every rank then returns
-    the whole cache (N rows), loaded or memory-mapped per ``mmap``. A rank that dies leaves no manifest — never a
-    cache that looks complete — and the next run, on any number of ranks (or an interrupted one-process cache of the
-    same shard size), redoes only the missing and damaged shards.
+    final name and then its one-shard manifest (:func:`shard_entry_name`). No features travel between ranks. Once
+    every rank has finished, rank 0 writes the cache's manifest (no shard is read) and removes the entries; every
+    rank then returns the whole cache (N rows), loaded or memory-mapped per ``mmap`` — or ``None`` with
+    ``load=False``, for a rank that will not read the features (from object storage, each load is a download). A
+    rank that dies leaves no manifest — never a cache that looks complete — and the next run, on any number of
+    ranks (or an interrupted one-process cache of the same shard size), redoes only the missing and damaged shards.
+    An error on one rank (a user's mistake: an entry of another cache; a store that refused a request) is raised
+    there and makes the other ranks raise :class:`~hookmix.core.errors.RankFailed` where the ranks next meet
+    (:func:`gather_or_fail`), so no rank dies waiting for it.
 
     ``path`` is reached by every rank: a directory on a shared file system, whose writer lock rank 0 holds
     throughout (a one-process extraction of it waits), or a prefix in object storage (``s3://bucket/prefix``,
@@ -265,6 +307,8 @@ def extract_sharded(
         key, dtype, views, shard_size, mmap, memory_budget: as in :meth:`FeatureCache.extract`.
         path: the cache's directory or URL, the same on every rank.
         progress: show a tqdm bar (on rank 0 only).
+        load: load the cache on this rank once it is complete (``False``: return ``None``; the rank still takes
+            part in the extraction).
         **options: other :meth:`FeatureCache.extract` arguments (``batch_size``, ``num_workers``, ``device``).
     """
     rank, world = rank_and_world()
@@ -276,25 +320,33 @@ def extract_sharded(
     run = dict(batch_size=64, num_workers=0, device=None) | options | dict(dtype=dtype, views=views)
     check_extract_args(backbone, dataset, key, dtype, run["batch_size"], shard_size, views, run["num_workers"])
     store = open_store(path)
-    store.prepare()
-    with store.lock() if rank == 0 else contextlib.nullcontext():
-        dist.barrier()  # every rank starts once rank 0 holds the lock
-        batches = torch.zeros(1, dtype=torch.int64)
-        if not _complete(store):
+    with contextlib.ExitStack() as held:
+        # every rank starts once rank 0 holds the lock, and goes by rank 0's finding (one manifest, one answer)
+        complete = gather_or_fail(lambda: _start(store, held, rank == 0))[0]
+        batches = 0
+        if not complete:
             request = dict(dtype=dtype, views=views, count=len(dataset))  # type: ignore[arg-type]
             layout = shard_rows(len(dataset), check_int("shard_size", shard_size, 1))  # type: ignore[arg-type]
             done = _verified(store, key, layout, request)
             mine = [i for i in range(len(layout)) if i not in done][rank::world]
-            batches += _extract_shards(backbone, dataset, key, store, layout, mine, progress and rank == 0, run)
-            dist.barrier()
-            if rank == 0:
-                _publish(store, layout)
-        dist.all_reduce(batches)
-        dist.barrier()  # the manifest is written before any rank loads it
-    cache = FeatureCache.load(store, key, **stored)
-    cache.batches_run = int(batches)
-    cache.rows_reused = len(cache) if cache.batches_run == 0 else 0
+            work = (backbone, dataset, key, store, layout, mine, progress and rank == 0, run)
+            batches = sum(gather_or_fail(lambda: _extract_shards(*work)))
+            gather_or_fail(lambda: _publish(store, layout) if rank == 0 else None)  # before any rank loads it
+    cache = phase(lambda: FeatureCache.load(store, key, **stored) if load else None)
+    if cache is not None:
+        cache.batches_run = batches
+        cache.rows_reused = len(cache) if batches == 0 else 0
     return cache
+
+
+def _start(store: Store, held: contextlib.ExitStack, leader: bool) -> bool | None:
+    """Prepare ``store``; on rank 0 (``leader``) also take its writer lock into ``held`` and say whether the
+    cache is complete already (``None`` on the other ranks)."""
+    store.prepare()
+    if not leader:
+        return None
+    held.enter_context(store.lock())
+    return _complete(store)
 
 
 def _complete(store: Store) -> bool:
@@ -333,18 +385,19 @@ def _verified(store: Store, key: CacheKey, layout: list[tuple[int, int]], reques
     """The shards written by an earlier run whose bytes match their sha256: each rank checks every W-th entry,
     and the ranks share their findings. An entry of another key, dtype or views is refused (another cache)."""
     rank, world = rank_and_world()
-    entries = _entries(store, layout)
-    good = []
-    for index in sorted(entries)[rank::world]:
-        check_request(entries[index], store, key, **request)
-        try:
-            map_shard(store, entries[index].shards[0], entries[index])
-        except UsageError:  # missing, truncated or altered: extracted again
-            continue
-        good.append(index)
-    found: list[list[int]] = [[] for _ in range(world)]
-    dist.all_gather_object(found, good)
-    return {index for part in found for index in part}
+
+    def check_mine() -> list[int]:
+        entries, good = _entries(store, layout), []
+        for index in sorted(entries)[rank::world]:
+            check_request(entries[index], store, key, **request)
+            try:
+                map_shard(store, entries[index].shards[0], entries[index])
+            except UsageError:  # missing, truncated or altered: extracted again
+                continue
+            good.append(index)
+        return good
+
+    return {index for part in gather_or_fail(check_mine) for index in part}
 
 
 def _extract_shards(

@@ -96,12 +96,15 @@ def join(root: str | Path, name: str) -> str | Path:
 
 
 def check_location(flag: str, location: str) -> None:
-    """Refuse a URL whose storage library is not installed, at once and in one line naming ``flag``."""
+    """Refuse a URL whose storage library is not installed, at once and in one line naming ``flag`` (the
+    command line's option, ``--cache``: the caller names it, this library does not know its flags)."""
     if is_remote(location):
-        _filesystem_class(flag, location)
+        _filesystem_class(location, f"{flag} {location}")
 
 
-def _filesystem_class(flag: str, url: str) -> type:
+def _filesystem_class(url: str, named: str) -> type:
+    """fsspec's file-system class for ``url``; a missing storage library or an unknown protocol is one
+    :class:`~hookmix.UsageError` about ``named`` (the URL, or the flag that gave it)."""
     protocol = url.split("://", 1)[0]
     try:
         import fsspec
@@ -109,11 +112,11 @@ def _filesystem_class(flag: str, url: str) -> type:
         return fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
         raise UsageError(
-            f"{flag} {url} needs a storage library for {protocol}:// ({exc}); for s3:// install "
+            f"{named} needs a storage library for {protocol}:// ({exc}); for s3:// install "
             "'hookmix[cloud]' (fsspec and s3fs), for gs:// gcsfs."
         ) from None
     except ValueError:
-        raise UsageError(f"{flag} {url}: fsspec knows no protocol {protocol!r}; give a local path or e.g. s3://.")
+        raise UsageError(f"{named}: fsspec knows no protocol {protocol!r}; give a local path or e.g. s3://.")
 
 
 @contextlib.contextmanager
@@ -290,7 +293,7 @@ class RemoteStore(Store):
     """A cache under a URL prefix in object storage, through fsspec (see the module's docstring)."""
 
     def __init__(self, url: str) -> None:
-        _filesystem_class("--cache", url)
+        _filesystem_class(url, f"the cache URL {url}")
         import fsspec
 
         self.path = url.rstrip("/")
@@ -348,7 +351,7 @@ class RemoteStore(Store):
             if not same:
                 raise StoreError(
                     f"shard {self.where(name)} already exists with other bytes: another process may be extracting "
-                    f"this cache now, or an interrupted one left it; extract into another --cache prefix, or "
+                    f"this cache now, or an interrupted one left it; extract into another prefix, or "
                     f"remove {self.where(name)} once no process writes this cache."
                 ) from None
 

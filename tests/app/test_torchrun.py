@@ -1,6 +1,6 @@
 """``torchrun -m hookmix finetune``: two gloo ranks on the CPU, launched from the test as a user would.
 
-Each launch costs several seconds (two interpreters import torch and hookmix), so two tests hold four launches;
+Each launch costs several seconds (two interpreters import torch and hookmix), so four tests hold five launches;
 the references run in this process (no torchrun). A rank is killed from the outside: the test finds it among
 torchrun's children by its ``RANK`` and a marker in its environment (psutil), no hook in the library.
 
@@ -16,15 +16,21 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   losing shards or keeping a damaged one (its entry trusted without hashing the shard): the same test (a shard
   with its entry is cut short before the resume; the cache and head equal the one-process run's);
 - ranks that cannot write a cache in object storage (shards written through local paths, an interrupted run's
-  object refused instead of replaced): ``test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left``.
+  object refused instead of replaced), or a rank that trains no head loading (downloading) the whole cache anyway:
+  ``test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left`` (each shard GET once, in moto's log);
+- a rank raising a user's mistake before the ranks meet again (its error not gathered), leaving the others to die
+  in the collective with a "Connection closed by peer" traceback, or them printing its message again:
+  ``test_a_usage_error_on_one_rank_is_one_line_on_each_rank`` (each rank's own stderr, via torchrun's --log-dir).
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -45,10 +51,13 @@ LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--npro
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
-def launch(tmp_path: Path, *flags: str, cache: str | None = None) -> subprocess.Popen:
+def launch(tmp_path: Path, *flags: str, cache: str | None = None, logs: Path | None = None) -> subprocess.Popen:
+    """torchrun of ``hookmix finetune`` on the digits; with ``logs`` each rank's stdout and stderr go to its own
+    files there (torchrun's ``--log-dir``, ``--redirects 3``: LOGS/*/attempt_0/RANK/stderr.log)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOKMIX_TEST_MARKER": str(tmp_path)}
     cache = cache or str(tmp_path / "cache")
-    command = [*LAUNCH, "-m", "hookmix", *DIGITS, "--cache", cache, "--out", str(tmp_path / "out")]
+    separate = ["--log-dir", str(logs), "--redirects", "3"] if logs is not None else []
+    command = [*LAUNCH, *separate, "-m", "hookmix", *DIGITS, "--cache", cache, "--out", str(tmp_path / "out")]
     return subprocess.Popen([*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -179,7 +188,34 @@ def test_ranks_extract_into_s3_and_replace_what_an_interrupted_run_left(
     out = finish(launch(tmp_path, "--no-mix", cache=url))
     assert out.splitlines()[0] == "rank 0 of 2 (gloo); the other ranks print only errors"
     assert "head training: on rank 0 alone" in out and out.count("val accuracy") == 1
+    # rank 1 trains nothing, so it downloads no shard: each shard was fetched once, by rank 0 (the server's log)
+    fetched = Counter(request.getfixturevalue("s3_server").gets(f"/{bucket}/cache/"))
+    listed = {f"/{path}" for path in store.fs.find(store._root) if "/shard-" in path}
+    assert {path for path in fetched if "/shard-" in path} == listed and {fetched[path] for path in listed} == {1}
     for part in ("train", "val"):  # the one-process features (within fp16 rounding: other batches)
         got, want = features_of(url, part), features_of(reference / "cache", part)
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-3)
     assert_same_head(tmp_path / "out", reference / "out")
+
+
+def test_a_usage_error_on_one_rank_is_one_line_on_each_rank(tmp_path: Path, reference: Path) -> None:
+    (train,) = [p for p in (reference / "cache").iterdir() if p.name.startswith("train.")]  # the same key
+    entry = json.loads((train / "manifest.json").read_text())
+    entry["key"]["transform"] += "-other"  # shard 0's entry left by a cache of another key: only rank 0 checks it
+    entry["shards"][0]["stop"] = 2  # the ranks' layout: 100 rows in shards of 2
+    (tmp_path / "cache" / train.name).mkdir(parents=True)
+    (tmp_path / "cache" / train.name / ".shard-00000.json").write_text(json.dumps(entry))
+    torchrun = launch(tmp_path, "--no-mix", logs=tmp_path / "logs")
+    _, err = torchrun.communicate(timeout=240)
+    assert torchrun.returncode != 0
+    stderr = [(next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log"))).read_text() for rank in (0, 1)]
+    assert (
+        stderr[0].startswith("hookmix: error: the feature cache in ")
+        and "transform='digits:k20:seed0-other'" in stderr[0]
+    )
+    want = "hookmix: error: rank 0 of 2 stopped with a usage error (its message is above), so rank 1 stopped too.\n"
+    assert stderr[1] == want  # one line, no traceback of a collective whose peer left
+    assert [text.count("\n") for text in stderr] == [1, 1] and "Traceback" not in "".join(stderr)
+    codes = dict(re.findall(r"rank +: (\d) \(local_rank: \d\)\s+exitcode +: (-?\d+)", err))
+    # torchrun stops the other workers (SIGTERM) once one has exited: rank 1 may be stopped after its line
+    assert codes["0"] == "2" and codes["1"] in ("2", str(-signal.SIGTERM)), err[-2000:]

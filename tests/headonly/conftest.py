@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from typing import IO
 
 import pytest
 
@@ -42,6 +44,7 @@ class S3Server:
 
     endpoint: str
     proc: subprocess.Popen
+    log: IO[bytes] | None = None  # werkzeug's log of every request (the server's stderr)
 
     def post(self, path: str, body: bytes = b"") -> bytes:
         """POST to moto's control API (a text body: with a form type Flask eats it)."""
@@ -61,6 +64,14 @@ class S3Server:
         )
         client.create_bucket(Bucket=name)
         return name
+
+    def gets(self, prefix: str) -> list[str]:
+        """The paths of the GET requests logged so far whose path starts with ``prefix`` (``/bucket/key...``),
+        one entry per request: what the clients downloaded, seen from the server (werkzeug may colour the line).
+        Read with ``pread``: the server writes through the same file offset."""
+        assert self.log is not None
+        text = os.pread(self.log.fileno(), os.fstat(self.log.fileno()).st_size, 0).decode(errors="replace")
+        return [path for path in re.findall(r'"(?:\x1b\[[\d;]*m)*GET (\S+) HTTP', text) if path.startswith(prefix)]
 
     def kill(self) -> None:
         """Stop at once, as a crashed or unreachable server would (SIGKILL: no goodbye on open connections)."""
@@ -99,7 +110,7 @@ def _start(timeout: float = 30.0) -> S3Server:
         env=env,
         start_new_session=True,
     )
-    server = S3Server(f"http://127.0.0.1:{port}", proc)
+    server = S3Server(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

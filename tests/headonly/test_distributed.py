@@ -1,4 +1,9 @@
-"""hookmix under torch.distributed: two gloo processes on the CPU (torch.multiprocessing and torchrun)."""
+"""hookmix under torch.distributed: two gloo processes on the CPU (torch.multiprocessing and torchrun).
+
+Among the bugs caught here: a failure on one rank not shared where the ranks meet (the other rank then waits in,
+or dies inside, the next collective), the wrong rank named, a bug reported as a user's mistake, or the ranks out
+of step after a failure -> ``test_a_step_that_fails_on_one_rank_raises_its_error_there_and_rank_failed_elsewhere``.
+"""
 
 import functools
 import json
@@ -18,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset
 
 from hookmix import CacheKey, FeatureCache, HookMixer
-from hookmix.headonly.distributed import extract_sharded, rank_seed, unwrap
+from hookmix.core.errors import UsageError
+from hookmix.headonly.distributed import extract_sharded, gather_or_fail, rank_seed, unwrap
 from hookmix.headonly.training import FitConfig, FitResult, fit
 from hookmix.mixing.settings import MixSettings
 from tests.conftest import expected_mix, recover_mix
@@ -134,6 +140,32 @@ def _extract_rank1_crashes(rank: int, tmp: str) -> None:
 
 def _extract_again(rank: int, tmp: str) -> None:
     _extract(rank, tmp, cache_dir=f"{Path(tmp).parent}/cache")
+
+
+def _fail_on_rank_1(rank: int, tmp: str) -> None:
+    """``gather_or_fail`` three times: every rank succeeds, then rank 1's step raises a user's mistake, then a bug."""
+    outcomes: dict[str, Any] = {"ok": gather_or_fail(lambda: rank * 10)}
+    for name, error in (("usage", UsageError("give --x 1.")), ("bug", RuntimeError("a bug"))):
+
+        def step(error: Exception = error) -> None:
+            if rank == 1:
+                raise error
+
+        try:
+            gather_or_fail(step)
+        except Exception as exc:
+            outcomes[name] = [type(exc).__name__, str(exc), getattr(exc, "usage", None)]
+    Path(f"{tmp}/outcome{rank}.json").write_text(json.dumps(outcomes))
+
+
+def test_a_step_that_fails_on_one_rank_raises_its_error_there_and_rank_failed_elsewhere(tmp_path: Path) -> None:
+    run_ranks(_fail_on_rank_1, tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / f"outcome{rank}.json").read_text()) for rank in range(WORLD))
+    assert rank0["ok"] == rank1["ok"] == [0, 10]  # every rank's result, by rank
+    stopped = "rank 1 of 2 stopped with {} (its message is above), so rank 0 stopped too."
+    assert rank0["usage"] == ["RankFailed", stopped.format("a usage error"), True]
+    assert rank0["bug"] == ["RankFailed", stopped.format("an error"), False]  # the ranks still meet after a failure
+    assert rank1["usage"] == ["UsageError", "give --x 1.", None] and rank1["bug"] == ["RuntimeError", "a bug", None]
 
 
 def test_ddp_ranks_mix_their_own_plans_and_average_the_mixed_gradients(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ Bugs these tests catch, and where:
 * a remote cache read back otherwise than a local one (another order, a lost row, the sha256 not checked) -> the same
   test (loaded and streamed heads equal the local cache's, bitwise; a changed object refused);
 * a missing backend or an unknown scheme ending in an ImportError / ValueError traceback, or in a line without the
-  fix -> ``test_a_url_without_its_storage_library_or_with_an_unknown_scheme_is_one_line_naming_the_fix``.
+  fix, or naming the command's ``--cache`` to a Python caller ->
+  ``test_a_url_without_its_storage_library_or_with_an_unknown_scheme_is_one_line_naming_the_fix``;
+* a write-once conflict that names a flag (``--cache``) instead of the object and the fix in library terms ->
+  ``test_a_shard_already_there_with_other_bytes_is_refused_naming_the_object_and_no_flag``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.utils.data import TensorDataset
 
 from hookmix.core.errors import UsageError
 from hookmix.headonly.cache import CacheKey, FeatureCache
+from hookmix.headonly.store import StoreError, open_store
 from hookmix.headonly.training import FitConfig, fit
 
 KEY = CacheKey("test:linear", "input", (6,), "none", "rows:40")
@@ -104,5 +108,15 @@ def test_a_url_without_its_storage_library_or_with_an_unknown_scheme_is_one_line
     for call in (lambda: extract(url), lambda: FeatureCache.load(url, KEY)):
         with pytest.raises(UsageError, match=expected) as info:
             call()
-        assert "\n" not in str(info.value) and url in str(info.value)
+        assert "\n" not in str(info.value) and url in str(info.value) and "--" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_already_there_with_other_bytes_is_refused_naming_the_object_and_no_flag(memory_url: str) -> None:
+    store = open_store(memory_url)
+    store.write("shard-00000.safetensors", b"a run's bytes")
+    with pytest.raises(StoreError, match="already exists with other bytes") as info:
+        store.write("shard-00000.safetensors", b"other bytes")
+    message = str(info.value)
+    assert f"{memory_url}/shard-00000.safetensors" in message and "another prefix" in message
+    assert "--" not in message  # the library is called with path=; the command line names its flags
