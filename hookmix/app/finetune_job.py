@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hookmix.app.data_identity import data_identity
 from hookmix.app.digits import digits_transfer
+from hookmix.app.head_training import HeadTraining, head_training
 from hookmix.app.imagefolder import load_image_folder
 from hookmix.app.labels_csv import load_labels_csv
 from hookmix.app.preprocessing import DIGITS_PREPROCESSING, model_preprocessing
@@ -35,10 +36,8 @@ from hookmix.graph.equivalence import mix_equivalence
 from hookmix.graph.models import resolve_model
 from hookmix.headonly.cache import CacheKey, FeatureCache, bytes_per_example, keyed_directory
 from hookmix.headonly.distributed import (
-    HeadTraining,
     Ranks,
     extract_sharded,
-    head_training,
     launched_world,
     leave_group,
     phase,
@@ -604,7 +603,7 @@ def run_finetune(
 
     Under ``torchrun`` (more than one process) every rank runs this: the ranks share the extraction into
     ``--cache`` (:func:`~hookmix.headonly.distributed.extract_sharded`), then the head trains with DDP or on rank
-    0 alone (:func:`~hookmix.headonly.distributed.head_training`). Rank 0 says what happens, writes the run and
+    0 alone (:func:`~hookmix.app.head_training.head_training`). Rank 0 says what happens, writes the run and
     returns the payload; the other ranks print only errors and return ``None``."""
     _check_out(spec.out_dir, resume, overwrite)
     _check_shared_cache(spec.cache_dir, launched_world())
