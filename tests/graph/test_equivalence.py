@@ -58,9 +58,13 @@ Plausible maintainer bugs and the test that catches each (``test_each_rule_...[c
   unpacking taking the wrong element: ``permute-as-one-tuple``; one size of a reshape iterated as if it were the
   shape: ``reshape-to-one-size``; ``and`` turned ``or`` in the ``shape[0]`` test (any index, or a tensor off the
   chain): ``reshape-by-another-shape0``; any other shape read (``g.dim()``) taken for the batch size:
-  ``reshape-by-a-dim-count``; a 1-D tensor of B elements taken for a one-element scaling: ``per-row-vector-buffer``;
+  ``reshape-by-a-dim-count`` (it also catches any method call taken for ``t.size(0)``: ``g.dim()`` crashed);
+  a 1-D tensor of B elements taken for a one-element scaling: ``per-row-vector-buffer``; a (1, 1) one-element
+  tensor taken for one (it broadcasts (B,) to (1, B)): ``broadcast-by-a-1x1-parameter``;
   ``nn.Flatten(0)`` read as fixed (its start dim not checked): ``flatten-module-batch``; the int check taking any
-  non-bool for a literal dim (a dim read in forward crashed the analysis): ``transpose-by-a-dim-read``.
+  non-bool for a literal dim (a dim read in forward crashed the analysis): ``transpose-by-a-dim-read``; a module
+  called with its input as a keyword (no positional argument) crashing the check of its arguments:
+  ``test_a_module_called_with_its_input_as_a_keyword_is_not_read``.
 
 Analyse a model (``mix_equivalence``, ``split``, ``list_layers``) before hooks are put on it: the trace is
 cached per model and a forward hook on a traced-through module is traced into the graph.
@@ -488,6 +492,17 @@ _RULE_CASES = {
         "output",
         False,
     ),
+    # a (1, 1) parameter has one element, yet times a (B,) tensor it makes a (1, B) one: the rows move to axis 1,
+    # where a pooling averages them
+    "broadcast-by-a-1x1-parameter": (
+        lambda: _Net(
+            lambda m, f: m.fc(F.avg_pool1d(_pooled(f).sum(1) * m.s, 3, 1, 1).reshape(f.size(0), 1)),
+            fc=(1, 5),
+            s=nn.Parameter(torch.full((1, 1), 0.5)),
+        ),
+        "output",
+        False,
+    ),
     # nn.Flatten(0) folds the batch axis: a Linear over the folded (B * 4,) vector reads every row at once
     "flatten-module-batch": (
         lambda: _Net(
@@ -524,6 +539,13 @@ def test_each_rule_of_the_analysis_holds_in_gradients(case: str) -> None:
         assert error < 1e-5, error
     else:
         assert error > 1e-3, error  # the claim would have been false
+
+
+def test_a_module_called_with_its_input_as_a_keyword_is_not_read() -> None:
+    """``self.fc(input=g)``: a module call the rules do not read (a positional input only) ends the chain, with no
+    error; the fixed ops before it still count."""
+    found = mix_equivalence(_seeded(_Net, lambda m, f: m.fc(input=_pooled(f))), "body")
+    assert found == MixEquivalence("body", True, ("mean",), "fc", False)
 
 
 def test_a_sum_over_the_batch_axis_ends_the_chain() -> None:
