@@ -16,7 +16,9 @@ Bugs these tests catch, and where:
 * a refused request other than a shard's write (the progress record, the publication of the manifest, the removal
   of the progress record, the read-back of a shard already there) raised as a botocore traceback, or as a line
   that names another request or object -> ``test_each_refused_request_is_one_line_naming_it_and_the_object``
-  (the store refuses one action on one object through an IAM policy: the other requests go through).
+  (the store refuses one action on one object through an IAM policy: the other requests go through);
+* the removal of a progress record that is not there taken for a failure (a backend whose delete raises
+  ``FileNotFoundError``: fsspec's ``local://``) -> ``test_a_manifest_is_published_where_no_progress_record_exists``.
 """
 
 from __future__ import annotations
@@ -196,3 +198,13 @@ def test_each_refused_request_is_one_line_naming_it_and_the_object(
     stored = {path.rsplit("/", 1)[-1] for path in store.fs.find(store._root)}
     # a refused publication publishes nothing; a refused removal leaves the progress record beside the manifest
     assert "manifest.json" in stored if case == "removal of the progress record" else "manifest.json" not in stored
+
+
+def test_a_manifest_is_published_where_no_progress_record_exists(tmp_path: Path) -> None:
+    """A cache written in one go has no ``manifest.json.partial`` to remove: S3 deletes a missing object without a
+    word, fsspec's ``local://`` raises ``FileNotFoundError``, which publishing must take as done."""
+    (tmp_path / "cache").mkdir()
+    store = open_store(f"local://{tmp_path}/cache")
+    store.publish("manifest.json", b"{}", complete=True)
+    store.publish("manifest.json", b"{other}", complete=True)  # a second writer's publication leaves the first
+    assert [(p.name, p.read_bytes()) for p in (tmp_path / "cache").iterdir()] == [("manifest.json", b"{}")]
