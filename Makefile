@@ -48,8 +48,9 @@ bench-gpu:
 	PYTHONPATH=$(CURDIR) $(BENCH_PY) benchmarks/bench_gpu.py --json $(BENCH_GPU_JSON) $(BENCH_GPU_ARGS)
 
 # Mutation testing (mutmut, configured in pyproject.toml's [tool.mutmut]) in a fresh copy of the working tree
-# at MUTATE_DIR, never in the tree itself: mutmut writes mutated modules under mutants/ there. About 1,800
-# mutants: an hour on two cores; MUTATE_ONLY='hookmix.evaluation.calibration.* hookmix.headonly.streaming.*' runs a subset.
+# at MUTATE_DIR, never in the tree itself: mutmut writes mutated modules under mutants/ there. About 2,700
+# mutants: over two hours on two cores (store.py's 318 alone ~45 min at MUTATE_JOBS=1, each starting an S3 server);
+# MUTATE_ONLY='hookmix.evaluation.calibration.* hookmix.headonly.streaming.*' runs a subset.
 # The score is killed / mutants run; inspect a survivor with `cd $(MUTATE_DIR) && $(MUTMUT) show NAME`.
 MUTATE_DIR ?= /tmp/hookmix-mutate
 MUTATE_JOBS ?= 2
