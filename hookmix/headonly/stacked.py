@@ -169,6 +169,7 @@ class StackedGrid:
         views, labels = views.to(self.device), labels.to(self.device)
         ordered = [self.configs[i] for i in self.order]
         self.layout = self._layout(views)
+        features = views.flatten(0, 1)  # (V·N, ...)
         run = GridDraws(ordered, labels.shape[0], views.shape[0], tokens=self.layout == "NLC")
         steps = config.epochs * len(run.starts)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
@@ -177,7 +178,7 @@ class StackedGrid:
         with torch.random.fork_rng(devices=devices):  # the dropout streams set the global RNG, as fit seeds it
             dropout = DropoutStreams(run.seeds, self.device)
             for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False):
-                losses = _GridEpoch(self, run, dropout, task).run(epoch, views, labels, scheduler, results)
+                losses = _GridEpoch(self, run, dropout, task).run(epoch, features, labels, scheduler, results)
                 logits = self._validate(val_inputs, config.eval_batch_size)
                 lrs = [group["lr"] for group in self.optimizer.param_groups for _ in range(len(group["params"][0]))]
                 for r, result in enumerate(results):
@@ -222,31 +223,31 @@ class _GridEpoch:
 
     def __init__(self, grid: StackedGrid, run: GridDraws, dropout: DropoutStreams, task: Task) -> None:
         self.grid, self.draws, self.dropout, self.task = grid, run, dropout, task
+        self.runs = _seed_runs(run.seed_of.tolist(), [len(next(iter(g.values()))) for g in grid.groups])
 
     def _masks(self, shape: torch.Size, p: float) -> torch.Tensor:
         """(G, *shape) dropout masks: each seed's, for each of its cells."""
         return self.dropout.masks(shape, p)[self.draws.seed_of]
 
     def run(
-        self, epoch: int, views: torch.Tensor, labels: torch.Tensor, scheduler: Any, results: list[FitResult]
+        self, epoch: int, features: torch.Tensor, labels: torch.Tensor, scheduler: Any, results: list[FitResult]
     ) -> list[float]:
-        """One epoch; the mean training loss of each head (rows in the grid's order)."""
+        """One epoch on the cached views flattened to ``features`` (V·N, ...); the mean training loss of each
+        head (rows in the grid's order)."""
         grid, run = self.grid, self.draws
         _freeze_mode(grid.base)
         order, view = run.epoch(epoch, labels.device)
+        rows = view.gather(1, order) * labels.shape[0] + order  # (S, N): views[view[i], i] is features[view[i]·N + i]
         total = torch.zeros(len(grid.order), device=labels.device)
         lams: list[torch.Tensor] = []
         batch = grid.configs[0].batch_size
         for start in run.starts:
             idx = order[:, start : start + batch]  # (S, B): each seed's own rows
             plans = run.plans(idx.shape[1], labels.device)
-            xs = views[
-                view.gather(1, idx), idx
-            ].float()  # each seed's batch (S, B, ...), as fit's views[view[idx], idx]
-            if grid.linear is not None:
-                logits, lam = self._mixed_linear(xs, plans), plans.lam
-            else:
-                mixed, lam = mix_heads(xs[run.seed_of], plans, grid.layout)
+            if grid.linear is not None:  # each seed's batch (S, B, D), its heads' logits mixed
+                logits, lam = self._mixed_linear(_gather(features, rows[:, start : start + batch]), plans), plans.lam
+            else:  # each head's batch (G, B, ...), mixed
+                mixed, lam = mix_heads(_gather(features, rows[run.seed_of, start : start + batch]), plans, grid.layout)
                 logits = grid.forward(mixed, masks=self._masks)
             loss = self._step(logits, labels[idx[run.seed_of]], lam, plans.perm, scheduler)
             total += loss.detach() * idx.shape[1]
@@ -261,15 +262,12 @@ class _GridEpoch:
         """Logits (G, B, C) of linear heads on their mixed batches, from each seed's batch xs (S, B, D): one
         GEMM per seed for all its heads, then each head mixes its own logits (mixing commutes with W·x + c)."""
         weight_name, bias_name = self.grid.linear  # type: ignore[misc]
-        seeds, blocks, row = self.draws.seed_of.tolist(), [], 0
-        for group in self.grid.groups:
-            weight, start = group[weight_name], 0  # (G_g, C, D), a seed's heads consecutive
-            for seed, members in itertools.groupby(seeds[row : row + len(weight)]):
-                heads = weight[start : start + len(list(members))]  # a slice: its backward is a cheap copy
+        blocks = []
+        for group, runs in zip(self.grid.groups, self.runs):
+            # split, not slices: the backward of a split is one cat, that of each slice a zero-filled (G_g, C, D)
+            for (seed, count), heads in zip(runs, group[weight_name].split([count for _, count in runs])):
                 out = xs[seed] @ heads.flatten(0, 1).T  # (B, G_s·C)
-                blocks.append(out.view(xs.shape[1], len(heads), -1).transpose(0, 1))
-                start += len(heads)
-            row += len(weight)
+                blocks.append(out.view(xs.shape[1], count, -1).transpose(0, 1))
         z = torch.cat(blocks)
         g = torch.arange(z.shape[0], device=z.device)[:, None]
         mixed = z[g, plans.perm].lerp(z, plans.lam.to(z.dtype)[..., None])
@@ -296,6 +294,22 @@ class _GridEpoch:
         optimizer.step()
         scheduler.step()
         return loss
+
+
+def _gather(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The ``rows`` (..., B) of ``features`` (V·N, ...) as float (..., B, ...): one ``index_select`` (a copy of
+    the same values as ``fit``'s ``views[view[idx], idx]``, about twice as fast as that two-index gather)."""
+    return features.index_select(0, rows.flatten()).view(*rows.shape, *features.shape[1:]).float()
+
+
+def _seed_runs(seed_of: Sequence[int], group_sizes: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """Per parameter group (``group_sizes`` rows each, in order), its runs of consecutive rows of one seed:
+    (the seed's index, how many rows). The grid orders its rows by group, then seed: one run per seed."""
+    runs, row = [], 0
+    for size in group_sizes:
+        runs.append([(seed, len(list(rows))) for seed, rows in itertools.groupby(seed_of[row : row + size])])
+        row += size
+    return runs
 
 
 def mix_heads(x: torch.Tensor, plans: StepPlans, layout: str | None) -> tuple[torch.Tensor, torch.Tensor]:
