@@ -223,7 +223,7 @@ class _GridEpoch:
 
     def __init__(self, grid: StackedGrid, run: GridDraws, dropout: DropoutStreams, task: Task) -> None:
         self.grid, self.draws, self.dropout, self.task = grid, run, dropout, task
-        self.runs = _seed_runs(run.seed_of.tolist(), [len(next(iter(g.values()))) for g in grid.groups])
+        self.blocks = _seed_blocks(run.seed_of.tolist(), [len(next(iter(g.values()))) for g in grid.groups])
 
     def _masks(self, shape: torch.Size, p: float) -> torch.Tensor:
         """(G, *shape) dropout masks: each seed's, for each of its cells."""
@@ -260,14 +260,16 @@ class _GridEpoch:
 
     def _mixed_linear(self, xs: torch.Tensor, plans: StepPlans) -> torch.Tensor:
         """Logits (G, B, C) of linear heads on their mixed batches, from each seed's batch xs (S, B, D): one
-        GEMM per seed for all its heads, then each head mixes its own logits (mixing commutes with W·x + c)."""
+        batched GEMM per group for all its heads (each seed's on its batch), then each head mixes its own logits
+        (mixing commutes with W·x + c)."""
         weight_name, bias_name = self.grid.linear  # type: ignore[misc]
         blocks = []
-        for group, runs in zip(self.grid.groups, self.runs):
-            # split, not slices: the backward of a split is one cat, that of each slice a zero-filled (G_g, C, D)
-            for (seed, count), heads in zip(runs, group[weight_name].split([count for _, count in runs])):
-                out = xs[seed] @ heads.flatten(0, 1).T  # (B, G_s·C)
-                blocks.append(out.view(xs.shape[1], count, -1).transpose(0, 1))
+        for group, parts in zip(self.grid.groups, self.blocks):
+            weight = group[weight_name]  # (G_g, C, D)
+            sizes = [(seeds.stop - seeds.start) * count for seeds, count in parts]
+            # split, not slices: the backward of a split is one cat, that of a slice a zero-filled (G_g, C, D)
+            for (seeds, count), heads in zip(parts, weight.split(sizes) if len(sizes) > 1 else (weight,)):
+                blocks.append(_seed_logits(heads, xs[seeds], count))
         z = torch.cat(blocks)
         g = torch.arange(z.shape[0], device=z.device)[:, None]
         mixed = z[g, plans.perm].lerp(z, plans.lam.to(z.dtype)[..., None])
@@ -302,14 +304,28 @@ def _gather(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return features.index_select(0, rows.flatten()).view(*rows.shape, *features.shape[1:]).float()
 
 
-def _seed_runs(seed_of: Sequence[int], group_sizes: Sequence[int]) -> list[list[tuple[int, int]]]:
-    """Per parameter group (``group_sizes`` rows each, in order), its runs of consecutive rows of one seed:
-    (the seed's index, how many rows). The grid orders its rows by group, then seed: one run per seed."""
-    runs, row = [], 0
+def _seed_blocks(seed_of: Sequence[int], group_sizes: Sequence[int]) -> list[list[tuple[slice, int]]]:
+    """Per parameter group (``group_sizes`` rows each, in order), its blocks of rows: (a slice of the seeds'
+    indices, how many rows each of those seeds has). The grid orders its rows by group, then seed: a group with
+    every seed in order, each as often (a full grid's), is one block; otherwise each seed's run is one."""
+    blocks, row = [], 0
     for size in group_sizes:
-        runs.append([(seed, len(list(rows))) for seed, rows in itertools.groupby(seed_of[row : row + size])])
+        runs = [(seed, len(list(rows))) for seed, rows in itertools.groupby(seed_of[row : row + size])]
+        counts = {count for _, count in runs}
+        if [seed for seed, _ in runs] == list(range(max(seed_of) + 1)) and len(counts) == 1:
+            blocks.append([(slice(0, len(runs)), counts.pop())])
+        else:
+            blocks.append([(slice(seed, seed + 1), count) for seed, count in runs])
         row += size
-    return runs
+    return blocks
+
+
+def _seed_logits(heads: torch.Tensor, xs: torch.Tensor, count: int) -> torch.Tensor:
+    """Logits (S·count, B, C) of ``count`` heads per seed, ``heads`` (S·count, C, D) in seed order, each on its
+    seed's batch of xs (S, B, D): one batched GEMM W·xᵀ (S, count·C, B), whose weight gradient g·x comes out in
+    the weights' own layout (x·Wᵀ's would be transposed, and copied in the backward)."""
+    out = torch.bmm(heads.view(len(xs), -1, xs.shape[2]), xs.transpose(1, 2))  # (S, count·C, B)
+    return out.view(len(xs), count, -1, xs.shape[1]).transpose(2, 3).flatten(0, 1)
 
 
 def mix_heads(x: torch.Tensor, plans: StepPlans, layout: str | None) -> tuple[torch.Tensor, torch.Tensor]:
