@@ -13,8 +13,9 @@ AdamW is elementwise, so with one parameter group per (lr, weight decay) it is p
   and CutMix boxes / token subsets with :func:`hookmix.mixing.blend.cutmix_tensor` on the (G·B, ...) rows,
   the targets following the area each box really keeps (as ``fit``'s mixer does).
 * One ``nn.Linear`` on (B, D) features skips the per-head gather: mixing commutes with an affine map
-  (``W(λa + (1−λ)b) + c = λ(Wa + c) + (1−λ)(Wb + c)``), so each seed's batch goes through one GEMM for all the
-  heads of that seed and each head mixes its own logits with its own λ and partners.
+  (``W(λa + (1−λ)b) + c = λ(Wa + c) + (1−λ)(Wb + c)``), so each seed's batch goes unmixed through its heads —
+  one batched GEMM per parameter group, each seed's heads on its batch — and each head mixes its own logits with
+  its own λ and partners.
 * Targets: class indices (the mixed cross-entropy) or multi-hot rows (``BCEWithLogits`` on mixed targets).
 """
 
