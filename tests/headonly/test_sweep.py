@@ -9,7 +9,11 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
   ``test_stacked_cells_equal_fit_alone`` (its ``sample`` case);
 - a head that is not one ``Linear`` taken for one (its logits mixed instead of its input), or the linear
   path's per-seed GEMM giving a head another seed's batch or another head's weights:
-  ``test_stacked_cells_equal_fit_alone`` (``mlp-vmap`` and ``linear-logit-mixing``);
+  ``test_stacked_cells_equal_fit_alone`` (``mlp-vmap`` and ``linear-logit-mixing``); the same on a grid that is
+  not a full product (a group whose seeds are not all there, or not equally often, taken as one batched GEMM,
+  or its seeds' batches mixed up): ``test_a_ragged_grid_of_linear_heads_equals_fit_alone``;
+- a step's batch gathered with the view drawn for another row (each example's view is drawn by its index, not
+  its position in the epoch's order): ``test_stacked_cells_equal_fit_alone`` (two cached views);
 - an MLP head (BatchNorm, dropout) stacked with every cell drawing one seed's dropout masks, its running
   statistics not written back, CutMix cells interpolated instead of pasting their boxes (or the targets not
   following the box's area), multi-hot targets left unmixed: ``test_stacked_mlp_heads_equal_fit_alone``;
@@ -35,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -112,6 +117,29 @@ def test_stacked_cells_equal_fit_alone(lam_mode: str, make_head: type) -> None:
     # fit did the same): seeds, α and lr each change the result
     finals = {round(r.final["val_nll"], 6) for r in results}
     assert len(finals) == len(configs)
+
+
+def test_a_ragged_grid_of_linear_heads_equals_fit_alone() -> None:
+    """Cells that are not a full α × lr × seed product, in three lr groups: every seed twice (one batched GEMM for
+    the group); every seed but seed 2 twice (unequal: one GEMM per seed); seeds 0 and 2 only (seed 2 the third
+    seed's batch). Each cell still equals ``fit`` alone."""
+    x, y, vx, vy = _data()
+
+    def cells(lr: float, seeds: list[int], keep: Callable[[FitConfig], bool]) -> list[FitConfig]:
+        return [c for c in grid_configs(FitConfig(epochs=2, batch_size=16), [0.4], [lr], seeds) if keep(c)]
+
+    configs = (
+        cells(1e-2, [0, 1, 2], lambda c: True)
+        + cells(3e-3, [0, 1, 2], lambda c: c.mix or c.seed == 2)
+        + cells(1e-3, [0, 2], lambda c: c.mix)
+    )
+    heads = [_linear(c.seed) for c in configs]
+    results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
+    fitted = []
+    for config in configs:
+        alone = _linear(config.seed)
+        fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
+    assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
 
 
 def _split_head(seed: int) -> nn.Module:
