@@ -434,6 +434,11 @@ def _advice(exc: BaseException) -> str:
         )
     if isinstance(exc, FileNotFoundError):
         return "check that the bucket exists and the URL is right"
+    if type(exc).__name__ == "FileExpired":  # s3fs: the object's ETag changed between two reads of it
+        return (
+            "the object was replaced while it was read: hookmix never replaces a published object, so another "
+            "program writes under this prefix; let it finish, or give the cache a prefix of its own"
+        )
     return (
         "check that the store answers (for s3://: AWS_ENDPOINT_URL_S3, the network) and run the command again; "
         "a published cache stays valid and an interrupted extraction resumes"

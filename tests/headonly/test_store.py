@@ -116,6 +116,9 @@ def test_an_object_cut_short_while_it_is_streamed_is_refused_naming_it(
     if backend == "s3":
         assert isinstance(info.value, StoreError) and "\n" not in message, message
         assert message.startswith(f"reading {url}/shard failed: FileExpired: "), message
+        assert message.endswith(
+            "another program writes under this prefix; let it finish, or give the cache a prefix of its own."
+        ), message
     else:
         assert message == f"shard {url}/shard is 1000 bytes but index.json says 16384 (truncated?); do the fix."
 
