@@ -230,8 +230,9 @@ class ShardedFeatures:
                 while not resident or rows.block_ends[resident[-1]] < end:  # a batch may span several blocks
                     if not pending:
                         prefetch(needed=True)
-                    block, reads = pending.popleft()
-                    gather.ready(block, reads)  # a bad checksum raises here
+                    block = pending[0][0]
+                    gather.ready(*pending.popleft())  # a bad checksum raises here
+                    # the reads' futures are not kept in a local: they hold the block's mappings past its release
                     resident.append(block)
                     prefetch()
                 yield gather.rows(begin, end, resident)

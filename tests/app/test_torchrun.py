@@ -217,5 +217,7 @@ def test_a_usage_error_on_one_rank_is_one_line_on_each_rank(tmp_path: Path, refe
     assert stderr[1] == want  # one line, no traceback of a collective whose peer left
     assert [text.count("\n") for text in stderr] == [1, 1] and "Traceback" not in "".join(stderr)
     codes = dict(re.findall(r"rank +: (\d) \(local_rank: \d\)\s+exitcode +: (-?\d+)", err))
-    # torchrun stops the other workers (SIGTERM) once one has exited: rank 1 may be stopped after its line
-    assert codes["0"] == "2" and codes["1"] in ("2", str(-signal.SIGTERM)), err[-2000:]
+    # torchrun stops the other workers (SIGTERM) once one has exited: whichever rank exits second may be stopped
+    # after its line (seen both ways: rank 1, and in a CI run rank 0)
+    assert set(codes) == {"0", "1"} and "2" in codes.values(), err[-2000:]
+    assert set(codes.values()) <= {"2", str(-signal.SIGTERM)}, err[-2000:]

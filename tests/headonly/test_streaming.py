@@ -16,6 +16,9 @@ Bugs a maintainer could plausibly make here, and the test that catches each:
 * a block never unmapped (the ``del`` of its shards dropped), a prefetch that reads more than one block
   ahead (or none), or ``close()`` leaving the last block mapped:
   ``test_at_most_two_blocks_are_mapped_at_once_and_none_after_the_epoch``;
+* a released block kept mapped through another reference (the readers' futures, which hold the mappings they
+  returned) while the block after next is read, three blocks at once:
+  ``test_a_released_block_is_unmapped_before_the_block_after_next_is_read``;
 * the memory budget above which ``mmap=None`` streams misread (``MemTotal`` or ``MemFree`` for
   ``MemAvailable``, kB taken as bytes, not halved, no fallback without ``/proc``):
   ``test_the_default_memory_budget_is_half_of_the_available_memory``;
@@ -40,6 +43,7 @@ import io
 import os
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -197,6 +201,49 @@ def test_at_most_two_blocks_are_mapped_at_once_and_none_after_the_epoch(
     assert mapped_shards(cache_dir)
     early.close()
     assert mapped_shards(cache_dir) == set()
+
+
+class InlinePool:
+    """A ``ThreadPoolExecutor`` stand-in that runs each read at once, in the calling thread: the next block is
+    then mapped at the very moment the stream asks for it, so what is still mapped at that moment shows."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __enter__(self) -> InlinePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def submit(self, fn, *args):  # noqa: ANN001, ANN201
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the mappings from /proc/self/maps")
+def test_a_released_block_is_unmapped_before_the_block_after_next_is_read(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Releasing block k queues block k+2 while block k+1 waits: a reference to block k kept anywhere (the
+    readers' futures, which hold the mappings they returned) would make three blocks mapped at that moment.
+    Counted each time a shard is mapped, with the reads run in line so that moment is not left to the threads, and
+    batches that end where blocks end (block k is released right after its last batch, before k+1 is used)."""
+    monkeypatch.setattr(streaming, "ThreadPoolExecutor", InlinePool)
+    features = streamed(cache_dir).features
+    plan = features.layout(2).order(torch.Generator().manual_seed(0))
+    original, most = ShardedFeatures._map_shard, [0]
+
+    def counted(self: ShardedFeatures, index: int) -> torch.Tensor:
+        mapped = original(self, index)
+        most[0] = max(most[0], len(mapped_shards(cache_dir)))
+        return mapped
+
+    monkeypatch.setattr(ShardedFeatures, "_map_shard", counted)
+    rows = torch.cat(list(features.batches(plan, torch.zeros(N, dtype=torch.long), 5)))
+    assert torch.equal(rows[:, 0], plan.order.float())
+    assert most[0] == 4  # two blocks of two shards, never a third block
 
 
 @pytest.mark.parametrize(
