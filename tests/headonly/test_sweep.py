@@ -86,6 +86,15 @@ def _two_layer(seed: int) -> nn.Module:
         return nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
 
 
+def _fit_alone(make_head: Callable[[int], nn.Module], configs: list[FitConfig], *data: torch.Tensor) -> list:
+    """Each cell trained alone by ``fit`` on ``data`` (``x, y, vx, vy``): ``(head, FitResult)`` per config."""
+    fitted = []
+    for config in configs:
+        alone = make_head(config.seed)
+        fitted.append((alone, fit(alone, "input", *data, config, num_classes=5, progress=False)))
+    return fitted
+
+
 def _largest_difference(cells: list, fitted: list) -> float:
     worst = 0.0
     for (head, result), (alone, expected) in zip(cells, fitted):
@@ -108,10 +117,7 @@ def test_stacked_cells_equal_fit_alone(lam_mode: str, make_head: type) -> None:
     heads = [make_head(c.seed) for c in configs]
     assert {stackable(h, c, x, y) for h, c in zip(heads, configs)} == {""}
     results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
-    fitted = []
-    for config in configs:
-        alone = make_head(config.seed)
-        fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
+    fitted = _fit_alone(make_head, configs, x, y, vx, vy)
     assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
     # the cells differ from each other (a grid of one run repeated would pass the comparison above only if
     # fit did the same): seeds, α and lr each change the result
@@ -135,10 +141,7 @@ def test_a_ragged_grid_of_linear_heads_equals_fit_alone() -> None:
     )
     heads = [_linear(c.seed) for c in configs]
     results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
-    fitted = []
-    for config in configs:
-        alone = _linear(config.seed)
-        fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
+    fitted = _fit_alone(_linear, configs, x, y, vx, vy)
     assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
 
 
@@ -169,10 +172,7 @@ def test_heads_split_from_a_model_are_stacked_and_equal_fit_alone(monkeypatch: p
     monkeypatch.setattr(sweep_module, "fit", no_fit)
     results = fit_grid(heads, configs, x, y, vx, vy, num_classes=5, progress=False)
     monkeypatch.undo()
-    fitted = []
-    for config in configs:
-        alone = _split_head(config.seed)
-        fitted.append((alone, fit(alone, "input", x, y, vx, vy, config, num_classes=5, progress=False)))
+    fitted = _fit_alone(_split_head, configs, x, y, vx, vy)
     assert _largest_difference(list(zip(heads, results)), fitted) <= TOLERANCE
 
 
@@ -199,10 +199,7 @@ def test_heads_that_do_not_stack_are_trained_by_fit() -> None:
     heads = [head(c.seed) for c in configs]
     assert "dropout" in stackable(heads[0], configs[0], x, y)
     results = fit_grid(heads, configs, x[0], y, vx, vy, num_classes=5, progress=False)
-    fitted = []
-    for config in configs:
-        alone = head(config.seed)
-        fitted.append((alone, fit(alone, "input", x[0], y, vx, vy, config, num_classes=5, progress=False)))
+    fitted = _fit_alone(head, configs, x[0], y, vx, vy)
     assert _largest_difference(list(zip(heads, results)), fitted) == 0.0
 
 
